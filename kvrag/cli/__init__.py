@@ -1,0 +1,1 @@
+"""The ``kvrag`` command line (Typer)."""

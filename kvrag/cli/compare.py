@@ -1,0 +1,100 @@
+"""``kvrag compare``: every system on the identical questions, scored with its cost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from kvrag.cli.common import console, fail
+from kvrag.data.loaders import LOADERS, load_dataset
+from kvrag.data.schema import DatasetError
+from kvrag.engines.models import ModelNotFoundError, resolve_model
+from kvrag.evaluation.report import summarize, write_reports
+from kvrag.evaluation.runner import pending, run_comparison
+from kvrag.evaluation.store import ResultStore, StoreMismatchError
+from kvrag.evaluation.systems import SYSTEM_HELP, SystemSpecError, parse_systems
+
+ENGINES = ("hf",)
+SYSTEMS_HELP = f"Comma-separated systems; known: {', '.join(SYSTEM_HELP.values())}."
+
+
+def _load_engine(name: str, model_path: Path):
+    if name == "hf":
+        from kvrag.engines.hf import HFEngine
+
+        return HFEngine(model_path)
+    fail(f"unknown engine {name!r}; available: {', '.join(ENGINES)}")
+
+
+def compare(
+    out: Annotated[Path, typer.Option(help="Output directory (results.jsonl, summaries, plot).")],
+    dataset: Annotated[
+        str, typer.Option(help="A .jsonl dataset path, or 'demo' for the bundled suite.")
+    ] = "demo",
+    systems: Annotated[
+        str, typer.Option(help=SYSTEMS_HELP)
+    ] = "full",
+    model: Annotated[
+        str, typer.Option(help="A packaged model name (smollm2) or a local HF checkpoint dir.")
+    ] = "smollm2",
+    engine: Annotated[str, typer.Option(help=f"Engine: {', '.join(ENGINES)}.")] = "hf",
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Use only the first N questions.")
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help=f"Dataset format: auto, {', '.join(sorted(LOADERS))}.")
+    ] = "auto",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation budget per answer.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
+) -> None:
+    """Run each system on the same questions; resumes where an earlier run into OUT stopped.
+
+    Writes OUT/results.jsonl (one line per question and system, flushed as it goes),
+    OUT/summary.json, OUT/summary.md and OUT/accuracy_vs_kv.png.
+    """
+    if engine not in ENGINES:
+        fail(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
+    try:
+        system_list = parse_systems(systems)
+        instances = load_dataset(dataset, fmt)
+        model_path = resolve_model(model, console)
+    except (SystemSpecError, DatasetError, ModelNotFoundError) as e:
+        fail(str(e))
+    instances = instances[:limit] if limit else instances
+    run_config = {"model": model, "engine": engine, "dataset": dataset,
+                  "max_new_tokens": max_new_tokens}
+    try:
+        store = ResultStore(out, run_config)
+    except StoreMismatchError as e:
+        fail(str(e))
+    work = pending(instances, system_list, store)
+    total = len(instances) * len(system_list)
+    if work:
+        console.print(f"{total - len(work)}/{total} answers already in {store.path}; "
+                      f"running {len(work)} more with {model} on {engine}.")
+        with console.status("Loading model..."):
+            eng = _load_engine(engine, model_path)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("SubEM {task.fields[subem]}"), TimeRemainingColumn())
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("answering", total=len(work), subem="–")
+            correct: list[float] = []
+
+            def on_answer(record: dict) -> None:
+                correct.append(record["scores"]["subem"])
+                progress.update(task, advance=1, description=record["system"],
+                                subem=f"{100 * sum(correct) / len(correct):.0f}%")
+
+            run_comparison(work, eng, store, max_new_tokens, on_answer)
+    else:
+        console.print(f"All {total} answers are already in {store.path}; nothing to run.")
+    summary = summarize(store.records, [s.name for s in system_list],
+                        [i.id for i in instances],
+                        {"model": model, "engine": engine, "dataset": dataset}, seed=seed)
+    write_reports(summary, out)
+    console.print((out / "summary.md").read_text(), markup=False, highlight=False)
+    console.print(f"Results in {out}/ (results.jsonl, summary.json, summary.md, "
+                  "accuracy_vs_kv.png)")

@@ -1,0 +1,5 @@
+"""Dataset formats, loaders and the corpus-in-context prompt builder."""
+
+from kvrag.data.schema import DatasetError, Doc, Instance, read_jsonl, write_jsonl
+
+__all__ = ["DatasetError", "Doc", "Instance", "read_jsonl", "write_jsonl"]

@@ -1,0 +1,74 @@
+"""The corpus-in-context prompt that every system (full, compressed, RAG) shares.
+
+Layout of the user turn: a one-line header, the documents as ``[DOC i] title\\ntext``
+blocks, then the question and the answer instructions. Compression may only evict
+tokens inside ``context``; the header and the query are always kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvrag.data.schema import LETTERS, Doc, Instance
+
+ANSWER_MARKER = "The answer is:"
+HEADER = "Read the documents below and answer the question that follows them.\n\n"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt as three consecutive strings, plus which doc each ``[DOC i]`` tag is."""
+
+    header: str
+    context: str
+    query: str
+    doc_tags: dict[int, str]  # DOC number shown in the prompt -> doc id
+
+    @property
+    def text(self) -> str:
+        return self.header + self.context + self.query
+
+    @property
+    def context_span(self) -> tuple[int, int]:
+        """Character span of the documents inside ``text``."""
+        return len(self.header), len(self.header) + len(self.context)
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "user", "content": self.text}]
+
+
+def format_doc(number: int, doc: Doc) -> str:
+    return f"[DOC {number}] {doc.title}\n{doc.text}\n\n"
+
+
+def instructions(instance: Instance) -> str:
+    if instance.task == "mc":
+        return (
+            "Choose the correct option. Reply with one line in the form "
+            f'"{ANSWER_MARKER} <letter>".'
+        )
+    return (
+        "Answer with a short phrase taken from the documents. Reply with one line in the "
+        f'form "{ANSWER_MARKER} <answer>".'
+    )
+
+
+def build_prompt(
+    instance: Instance, docs: Sequence[tuple[int, Doc]] | None = None
+) -> Prompt:
+    """Build the prompt for ``instance``.
+
+    ``docs`` is an optional subset as (DOC number, doc) pairs, e.g. the chunks RAG
+    retrieved; numbers then stay those of the full corpus so cited ids stay comparable.
+    By default every doc is shown, numbered from 1 in instance order.
+    """
+    if docs is None:
+        docs = list(enumerate(instance.docs, start=1))
+    context = "".join(format_doc(n, d) for n, d in docs)
+    query = f"Question: {instance.question}\n"
+    if instance.task == "mc":
+        query += "".join(f"{LETTERS[i]}. {c}\n" for i, c in enumerate(instance.choices))
+    query += instructions(instance)
+    return Prompt(header=HEADER, context=context, query=query,
+                  doc_tags={n: d.id for n, d in docs})

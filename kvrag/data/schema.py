@@ -1,0 +1,161 @@
+"""kvrag's instance format (DESIGN.md) with strict, line-numbered validation.
+
+One JSON object per line:
+``{"id", "question", "answers": [str], "docs": [{"id", "title", "text"}],
+"gold_doc_ids": [str], "choices": [str] (mc only), "task": "qa"|"mc"}``
+plus the optional ``"subset"`` (a task family name used to group scores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+TASKS = ("qa", "mc")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Doc:
+    id: str
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Instance:
+    id: str
+    question: str
+    answers: list[str]
+    docs: list[Doc]
+    gold_doc_ids: list[str]
+    task: str = "qa"
+    choices: list[str] = field(default_factory=list)
+    subset: str = ""
+
+    @property
+    def group(self) -> str:
+        """The name scores are grouped under: the subset if given, else the task."""
+        return self.subset or self.task
+
+    def to_json(self) -> dict:
+        record = asdict(self)
+        if not self.choices:
+            del record["choices"]
+        if not self.subset:
+            del record["subset"]
+        return record
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _str_list(record: dict, key: str) -> list[str]:
+    value = record.get(key)
+    _require(
+        isinstance(value, list) and all(isinstance(v, str) for v in value),
+        f"'{key}' must be a list of strings",
+    )
+    return list(value)
+
+
+def parse_instance(record: object) -> Instance:
+    """Validate one decoded JSON record; raises ValueError saying what is wrong."""
+    _require(isinstance(record, dict), "each line must be a JSON object")
+    assert isinstance(record, dict)
+    known = {"id", "question", "answers", "docs", "gold_doc_ids", "choices", "task", "subset"}
+    unknown = sorted(set(record) - known)
+    _require(not unknown, f"unknown field(s) {unknown}; allowed: {sorted(known)}")
+    for key in ("id", "question"):
+        _require(isinstance(record.get(key), str) and record[key].strip() != "",
+                 f"'{key}' must be a non-empty string")
+    answers = _str_list(record, "answers")
+    _require(len(answers) > 0, "'answers' must hold at least one answer")
+    raw_docs = record.get("docs")
+    _require(isinstance(raw_docs, list) and len(raw_docs) > 0, "'docs' must be a non-empty list")
+    docs = []
+    for i, d in enumerate(raw_docs):
+        _require(
+            isinstance(d, dict)
+            and all(isinstance(d.get(k), str) for k in ("id", "title", "text")),
+            f"docs[{i}] must be an object with string 'id', 'title' and 'text'",
+        )
+        docs.append(Doc(id=d["id"], title=d["title"], text=d["text"]))
+    doc_ids = [d.id for d in docs]
+    _require(len(set(doc_ids)) == len(doc_ids), "doc ids must be unique within an instance")
+    gold = _str_list(record, "gold_doc_ids") if "gold_doc_ids" in record else []
+    missing = [g for g in gold if g not in set(doc_ids)]
+    _require(not missing, f"gold_doc_ids {missing} are not ids of any doc")
+    task = record.get("task", "qa")
+    _require(task in TASKS, f"'task' must be one of {list(TASKS)}, got {task!r}")
+    choices = _str_list(record, "choices") if "choices" in record else []
+    if task == "mc":
+        _require(2 <= len(choices) <= len(LETTERS), "an mc instance needs 2-26 'choices'")
+        valid = set(LETTERS[: len(choices)])
+        _require(all(a in valid for a in answers),
+                 f"mc 'answers' must be choice letters among {sorted(valid)}")
+    subset = record.get("subset", "")
+    _require(isinstance(subset, str), "'subset' must be a string")
+    return Instance(
+        id=record["id"], question=record["question"], answers=answers, docs=docs,
+        gold_doc_ids=gold, task=task, choices=choices, subset=subset,
+    )
+
+
+def read_jsonl(path: str | Path) -> list[Instance]:
+    """Read and validate every line before returning anything.
+
+    Raises DatasetError naming the file and 1-based line number of the first bad line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such dataset file")
+    instances: list[Instance] = []
+    seen: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                inst = parse_instance(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+            except ValueError as e:
+                raise DatasetError(f"{path}:{lineno}: {e}") from e
+            if inst.id in seen:
+                raise DatasetError(
+                    f"{path}:{lineno}: duplicate id {inst.id!r} (first on line {seen[inst.id]})"
+                )
+            seen[inst.id] = lineno
+            instances.append(inst)
+    if not instances:
+        raise DatasetError(f"{path}: the file holds no instances")
+    return instances
+
+
+def write_jsonl(instances: Iterable[Instance], path: str | Path) -> None:
+    """Write atomically: the file is either complete or untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for inst in instances:
+                f.write(json.dumps(inst.to_json(), ensure_ascii=False) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,1 @@
+"""SGLang plugin: compressing attention backend and eviction policy. Empty until issue 4."""

@@ -1,0 +1,1 @@
+"""Metrics, answer extraction, the comparison runner, result store and reports."""

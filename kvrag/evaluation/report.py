@@ -1,0 +1,163 @@
+"""Summaries of a comparison: ``summary.json``, ``summary.md`` and the accuracy-vs-KV plot.
+
+Intervals are percentile bootstraps over questions (seeded); ``vs_full`` resamples the
+paired per-question differences against ``full`` on the questions both answered.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("subem", "em", "f1", "accuracy")
+N_BOOTSTRAP = 2000
+
+
+def bootstrap_ci(values: Sequence[float], seed: int) -> list[float]:
+    """95% percentile interval of the mean."""
+    x = np.asarray(values, dtype=float)
+    if len(x) == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(N_BOOTSTRAP, len(x)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def _metric_values(records: Sequence[dict], metric: str) -> list[float]:
+    return [r["scores"][metric] for r in records if r["scores"].get(metric) is not None]
+
+
+def _system_summary(records: list[dict], full: dict[str, dict] | None, seed: int) -> dict:
+    out: dict = {"n": len(records)}
+    ci: dict[str, list[float]] = {}
+    for metric in METRICS:
+        values = _metric_values(records, metric)
+        out[metric] = _mean(values)
+        if values:
+            ci[metric] = bootstrap_ci(values, seed)
+    recalls = [r["doc_recall"] for r in records if r.get("doc_recall") is not None]
+    out["doc_recall"] = _mean(recalls)
+    for key in ("cite_precision", "cite_recall"):
+        out[key] = _mean(_metric_values(records, key))
+    for key in ("kv_tokens", "kv_bytes", "prompt_tokens", "latency_s", "prefill_s", "decode_s"):
+        out[f"{key}_mean"] = _mean([r["cost"][key] for r in records])
+    out["ci95"] = ci
+    if full is not None:
+        out["vs_full"] = {}
+        for metric in METRICS:
+            pairs = [(r["scores"][metric], full[r["id"]]["scores"][metric])
+                     for r in records
+                     if r["id"] in full and r["scores"].get(metric) is not None]
+            if pairs:
+                diffs = [a - b for a, b in pairs]
+                out["vs_full"][metric] = {"delta": float(np.mean(diffs)),
+                                          "ci95": bootstrap_ci(diffs, seed)}
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r["group"], []).append(r)
+    out["by_group"] = {
+        g: {"n": len(rs), **{m: _mean(_metric_values(rs, m)) for m in METRICS},
+            "subem_ci95": bootstrap_ci(_metric_values(rs, "subem"), seed)}
+        for g, rs in groups.items()
+    }
+    return out
+
+
+def summarize(
+    records: Sequence[dict], system_names: Sequence[str], question_ids: Sequence[str],
+    meta: dict, seed: int = 0,
+) -> dict:
+    """Summarise the records of ``system_names`` on ``question_ids`` (this run's questions)."""
+    wanted = set(question_ids)
+    by_system: dict[str, list[dict]] = {name: [] for name in system_names}
+    for r in records:
+        if r["system"] in by_system and r["id"] in wanted:
+            by_system[r["system"]].append(r)
+    full = {r["id"]: r for r in by_system["full"]} if "full" in by_system else None
+    systems = {
+        name: _system_summary(rs, None if name == "full" else full, seed)
+        for name, rs in by_system.items()
+    }
+    return {"systems": systems, **meta}
+
+
+def _fmt(x: float | None, pct: bool = True) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:.1f}" if pct else f"{x:,.0f}" if abs(x) >= 100 else f"{x:.2f}"
+
+
+def _ci(ci: list[float] | None) -> str:
+    return f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
+
+
+def render_markdown(summary: dict) -> str:
+    lines = [
+        f"# kvrag comparison: {summary['dataset']}",
+        "",
+        f"Model `{summary['model']}`, engine `{summary['engine']}`. Scores in %, with 95% "
+        "bootstrap intervals over questions; Δ is the paired difference against `full`.",
+        "",
+        "| system | n | SubEM | 95% CI | Δ SubEM vs full | EM | F1 | MC acc | doc recall "
+        "| KV tokens | prompt tokens | latency s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary["systems"].items():
+        delta = s.get("vs_full", {}).get("subem")
+        delta_txt = f"{100 * delta['delta']:+.1f} {_ci(delta['ci95'])}" if delta else "–"
+        lines.append(
+            f"| {name} | {s['n']} | {_fmt(s['subem'])} | {_ci(s['ci95'].get('subem'))} "
+            f"| {delta_txt} | {_fmt(s['em'])} | {_fmt(s['f1'])} | {_fmt(s['accuracy'])} "
+            f"| {_fmt(s['doc_recall'])} | {_fmt(s['kv_tokens_mean'], False)} "
+            f"| {_fmt(s['prompt_tokens_mean'], False)} | {_fmt(s['latency_s_mean'], False)} |"
+        )
+    groups = sorted({g for s in summary["systems"].values() for g in s["by_group"]})
+    if groups:
+        lines += ["", "## SubEM by task (n)", "",
+                  "| system | " + " | ".join(groups) + " |",
+                  "|---|" + "---|" * len(groups)]
+        for name, s in summary["systems"].items():
+            cells = []
+            for g in groups:
+                gs = s["by_group"].get(g)
+                cells.append(f"{_fmt(gs['subem'])} ({gs['n']})" if gs else "–")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_kv(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, s in summary["systems"].items():
+        if s["subem"] is None or s["kv_tokens_mean"] is None:
+            continue
+        lo, hi = s["ci95"].get("subem", [s["subem"], s["subem"]])
+        y = 100 * s["subem"]
+        ax.errorbar(s["kv_tokens_mean"], y, yerr=[[y - 100 * lo], [100 * hi - y]],
+                    fmt="o", capsize=3, label=f"{name} (n={s['n']})")
+    ax.set_xlabel("KV-cache tokens at decode start (mean)")
+    ax.set_ylabel("SubEM (%)")
+    ax.set_title(f"{summary['model']} on {summary['dataset']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_reports(summary: dict, out_dir: Path) -> None:
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "summary.md").write_text(render_markdown(summary))
+    plot_accuracy_vs_kv(summary, out_dir / "accuracy_vs_kv.png")

@@ -1,0 +1,60 @@
+"""``results.jsonl``: one line per (question, system), flushed as it is written.
+
+A run interrupted mid-line leaves a partial last line; opening the store drops it, so
+the rerun redoes only that answer. ``run.json`` records what the results were made
+with, so a rerun into the same directory with another model or dataset is refused
+instead of silently mixing results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class StoreMismatchError(ValueError):
+    """The output directory holds results made with other settings."""
+
+
+class ResultStore:
+    def __init__(self, out_dir: str | Path, run_config: dict) -> None:
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / "results.jsonl"
+        self._check_config(run_config)
+        self.records: list[dict] = self._load()
+
+    def _check_config(self, run_config: dict) -> None:
+        config_path = self.out_dir / "run.json"
+        if config_path.is_file():
+            old = json.loads(config_path.read_text())
+            changed = {k: (old.get(k), v) for k, v in run_config.items() if old.get(k) != v}
+            if changed:
+                diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+                raise StoreMismatchError(
+                    f"{self.out_dir} holds results made with other settings ({diff}); "
+                    "use another --out directory"
+                )
+        else:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            config_path.write_text(json.dumps(run_config, indent=2) + "\n")
+
+    def _load(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        raw = self.path.read_bytes()
+        complete = raw[: raw.rfind(b"\n") + 1]
+        if len(complete) != len(raw):
+            with self.path.open("r+b") as f:
+                f.truncate(len(complete))
+        return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line]
+
+    def done(self) -> set[tuple[str, str]]:
+        return {(r["id"], r["system"]) for r in self.records}
+
+    def append(self, record: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.append(record)

@@ -1,0 +1,99 @@
+"""`kvrag compare` end to end through the real CLI, HF engine and a tiny Llama."""
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kvrag.cli.main import app
+from kvrag.data.demo import DEMO_PATH
+
+runner = CliRunner()
+
+
+def compare(out: Path, model: Path | str, *extra: str):
+    return runner.invoke(app, ["compare", "--out", str(out), "--model", str(model),
+                               "--max-new-tokens", "4", *extra])
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("run")
+    result = compare(out, tiny_model_dir, "--dataset", "demo", "--limit", "4")
+    return out, result
+
+
+def test_writes_all_four_outputs(first_run) -> None:
+    out, result = first_run
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["systems"]["full"]["n"] == 4
+    assert summary["dataset"] == "demo" and summary["engine"] == "hf"
+    full = summary["systems"]["full"]
+    assert 0 <= full["subem"] <= 1 and full["kv_tokens_mean"] > 1500
+    assert "| full | 4 |" in (out / "summary.md").read_text()
+    assert (out / "accuracy_vs_kv.png").read_bytes()[:4] == b"\x89PNG"
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    assert {json.loads(line)["group"] for line in lines} == {
+        "single_hop", "two_hop", "multiple_choice", "finance"}
+
+
+def test_rerun_adds_nothing(first_run, tiny_model_dir) -> None:
+    out, _ = first_run
+    before = (out / "results.jsonl").read_text()
+    result = compare(out, tiny_model_dir, "--dataset", "demo", "--limit", "4")
+    assert result.exit_code == 0, result.output
+    assert "nothing to run" in result.output
+    assert (out / "results.jsonl").read_text() == before
+
+
+def test_interrupted_run_redoes_only_what_is_missing(tmp_path, first_run,
+                                                     tiny_model_dir) -> None:
+    out, _ = first_run
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (tmp_path / "run.json").write_text((out / "run.json").read_text())
+    (tmp_path / "results.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:30])
+    result = compare(tmp_path, tiny_model_dir, "--dataset", "demo", "--limit", "4")
+    assert result.exit_code == 0, result.output
+    assert "2/4 answers already" in result.output
+    now = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert now[:2] == lines[:2]
+    assert [json.loads(line)["id"] for line in now] == [json.loads(x)["id"] for x in lines]
+
+
+def test_broken_line_three_fails_before_writing(tmp_path, tiny_model_dir) -> None:
+    good = DEMO_PATH.read_text().splitlines()[:4]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join([good[0], good[1], '{"id": "broken", ', good[3]]) + "\n")
+    out = tmp_path / "out"
+    result = compare(out, tiny_model_dir, "--dataset", str(data))
+    assert result.exit_code != 0
+    assert f"{data}:3: invalid JSON" in result.output
+    assert not (out / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--systems", "full,bogus:1"], "unknown system 'bogus:1'; known systems: full"),
+     (["--engine", "vllm"], "unknown engine 'vllm'; available: hf"),
+     (["--model", "/no/such/model"], "neither a local checkpoint directory")],
+)
+def test_bad_arguments_fail_clearly(tmp_path, tiny_model_dir, args, message) -> None:
+    argv = ["compare", "--out", str(tmp_path / "o"), "--model", str(tiny_model_dir), *args]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_answers_demo_questions(tmp_path, kvrag_home) -> None:
+    """The real embedded default: the converted SmolLM2 on two demo questions."""
+    result = runner.invoke(app, ["compare", "--out", str(tmp_path), "--limit", "2"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    assert all(r["cost"]["new_tokens"] > 0 and r["output"].strip() for r in records)
+    assert json.loads((tmp_path / "summary.json").read_text())["model"] == "smollm2"

@@ -1,0 +1,28 @@
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from kvrag.cli.main import app
+from kvrag.data.demo import make_demo
+from kvrag.data.schema import read_jsonl
+
+runner = CliRunner()
+
+
+def test_make_demo_then_check(tmp_path: Path) -> None:
+    out = tmp_path / "demo.jsonl"
+    result = runner.invoke(app, ["data", "make-demo", "--out", str(out), "--seed", "7",
+                                 "--context-tokens", "400", "--per-task", "3"])
+    assert result.exit_code == 0, result.output
+    assert read_jsonl(out) == make_demo(seed=7, context_tokens=400, per_task=3)
+    result = runner.invoke(app, ["data", "check", str(out)])
+    assert result.exit_code == 0
+    assert "12 valid instances" in result.output and "finance: 3" in result.output
+
+
+def test_make_demo_refuses_tiny_context(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["data", "make-demo", "--out", str(tmp_path / "d.jsonl"),
+                                 "--context-tokens", "5"])
+    assert result.exit_code == 2
+    assert "context_tokens must be at least 200" in result.output
+    assert not (tmp_path / "d.jsonl").exists()

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny random Llama with SmolLM2's real tokenizer, built once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing may be downloaded: every model comes from an installed package or is built here.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def kvrag_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("kvrag_home")
+    os.environ["KVRAG_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from kvrag.engines.models import PACKAGED_MODELS, load_gguf_tokenizer, packaged_file
+
+    return load_gguf_tokenizer(packaged_file(PACKAGED_MODELS["smollm2"]))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer) -> Path:
+    """A 2-layer random Llama (GQA: 4 query heads, 2 KV heads) saved as a checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=8192, tie_word_embeddings=True,
+        eos_token_id=smollm2_tokenizer.eos_token_id,
+        bos_token_id=smollm2_tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = smollm2_tokenizer.eos_token_id
+    model.save_pretrained(out)
+    smollm2_tokenizer.save_pretrained(out)
+    return out

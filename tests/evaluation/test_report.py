@@ -1,0 +1,48 @@
+from pathlib import Path
+
+import pytest
+
+from kvrag.evaluation.report import bootstrap_ci, render_markdown, summarize, write_reports
+
+
+def rec(qid: str, system: str, subem: float, kv: int, group: str = "g") -> dict:
+    return {"id": qid, "system": system, "group": group,
+            "scores": {"subem": subem, "em": subem, "f1": subem, "accuracy": None,
+                       "cite_precision": None, "cite_recall": None},
+            "cost": {"kv_tokens": kv, "kv_bytes": 10 * kv, "prompt_tokens": kv,
+                     "latency_s": 1.0, "prefill_s": 0.5, "decode_s": 0.5}}
+
+
+def test_bootstrap_interval_contains_mean_and_is_seeded() -> None:
+    values = [0, 1, 1, 0, 1, 1, 1, 0, 1, 1]
+    lo, hi = bootstrap_ci(values, seed=3)
+    assert lo < 0.7 < hi and lo >= 0 and hi <= 1
+    assert bootstrap_ci(values, seed=3) == [lo, hi]
+    assert bootstrap_ci([1, 1, 1], seed=0) == [1.0, 1.0]
+
+
+def test_summary_pairs_against_full_on_this_runs_questions() -> None:
+    records = [rec(f"q{i}", "full", 1.0, 100) for i in range(10)]
+    records += [rec(f"q{i}", "other", float(i < 5), 50, "h") for i in range(10)]
+    records.append(rec("q99", "full", 0.0, 100))  # from an earlier, larger run
+    summary = summarize(records, ["full", "other"], [f"q{i}" for i in range(10)],
+                        {"model": "m", "engine": "hf", "dataset": "d"})
+    full, other = summary["systems"]["full"], summary["systems"]["other"]
+    assert full["n"] == 10 and full["subem"] == 1.0 and "vs_full" not in full
+    assert other["subem"] == 0.5 and other["kv_tokens_mean"] == 50
+    assert other["vs_full"]["subem"]["delta"] == pytest.approx(-0.5)
+    lo, hi = other["vs_full"]["subem"]["ci95"]
+    assert lo < -0.5 < hi < 0
+    assert other["accuracy"] is None and other["doc_recall"] is None
+    assert other["by_group"]["h"]["n"] == 10
+
+
+def test_reports_written(tmp_path: Path) -> None:
+    records = [rec(f"q{i}", "full", float(i % 2), 100) for i in range(6)]
+    summary = summarize(records, ["full"], [f"q{i}" for i in range(6)],
+                        {"model": "m", "engine": "hf", "dataset": "d"})
+    write_reports(summary, tmp_path)
+    md = render_markdown(summary)
+    assert "| full | 6 | 50.0 |" in md
+    png = (tmp_path / "accuracy_vs_kv.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

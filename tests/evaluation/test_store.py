@@ -1,0 +1,34 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from kvrag.evaluation.store import ResultStore, StoreMismatchError
+
+CONFIG = {"model": "m", "engine": "hf", "dataset": "demo", "max_new_tokens": 8}
+
+
+def test_append_reload_and_done(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path, CONFIG)
+    store.append({"id": "q1", "system": "full", "x": 1})
+    again = ResultStore(tmp_path, CONFIG)
+    assert again.done() == {("q1", "full")}
+    assert again.records == [{"id": "q1", "system": "full", "x": 1}]
+
+
+def test_partial_last_line_is_dropped_and_next_append_is_clean(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path, CONFIG)
+    store.append({"id": "q1", "system": "full"})
+    with store.path.open("a") as f:
+        f.write('{"id": "q2", "sys')  # killed mid-write
+    store = ResultStore(tmp_path, CONFIG)
+    assert store.done() == {("q1", "full")}
+    store.append({"id": "q2", "system": "full"})
+    lines = store.path.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["q1", "q2"]
+
+
+def test_other_settings_are_refused(tmp_path: Path) -> None:
+    ResultStore(tmp_path, CONFIG)
+    with pytest.raises(StoreMismatchError, match="model: 'm' -> 'other'"):
+        ResultStore(tmp_path, CONFIG | {"model": "other"})
