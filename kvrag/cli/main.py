@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import typer
+import os
 
-from kvrag.cli import data
-from kvrag.cli.compare import compare
+# kvrag never downloads at run time: every model comes from an installed package or a path.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import typer  # noqa: E402
+
+from kvrag.cli import data  # noqa: E402
+from kvrag.cli.compare import compare  # noqa: E402
 
 app = typer.Typer(
     help="Long-context LM vs compressed KV cache vs RAG, on identical questions.",

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from kvrag.data.schema import LETTERS, Doc, Instance
 
 ANSWER_MARKER = "The answer is:"
-HEADER = "Read the documents below and answer the question that follows them.\n\n"
+# Wording picked on SmolLM2-135M: quoting the marker ('Reply ... in the form "The answer
+# is: <answer>"') made it repeat the marker endlessly; a system turn kept it brief.
+SYSTEM = "You answer questions using only the given documents. Reply briefly."
+HEADER = "Read the documents and answer the question after them.\n\n"
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class Prompt:
         return len(self.header), len(self.header) + len(self.context)
 
     def messages(self) -> list[dict[str, str]]:
-        return [{"role": "user", "content": self.text}]
+        return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": self.text}]
 
 
 def format_doc(number: int, doc: Doc) -> str:
@@ -44,14 +47,8 @@ def format_doc(number: int, doc: Doc) -> str:
 
 def instructions(instance: Instance) -> str:
     if instance.task == "mc":
-        return (
-            "Choose the correct option. Reply with one line in the form "
-            f'"{ANSWER_MARKER} <letter>".'
-        )
-    return (
-        "Answer with a short phrase taken from the documents. Reply with one line in the "
-        f'form "{ANSWER_MARKER} <answer>".'
-    )
+        return f"Choose one option. Finish your reply with: {ANSWER_MARKER} <letter>"
+    return f"Finish your reply with: {ANSWER_MARKER} <answer>"
 
 
 def build_prompt(

@@ -58,6 +58,13 @@ def extract_letter(answer: str, n_choices: int) -> str | None:
     return None
 
 
+def match_choice(answer: str, choices: list[str]) -> str | None:
+    """The letter of the one choice whose text the answer contains ("Birch forests")."""
+    text = f" {normalize(answer)} "
+    hits = [i for i, c in enumerate(choices) if normalize(c) and f" {normalize(c)} " in text]
+    return LETTERS[hits[0]] if len(hits) == 1 else None
+
+
 def exact_match(prediction: str, golds: list[str]) -> float:
     return float(any(normalize(prediction) == normalize(g) for g in golds))
 
@@ -108,7 +115,8 @@ def score(instance: Instance, output: str, prompt: Prompt) -> tuple[str, Scores]
     """(extracted answer, scores) for one model output."""
     answer = extract_answer(output)
     if instance.task == "mc":
-        letter = extract_letter(answer, len(instance.choices))
+        letter = extract_letter(answer, len(instance.choices)) or match_choice(
+            answer, instance.choices)
         correct = float(letter is not None and letter in instance.answers)
         subem = em = f1 = correct
         accuracy: float | None = correct

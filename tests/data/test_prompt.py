@@ -15,7 +15,9 @@ def test_documents_then_question_then_instructions() -> None:
     assert "[DOC 1] Bob\nBob was born in Rome." in p.context
     assert "[DOC 2] Ann\nAnn was born in Oslo." in p.context
     assert p.text.index("[DOC 2]") < p.text.index("Question: Where was Ann born?")
-    assert p.query.rstrip().endswith(f'"{ANSWER_MARKER} <answer>".')
+    assert p.query.rstrip().endswith(f"{ANSWER_MARKER} <answer>")
+    assert [m["role"] for m in p.messages()] == ["system", "user"]
+    assert p.messages()[1]["content"] == p.text
     start, end = p.context_span
     assert p.text[start:end] == p.context
     assert p.doc_tags == {1: "x", 2: "y"}

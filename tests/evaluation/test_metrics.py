@@ -76,5 +76,9 @@ def test_score_multiple_choice_scores_the_letter() -> None:
     assert answer == "B" and (s.subem, s.em, s.f1, s.accuracy) == (1, 1, 1, 1)
     _, wrong = score(inst, "The answer is: A", build_prompt(inst))
     assert wrong.accuracy == 0.0 and wrong.subem == 0.0
+    by_text, s = score(inst, "It eats b, mostly.", build_prompt(inst))
+    assert by_text == "B" and s.accuracy == 1.0
+    _, ambiguous = score(inst, "b or c", build_prompt(inst))
+    assert ambiguous.accuracy == 0.0
     _, none = score(inst, "I am not sure", build_prompt(inst))
     assert none.accuracy == 0.0 and none.cite_precision is None
