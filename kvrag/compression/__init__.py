@@ -1,1 +1,22 @@
-"""KV-cache compression methods as pure tensor code (score + select). Empty until issue 3."""
+"""KV-cache compression methods as pure tensor code: score tokens, select what to keep.
+
+Engines (HF now, the SGLang plugin next) hand every method the same inputs, so both
+keep the same tokens for the same prompt and spec.
+"""
+
+from kvrag.compression import (  # noqa: F401  (each module registers its method)
+    h2o,
+    knorm,
+    pyramidkv,
+    random_press,
+    retrieval,
+    snapkv,
+    streamingllm,
+    tova,
+)
+from kvrag.compression.base import METHODS, Method, ScoringInput
+from kvrag.compression.select import layer_budgets, select_kept
+from kvrag.compression.spec import CompressionSpec, SpecError, parse_spec
+
+__all__ = ["METHODS", "CompressionSpec", "Method", "ScoringInput", "SpecError",
+           "layer_budgets", "parse_spec", "select_kept"]

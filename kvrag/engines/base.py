@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
+from kvrag.compression.spec import CompressionSpec
 from kvrag.data.prompt import Prompt
 
 
@@ -13,19 +14,25 @@ class Cost:
     """What one answer cost.
 
     ``kv_tokens`` is the number of tokens whose keys and values the cache held when
-    decoding started (after any compression); ``kv_bytes`` is their size over all layers.
+    decoding started, after any compression (the mean over layers where layers keep
+    different counts); ``kv_bytes`` is the cache's size over all layers.
+    ``attended_tokens`` is what each decoded token attends to at most: ``kv_tokens``
+    unless a dynamic method (retrieval attention) reads only part of the cache.
+    ``prefill_s`` is the prompt's prefill, which systems answering the same prompt share.
     """
 
     prompt_tokens: int
-    kv_tokens: int
+    kv_tokens: float
     kv_bytes: int
     prefill_s: float
     decode_s: float
     new_tokens: int
+    compress_s: float = 0.0
+    attended_tokens: float | None = None
 
     @property
     def latency_s(self) -> float:
-        return self.prefill_s + self.decode_s
+        return self.prefill_s + self.compress_s + self.decode_s
 
     def to_json(self) -> dict:
         return asdict(self) | {"latency_s": self.latency_s}
@@ -38,9 +45,11 @@ class Generation:
 
 
 class Engine(Protocol):
-    """Greedy generation from one prompt, with its cost."""
+    """Greedy generation from one prompt, with its cost, optionally from a compressed cache."""
 
     name: str
     model_name: str
 
-    def generate(self, prompt: Prompt, max_new_tokens: int) -> Generation: ...
+    def generate(
+        self, prompt: Prompt, max_new_tokens: int, compression: CompressionSpec | None = None
+    ) -> Generation: ...

@@ -1,4 +1,10 @@
-"""Greedy generation with HF transformers on the CPU, prefill and decode timed apart."""
+"""Greedy generation with HF transformers on the CPU, with real KV-cache compression.
+
+After the prefill of the whole prompt, a compression spec physically shrinks every
+layer's cache to the kept tokens (per KV head), and decoding continues from it at the
+original positions. The last prefill is kept, so every system asked about the same
+prompt (full, snapkv:0.5, streamingllm:0.5, ...) pays for one prefill, not one each.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from kvrag.compression import CompressionSpec, ScoringInput, layer_budgets, select_kept
 from kvrag.data.prompt import Prompt
+from kvrag.engines import hf_attention
 from kvrag.engines.base import Cost, Generation
 
 # SmolLM2's GGUF tokenizer names <|im_start|> as eos; chat turns really end with this.
@@ -24,6 +32,28 @@ class EncodedPrompt:
     context_start: int
     context_end: int
 
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.context_start, self.context_end
+
+
+@dataclass
+class Prefill:
+    """One prompt's prefill: its cache, every layer's queries, and the first-token logits."""
+
+    ids: tuple[int, ...]
+    cache: DynamicCache
+    queries: dict[int, torch.Tensor]
+    last_logits: torch.Tensor
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CompressedCache:
+    cache: DynamicCache
+    kept: list[torch.Tensor]  # per layer, [kv_heads, n_kept] original token indices
+    seconds: float
+
 
 class HFEngine:
     name = "hf"
@@ -32,16 +62,18 @@ class HFEngine:
         self.model_path = Path(model_path)
         self.model_name = self.model_path.name
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.model_path, dtype=dtype, attn_implementation=hf_attention.NAME
+        )
         self.model.eval()
         self.stop_ids = self._stop_ids()
         cfg = self.model.config
+        self.n_layers = cfg.num_hidden_layers
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        # keys + values, every layer, every KV head
-        self.kv_bytes_per_token = (
-            2 * cfg.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
-        )
+        # keys + values of one layer, every KV head
+        self.kv_bytes_per_token_layer = 2 * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        self._last: Prefill | None = None
 
     def _stop_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -68,27 +100,87 @@ class HFEngine:
         return EncodedPrompt(list(enc["input_ids"]), start, end)
 
     @torch.inference_mode()
-    def generate(self, prompt: Prompt, max_new_tokens: int) -> Generation:
-        ids = torch.tensor([self.encode(prompt).input_ids])
+    def prefill(self, ids: list[int]) -> Prefill:
+        """Prefill ``ids``, or reuse the last prefill if it was of the same ids."""
+        key = tuple(ids)
+        if self._last is not None and self._last.ids == key:
+            return self._last
+        self._last = None  # free the previous prompt's cache before building the next
+        hooks = hf_attention.AttentionHooks(captured={})
         t0 = time.perf_counter()
-        out = self.model(input_ids=ids, use_cache=True)
-        cache = out.past_key_values
-        kv_tokens = cache.get_seq_length()
+        with hf_attention.attention_hooks(hooks):
+            out = self.model(input_ids=torch.tensor([ids]), use_cache=True)
+        seconds = time.perf_counter() - t0
+        assert hooks.captured is not None
+        self._last = Prefill(key, out.past_key_values, hooks.captured, out.logits[0, -1],
+                             seconds)
+        return self._last
+
+    def compress(
+        self, pre: Prefill, span: tuple[int, int], spec: CompressionSpec | None
+    ) -> CompressedCache:
+        """A new cache holding, per layer and KV head, only the tokens ``spec`` keeps.
+
+        Without a spec (or for dynamic methods) the cache is copied whole.
+        """
+        t0 = time.perf_counter()
+        n = len(pre.ids)
+        cache = DynamicCache()
+        kept: list[torch.Tensor] = []
+        method = spec.build() if spec is not None else None
+        budgets: list[int] | None = None
+        if method is not None and not method.dynamic:
+            n_doc = span[1] - span[0]
+            budgets = layer_budgets(method, spec.kept(n_doc), self.n_layers, n_doc)
+        for layer in range(self.n_layers):
+            keys = pre.cache.layers[layer].keys  # [1, kv_heads, n, d]
+            values = pre.cache.layers[layer].values
+            if budgets is None:
+                idx = torch.arange(n).expand(keys.shape[1], -1)
+            else:
+                assert method is not None
+                inp = ScoringInput(keys[0], pre.queries[layer], layer, self.n_layers)
+                idx = select_kept(method.score(inp), span, budgets[layer])
+            gather = idx[None, :, :, None].expand(-1, -1, -1, keys.shape[-1])
+            cache.update(keys.gather(2, gather), values.gather(2, gather), layer)
+            kept.append(idx)
+        return CompressedCache(cache, kept, time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def generate(
+        self, prompt: Prompt, max_new_tokens: int, compression: CompressionSpec | None = None
+    ) -> Generation:
+        enc = self.encode(prompt)
+        pre = self.prefill(enc.input_ids)
+        compressed = self.compress(pre, enc.span, compression)
+        cache = compressed.cache
+        hooks = hf_attention.AttentionHooks()
+        slots = sum(int(idx.shape[1]) for idx in compressed.kept)
+        kv_tokens = slots / self.n_layers
+        attended = kv_tokens
+        if compression is not None and compression.build().dynamic:
+            n_doc = enc.context_end - enc.context_start
+            hooks.retrieval = (enc.span, compression.kept(n_doc))
+            attended = kv_tokens - n_doc + compression.kept(n_doc)
         t1 = time.perf_counter()
         new: list[int] = []
-        next_id = int(out.logits[0, -1].argmax())
-        while next_id not in self.stop_ids and len(new) < max_new_tokens:
-            new.append(next_id)
-            if len(new) == max_new_tokens:
-                break
-            out = self.model(
-                input_ids=torch.tensor([[next_id]]), past_key_values=cache, use_cache=True
-            )
-            next_id = int(out.logits[0, -1].argmax())
+        next_id = int(pre.last_logits.argmax())
+        position = len(enc.input_ids)
+        with hf_attention.attention_hooks(hooks):
+            while next_id not in self.stop_ids and len(new) < max_new_tokens:
+                new.append(next_id)
+                if len(new) == max_new_tokens:
+                    break
+                out = self.model(input_ids=torch.tensor([[next_id]]),
+                                 position_ids=torch.tensor([[position]]),
+                                 past_key_values=cache, use_cache=True)
+                position += 1
+                next_id = int(out.logits[0, -1].argmax())
         t2 = time.perf_counter()
         cost = Cost(
-            prompt_tokens=ids.shape[1], kv_tokens=kv_tokens,
-            kv_bytes=kv_tokens * self.kv_bytes_per_token,
-            prefill_s=t1 - t0, decode_s=t2 - t1, new_tokens=len(new),
+            prompt_tokens=len(enc.input_ids), kv_tokens=kv_tokens,
+            kv_bytes=slots * self.kv_bytes_per_token_layer,
+            prefill_s=pre.seconds, compress_s=compressed.seconds, decode_s=t2 - t1,
+            new_tokens=len(new), attended_tokens=attended,
         )
         return Generation(self.tokenizer.decode(new, skip_special_tokens=True), cost)

@@ -47,8 +47,9 @@ def _system_summary(records: list[dict], full: dict[str, dict] | None, seed: int
     out["doc_recall"] = _mean(recalls)
     for key in ("cite_precision", "cite_recall"):
         out[key] = _mean(_metric_values(records, key))
-    for key in ("kv_tokens", "kv_bytes", "prompt_tokens", "latency_s", "prefill_s", "decode_s"):
-        out[f"{key}_mean"] = _mean([r["cost"][key] for r in records])
+    for key in ("kv_tokens", "attended_tokens", "kv_bytes", "prompt_tokens", "latency_s",
+                "prefill_s", "compress_s", "decode_s"):
+        out[f"{key}_mean"] = _mean([r["cost"][key] for r in records if key in r["cost"]])
     out["ci95"] = ci
     if full is not None:
         out["vs_full"] = {}
@@ -104,11 +105,13 @@ def render_markdown(summary: dict) -> str:
         f"# kvrag comparison: {summary['dataset']}",
         "",
         f"Model `{summary['model']}`, engine `{summary['engine']}`. Scores in %, with 95% "
-        "bootstrap intervals over questions; Δ is the paired difference against `full`.",
+        "bootstrap intervals over questions; Δ is the paired difference against `full`. "
+        "KV tokens: cache size at decode start; attended: what each decoded token reads "
+        "(less than KV tokens only for retrieval attention).",
         "",
         "| system | n | SubEM | 95% CI | Δ SubEM vs full | EM | F1 | MC acc | doc recall "
-        "| KV tokens | prompt tokens | latency s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| KV tokens | attended | prompt tokens | latency s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary["systems"].items():
         delta = s.get("vs_full", {}).get("subem")
@@ -117,6 +120,7 @@ def render_markdown(summary: dict) -> str:
             f"| {name} | {s['n']} | {_fmt(s['subem'])} | {_ci(s['ci95'].get('subem'))} "
             f"| {delta_txt} | {_fmt(s['em'])} | {_fmt(s['f1'])} | {_fmt(s['accuracy'])} "
             f"| {_fmt(s['doc_recall'])} | {_fmt(s['kv_tokens_mean'], False)} "
+            f"| {_fmt(s['attended_tokens_mean'], False)} "
             f"| {_fmt(s['prompt_tokens_mean'], False)} | {_fmt(s['latency_s_mean'], False)} |"
         )
     groups = sorted({g for s in summary["systems"].values() for g in s["by_group"]})

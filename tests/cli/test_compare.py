@@ -78,6 +78,8 @@ def test_broken_line_three_fails_before_writing(tmp_path, tiny_model_dir) -> Non
     ("args", "message"),
     [(["--systems", "full,bogus:1"], "unknown system 'bogus:1'; known systems: full"),
      (["--engine", "vllm"], "unknown engine 'vllm'; available: hf"),
+     (["--systems", "full,snapkv:1.5"], "ratio 1.5 is out of range; use METHOD:RATIO with "
+                                        "0 <= RATIO < 1"),
      (["--model", "/no/such/model"], "neither a local checkpoint directory")],
 )
 def test_bad_arguments_fail_clearly(tmp_path, tiny_model_dir, args, message) -> None:
@@ -86,6 +88,28 @@ def test_bad_arguments_fail_clearly(tmp_path, tiny_model_dir, args, message) -> 
     assert result.exit_code == 2
     assert message in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_compressed_systems_on_identical_questions(tmp_path, tiny_model_dir) -> None:
+    result = compare(tmp_path, tiny_model_dir, "--limit", "2",
+                     "--systems", "full,snapkv:0.5,streamingllm@100,retrieval:0.9")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 8
+    by_system: dict[str, list[dict]] = {}
+    for r in records:
+        by_system.setdefault(r["system"], []).append(r)
+    assert [r["id"] for r in by_system["full"]] == [r["id"] for r in by_system["snapkv:0.5"]]
+    for full, snap, stream, retr in zip(*by_system.values(), strict=True):
+        n = full["cost"]["kv_tokens"]
+        assert snap["cost"]["kv_tokens"] < n and stream["cost"]["kv_tokens"] < n
+        assert snap["cost"]["prefill_s"] == full["cost"]["prefill_s"]  # one shared prefill
+        assert retr["cost"]["kv_tokens"] == n > retr["cost"]["attended_tokens"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["systems"]) == {"full", "snapkv:0.5", "streamingllm@100",
+                                       "retrieval:0.9"}
+    assert "delta" in summary["systems"]["snapkv:0.5"]["vs_full"]["subem"]
+    assert "| snapkv:0.5 | 2 |" in (tmp_path / "summary.md").read_text()
 
 
 @pytest.mark.slow

@@ -49,4 +49,5 @@ def test_cost_record(engine: HFEngine, prompt) -> None:
     # 2 (K and V) x 2 layers x 2 KV heads x head_dim 16 x 4 bytes (fp32)
     assert cost.kv_bytes == cost.kv_tokens * 2 * 2 * 2 * 16 * 4
     assert cost.prefill_s > 0 and cost.decode_s >= 0 and 0 <= cost.new_tokens <= 5
-    assert cost.latency_s == pytest.approx(cost.prefill_s + cost.decode_s)
+    assert cost.latency_s == pytest.approx(cost.prefill_s + cost.compress_s + cost.decode_s)
+    assert cost.attended_tokens == cost.kv_tokens

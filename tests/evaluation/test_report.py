@@ -10,7 +10,8 @@ def rec(qid: str, system: str, subem: float, kv: int, group: str = "g") -> dict:
             "scores": {"subem": subem, "em": subem, "f1": subem, "accuracy": None,
                        "cite_precision": None, "cite_recall": None},
             "cost": {"kv_tokens": kv, "kv_bytes": 10 * kv, "prompt_tokens": kv,
-                     "latency_s": 1.0, "prefill_s": 0.5, "decode_s": 0.5}}
+                     "latency_s": 1.0, "prefill_s": 0.5, "decode_s": 0.5, "compress_s": 0.0,
+                     "attended_tokens": kv}}
 
 
 def test_bootstrap_interval_contains_mean_and_is_seeded() -> None:

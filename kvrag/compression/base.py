@@ -1,0 +1,86 @@
+"""The method base class and registry.
+
+A method sees one layer of one prompt and returns a score per (KV head, token); higher
+means keep. Engines keep the top-scoring tokens of the evictable span only, so a method
+may score every token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class ScoringInput:
+    """One layer of one prompt, after RoPE.
+
+    keys:    [kv_heads, n, head_dim]
+    queries: [q_heads, n, head_dim], q_heads a multiple of kv_heads (GQA)
+    """
+
+    keys: torch.Tensor
+    queries: torch.Tensor
+    layer: int
+    n_layers: int
+
+    @property
+    def n(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def group(self) -> int:
+        return self.queries.shape[0] // self.keys.shape[0]
+
+
+class Method:
+    """Base class: subclasses set ``name`` and override ``score``."""
+
+    name: ClassVar[str]
+    #: True for methods that keep the whole cache and choose keys per decoded token.
+    dynamic: ClassVar[bool] = False
+
+    def score(self, inp: ScoringInput) -> torch.Tensor:
+        """[kv_heads, n] scores; higher is kept first."""
+        raise NotImplementedError
+
+    def layer_budgets(self, keep: int, n_layers: int, n_evictable: int) -> list[int]:
+        """Tokens each layer keeps; uniform unless a method spreads them (PyramidKV)."""
+        return [keep] * n_layers
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    if cls.name in METHODS:
+        raise ValueError(f"compression method {cls.name!r} is already registered")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def group_mean(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """[q_heads, n] -> [kv_heads, n]: average the query heads that share a KV head."""
+    q_heads, n = scores.shape
+    return scores.view(q_heads // group, group, n).mean(dim=1)
+
+
+def causal_attention(
+    queries: torch.Tensor, keys: torch.Tensor, q_positions: torch.Tensor
+) -> torch.Tensor:
+    """Softmax attention weights [q_heads, len(q_positions), n] of the given queries.
+
+    queries: [q_heads, m, d] at absolute positions ``q_positions``; keys: [kv_heads, n, d].
+    A query attends to keys at positions up to its own.
+    """
+    group = queries.shape[0] // keys.shape[0]
+    k = keys.repeat_interleave(group, dim=0)
+    logits = queries @ k.transpose(1, 2) / keys.shape[-1] ** 0.5
+    future = torch.arange(keys.shape[1]) > q_positions[:, None]
+    return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
+
+
+ScoreFn = Callable[[ScoringInput], torch.Tensor]

@@ -1,0 +1,33 @@
+"""Choosing the kept tokens from scores: the one selection rule every engine uses."""
+
+from __future__ import annotations
+
+import torch
+
+from kvrag.compression.base import Method
+
+
+def select_kept(scores: torch.Tensor, span: tuple[int, int], keep: int) -> torch.Tensor:
+    """Indices [kv_heads, n_kept] of the tokens to keep, ascending per head.
+
+    scores: [kv_heads, n]. Everything outside the evictable ``span`` (header, question,
+    chat-template tail) is kept; inside it the ``keep`` highest-scoring tokens are.
+    Ties go to the earlier token, so the choice is deterministic.
+    """
+    kv_heads, n = scores.shape
+    start, end = span
+    if not 0 <= keep <= end - start:
+        raise ValueError(f"keep={keep} is outside 0..{end - start} (the evictable tokens)")
+    inside = scores[:, start:end]
+    # Stable descending order: a large-to-small sort that keeps the position order on ties.
+    order = torch.sort(inside, dim=1, descending=True, stable=True).indices[:, :keep] + start
+    outside = torch.cat([torch.arange(start), torch.arange(end, n)]).expand(kv_heads, -1)
+    return torch.sort(torch.cat([outside, order], dim=1), dim=1).values
+
+
+def layer_budgets(method: Method, keep: int, n_layers: int, n_evictable: int) -> list[int]:
+    """Per-layer kept counts, checked to average exactly ``keep``."""
+    budgets = method.layer_budgets(keep, n_layers, n_evictable)
+    if sum(budgets) != keep * n_layers or not all(0 <= b <= n_evictable for b in budgets):
+        raise AssertionError(f"{method.name} produced invalid layer budgets {budgets}")
+    return budgets

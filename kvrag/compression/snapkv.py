@@ -1,0 +1,49 @@
+"""SnapKV (Li et al., 2024, arXiv 2404.14469): keep what the prompt's last queries attend to.
+
+Defaults follow the SnapKV repository and NVIDIA kvpress's ``SnapKVPress``: an
+observation window of the last 64 prompt tokens; their softmax attention over all keys
+(causal inside the window), averaged over the window and over the query heads of each
+GQA group, then smoothed by 1-D average pooling with kernel 5 (stride 1, zero padding).
+The window itself always scores highest, so it is always kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvrag.compression.base import (
+    Method,
+    ScoringInput,
+    causal_attention,
+    group_mean,
+    register_method,
+)
+
+
+def snapkv_scores(inp: ScoringInput, window: int, kernel: int) -> torch.Tensor:
+    """[kv_heads, n]; the last ``window`` tokens get +inf."""
+    w = min(window, inp.n)
+    positions = torch.arange(inp.n - w, inp.n)
+    attn = causal_attention(inp.queries[:, -w:], inp.keys, positions)  # [q_heads, w, n]
+    scores = group_mean(attn.mean(dim=1), inp.group)  # [kv_heads, n]
+    scores = F.avg_pool1d(scores[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
+    scores[:, inp.n - w:] = float("inf")
+    return scores
+
+
+@register_method
+@dataclass
+class SnapKV(Method):
+    name = "snapkv"
+    window: int = 64
+    kernel: int = 5
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError("snapkv needs window >= 1 and an odd kernel >= 1")
+
+    def score(self, inp: ScoringInput) -> torch.Tensor:
+        return snapkv_scores(inp, self.window, self.kernel)

@@ -1,0 +1,68 @@
+"""Compression spec strings: ``METHOD:RATIO`` or ``METHOD@TOKENS``.
+
+RATIO is the fraction of evictable (document) tokens removed, 0 <= RATIO < 1, the kvpress
+convention; TOKENS is an absolute number of document tokens kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvrag.compression.base import METHODS, Method
+
+
+class SpecError(ValueError):
+    """A spec that names no method or an impossible ratio/budget; says what is allowed."""
+
+
+def _usage() -> str:
+    return (f"use METHOD:RATIO with 0 <= RATIO < 1 (fraction of document tokens removed) or "
+            f"METHOD@TOKENS with TOKENS >= 1 (document tokens kept); methods: "
+            f"{', '.join(sorted(METHODS))}")
+
+
+@dataclass(frozen=True)
+class CompressionSpec:
+    method: str
+    ratio: float | None = None
+    budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SpecError(f"unknown compression method {self.method!r}; {_usage()}")
+        if (self.ratio is None) == (self.budget is None):
+            raise SpecError(f"give exactly one of a ratio or a budget; {_usage()}")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise SpecError(f"ratio {self.ratio} is out of range; {_usage()}")
+        if self.budget is not None and self.budget < 1:
+            raise SpecError(f"budget {self.budget} is out of range; {_usage()}")
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}:{self.ratio:g}" if self.ratio is not None else \
+            f"{self.method}@{self.budget}"
+
+    def build(self) -> Method:
+        return METHODS[self.method]()
+
+    def kept(self, n_evictable: int) -> int:
+        """How many of ``n_evictable`` document tokens this spec keeps."""
+        if self.budget is not None:
+            return min(self.budget, n_evictable)
+        assert self.ratio is not None
+        return n_evictable - int(round(n_evictable * self.ratio))
+
+
+def parse_spec(text: str) -> CompressionSpec:
+    text = text.strip()
+    for sep in (":", "@"):
+        if sep in text:
+            method, value = text.split(sep, 1)
+            try:
+                number = float(value) if sep == ":" else int(value)
+            except ValueError:
+                raise SpecError(f"cannot read {value!r} in {text!r}; {_usage()}") from None
+            if sep == ":":
+                return CompressionSpec(method, ratio=float(number))
+            return CompressionSpec(method, budget=int(number))
+    raise SpecError(f"{text!r} has no ratio or budget; {_usage()}")

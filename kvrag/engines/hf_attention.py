@@ -1,0 +1,56 @@
+"""kvrag's attention function for HF transformers: SDPA plus two hooks.
+
+During a prefill it can record every layer's queries (after RoPE) for the scoring
+methods; during decoding it can restrict each query head to its top-k document keys
+(retrieval attention). With neither active it is exactly ``sdpa``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from kvrag.compression.retrieval import RetrievalAttention
+
+NAME = "kvrag"
+
+
+@dataclass
+class AttentionHooks:
+    #: layer -> queries [q_heads, n, head_dim] of the prompt, filled during prefill
+    captured: dict[int, torch.Tensor] | None = None
+    #: (document span, k) for retrieval attention during decoding
+    retrieval: tuple[tuple[int, int], int] | None = None
+
+
+_HOOKS: ContextVar[AttentionHooks | None] = ContextVar("kvrag_attention_hooks", default=None)
+
+
+@contextmanager
+def attention_hooks(hooks: AttentionHooks):
+    token = _HOOKS.set(hooks)
+    try:
+        yield hooks
+    finally:
+        _HOOKS.reset(token)
+
+
+def kvrag_attention(module, query, key, value, attention_mask, **kwargs):
+    """query: [1, q_heads, q_len, d]; key/value: [1, kv_heads, kv_len, d]."""
+    hooks = _HOOKS.get()
+    if hooks is not None:
+        if hooks.captured is not None:
+            hooks.captured[module.layer_idx] = query[0]
+        elif hooks.retrieval is not None and query.shape[2] == 1:
+            span, k = hooks.retrieval
+            mask = RetrievalAttention.decode_mask(query[0, :, 0], key[0], span, k)
+            attention_mask = mask[None, :, None, :]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(NAME, kvrag_attention)

@@ -1,0 +1,123 @@
+"""Every method against scores computed by hand (plain loops) on small random tensors.
+
+Shapes use GQA: 4 query heads share 2 KV heads (group of 2).
+"""
+
+import math
+
+import pytest
+import torch
+
+from kvrag.compression import METHODS, ScoringInput
+from kvrag.compression.h2o import H2O
+from kvrag.compression.knorm import KNorm
+from kvrag.compression.pyramidkv import PyramidKV
+from kvrag.compression.random_press import RandomScores
+from kvrag.compression.retrieval import RetrievalAttention
+from kvrag.compression.snapkv import SnapKV
+from kvrag.compression.streamingllm import StreamingLLM
+from kvrag.compression.tova import TOVA
+
+N, D, KV_HEADS, Q_HEADS = 12, 8, 2, 4
+
+
+@pytest.fixture()
+def inp() -> ScoringInput:
+    gen = torch.Generator().manual_seed(0)
+    return ScoringInput(keys=torch.randn(KV_HEADS, N, D, generator=gen),
+                        queries=torch.randn(Q_HEADS, N, D, generator=gen), layer=1, n_layers=3)
+
+
+def attention_row(inp: ScoringInput, q_head: int, pos: int) -> list[float]:
+    """Causal softmax of one query over all keys, by hand."""
+    kv = q_head // (Q_HEADS // KV_HEADS)
+    logits = [float(inp.queries[q_head, pos] @ inp.keys[kv, j]) / math.sqrt(D)
+              if j <= pos else -math.inf for j in range(N)]
+    top = max(logits)
+    exps = [math.exp(x - top) if x > -math.inf else 0.0 for x in logits]
+    return [e / sum(exps) for e in exps]
+
+
+def group_average(per_q_head: list[list[float]]) -> list[list[float]]:
+    g = Q_HEADS // KV_HEADS
+    return [[sum(per_q_head[h * g + i][j] for i in range(g)) / g for j in range(N)]
+            for h in range(KV_HEADS)]
+
+
+def test_registry_holds_every_method() -> None:
+    assert set(METHODS) == {"snapkv", "pyramidkv", "streamingllm", "h2o", "knorm", "tova",
+                            "random", "retrieval"}
+
+
+def test_snapkv(inp: ScoringInput) -> None:
+    window, kernel = 4, 5
+    per_head = []
+    for h in range(Q_HEADS):
+        rows = [attention_row(inp, h, p) for p in range(N - window, N)]
+        per_head.append([sum(r[j] for r in rows) / window for j in range(N)])
+    grouped = group_average(per_head)
+    expected = [[sum(row[t] for t in range(j - 2, j + 3) if 0 <= t < N) / kernel
+                 for j in range(N)] for row in grouped]
+    got = SnapKV(window=window, kernel=kernel).score(inp)
+    assert torch.isinf(got[:, N - window:]).all()
+    torch.testing.assert_close(got[:, : N - window],
+                               torch.tensor(expected)[:, : N - window])
+
+
+def test_snapkv_rejects_even_kernel() -> None:
+    with pytest.raises(ValueError, match="odd kernel"):
+        SnapKV(kernel=4)
+
+
+def test_pyramidkv_scores_like_snapkv_with_sloped_budgets(inp: ScoringInput) -> None:
+    torch.testing.assert_close(PyramidKV(window=4).score(inp), SnapKV(window=4).score(inp))
+    budgets = PyramidKV().layer_budgets(keep=100, n_layers=5, n_evictable=1000)
+    assert sum(budgets) == 500
+    assert budgets == sorted(budgets, reverse=True) and budgets[0] > 100 > budgets[-1]
+    assert budgets[-1] == 5  # keep / beta
+    capped = PyramidKV().layer_budgets(keep=80, n_layers=4, n_evictable=100)
+    assert sum(capped) == 320 and max(capped) == 100
+
+
+def test_streamingllm(inp: ScoringInput) -> None:
+    got = StreamingLLM().score(inp)
+    assert torch.isinf(got[:, :4]).all()
+    assert got[0, 4:].tolist() == list(range(4, N)) == got[1, 4:].tolist()
+
+
+def test_h2o(inp: ScoringInput) -> None:
+    per_head = [[sum(attention_row(inp, h, p)[j] for p in range(N)) for j in range(N)]
+                for h in range(Q_HEADS)]
+    torch.testing.assert_close(H2O(chunk=5).score(inp), torch.tensor(group_average(per_head)))
+
+
+def test_knorm(inp: ScoringInput) -> None:
+    expected = [[-math.sqrt(sum(float(x) ** 2 for x in inp.keys[h, j])) for j in range(N)]
+                for h in range(KV_HEADS)]
+    torch.testing.assert_close(KNorm().score(inp), torch.tensor(expected))
+
+
+def test_tova(inp: ScoringInput) -> None:
+    rows = [attention_row(inp, h, N - 1) for h in range(Q_HEADS)]
+    mean = [sum(r[j] for r in rows) / Q_HEADS for j in range(N)]
+    torch.testing.assert_close(TOVA().score(inp), torch.tensor([mean, mean]))
+
+
+def test_random_is_seeded_per_layer(inp: ScoringInput) -> None:
+    a, b = RandomScores(seed=1).score(inp), RandomScores(seed=1).score(inp)
+    assert torch.equal(a, b) and a.shape == (KV_HEADS, N)
+    other_layer = ScoringInput(inp.keys, inp.queries, layer=2, n_layers=3)
+    assert not torch.equal(a, RandomScores(seed=1).score(other_layer))
+    assert not torch.equal(a, RandomScores(seed=2).score(inp))
+
+
+def test_retrieval_mask_keeps_top_k_document_keys_per_query_head(inp: ScoringInput) -> None:
+    query = inp.queries[:, -1]  # [q_heads, d]
+    span, k = (3, 9), 2
+    mask = RetrievalAttention.decode_mask(query, inp.keys, span, k)
+    for h in range(Q_HEADS):
+        kv = h // 2
+        dots = {j: float(query[h] @ inp.keys[kv, j]) for j in range(*span)}
+        top = sorted(dots, key=dots.get, reverse=True)[:k]
+        expected = [j < span[0] or j >= span[1] or j in top for j in range(N)]
+        assert mask[h].tolist() == expected

@@ -1,0 +1,132 @@
+"""Compression inside the HF engine on the tiny Llama: real cache shrinkage, real decoding."""
+
+import pytest
+import torch
+
+from kvrag.compression import METHODS, parse_spec
+from kvrag.data.loaders import load_dataset
+from kvrag.data.prompt import build_prompt
+from kvrag.engines import hf_attention
+from kvrag.engines.hf import HFEngine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> HFEngine:
+    return HFEngine(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return build_prompt(load_dataset("demo")[0])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_ratio_zero_reproduces_full_exactly(engine: HFEngine, prompt, method: str) -> None:
+    full = engine.generate(prompt, max_new_tokens=8)
+    same = engine.generate(prompt, max_new_tokens=8, compression=parse_spec(f"{method}:0"))
+    assert same.text == full.text
+    assert same.cost.kv_tokens == full.cost.kv_tokens
+
+
+@pytest.mark.parametrize("spec", ["snapkv:0.5", "streamingllm:0.75", "random:0.9", "h2o@300",
+                                  "knorm:0.5", "tova:0.5"])
+def test_cache_really_shrinks_to_the_spec(engine: HFEngine, prompt, spec: str) -> None:
+    enc = engine.encode(prompt)
+    n, n_doc = len(enc.input_ids), enc.context_end - enc.context_start
+    compression = parse_spec(spec)
+    expected = n - n_doc + compression.kept(n_doc)
+    pre = engine.prefill(enc.input_ids)
+    shrunk = engine.compress(pre, enc.span, compression)
+    for layer in range(engine.n_layers):
+        keys = shrunk.cache.layers[layer].keys
+        assert keys.shape[2] == expected  # physically fewer tokens, not a mask
+        assert shrunk.cache.layers[layer].values.shape == keys.shape
+    gen = engine.generate(prompt, max_new_tokens=6, compression=compression)
+    assert gen.cost.kv_tokens == expected
+    assert gen.cost.kv_bytes == expected * engine.n_layers * 2 * 2 * 16 * 4
+    assert gen.cost.new_tokens == 6 and isinstance(gen.text, str) and gen.text
+
+
+def test_pyramidkv_layers_keep_different_counts_with_the_same_total(engine, prompt) -> None:
+    enc = engine.encode(prompt)
+    n, n_doc = len(enc.input_ids), enc.context_end - enc.context_start
+    spec = parse_spec("pyramidkv:0.5")
+    shrunk = engine.compress(engine.prefill(enc.input_ids), enc.span, spec)
+    lengths = [shrunk.cache.layers[i].keys.shape[2] for i in range(engine.n_layers)]
+    assert lengths[0] > lengths[1]
+    assert sum(lengths) == engine.n_layers * (n - n_doc + spec.kept(n_doc))
+    assert engine.generate(prompt, 4, compression=spec).cost.new_tokens == 4
+
+
+def test_kept_tokens_are_the_method_selection(engine: HFEngine, prompt) -> None:
+    """The cache holds exactly the original keys of the tokens the method selected."""
+    enc = engine.encode(prompt)
+    pre = engine.prefill(enc.input_ids)
+    shrunk = engine.compress(pre, enc.span, parse_spec("snapkv:0.5"))
+    idx = shrunk.kept[1]
+    original = pre.cache.layers[1].keys[0]
+    for head in range(idx.shape[0]):
+        torch.testing.assert_close(shrunk.cache.layers[1].keys[0, head], original[head, idx[head]])
+
+
+@torch.inference_mode()
+def test_decoding_continues_at_the_original_positions(engine: HFEngine, prompt) -> None:
+    """StreamingLLM keeps the same tokens in every layer and head, so its physically
+    compressed cache must give the same next-token logits as the full cache with the
+    evicted tokens masked out."""
+    enc = engine.encode(prompt)
+    n = len(enc.input_ids)
+    pre = engine.prefill(enc.input_ids)
+    shrunk = engine.compress(pre, enc.span, parse_spec("streamingllm:0.6"))
+    kept = shrunk.kept[0][0]
+    assert all(torch.equal(k[h], kept) for k in shrunk.kept for h in range(k.shape[0]))
+    token = torch.tensor([[int(pre.last_logits.argmax())]])
+    position = torch.tensor([[n]])
+    compressed = engine.model(input_ids=token, position_ids=position,
+                              past_key_values=shrunk.cache).logits[0, -1]
+    full = engine.compress(pre, enc.span, None).cache
+    mask = torch.zeros(1, 1, 1, n + 1, dtype=torch.bool)
+    mask[..., kept] = True
+    mask[..., n] = True
+    masked = engine.model(input_ids=token, position_ids=position, past_key_values=full,
+                          attention_mask=mask).logits[0, -1]
+    torch.testing.assert_close(compressed, masked, rtol=1e-4, atol=1e-4)
+
+
+def test_one_prefill_serves_every_system(engine: HFEngine, prompt) -> None:
+    a = engine.generate(prompt, 3)
+    pre = engine.prefill(engine.encode(prompt).input_ids)
+    b = engine.generate(prompt, 3, compression=parse_spec("snapkv:0.5"))
+    assert engine.prefill(engine.encode(prompt).input_ids) is pre
+    assert a.cost.prefill_s == b.cost.prefill_s == pre.seconds
+
+
+def test_retrieval_keeps_the_cache_and_attends_to_top_k(engine: HFEngine, prompt) -> None:
+    enc = engine.encode(prompt)
+    n, n_doc = len(enc.input_ids), enc.context_end - enc.context_start
+    spec = parse_spec("retrieval:0.9")
+    gen = engine.generate(prompt, 5, compression=spec)
+    assert gen.cost.kv_tokens == n
+    assert gen.cost.attended_tokens == n - n_doc + spec.kept(n_doc)
+    assert gen.cost.new_tokens == 5
+
+
+@torch.inference_mode()
+def test_retrieval_mask_changes_what_decoding_sees(engine: HFEngine, prompt) -> None:
+    enc = engine.encode(prompt)
+    pre = engine.prefill(enc.input_ids)
+    token = torch.tensor([[int(pre.last_logits.argmax())]])
+    position = torch.tensor([[len(enc.input_ids)]])
+
+    def next_logits(hooks: hf_attention.AttentionHooks) -> torch.Tensor:
+        cache = engine.compress(pre, enc.span, None).cache
+        with hf_attention.attention_hooks(hooks):
+            return engine.model(input_ids=token, position_ids=position,
+                                past_key_values=cache).logits[0, -1]
+
+    full = next_logits(hf_attention.AttentionHooks())
+    n_doc = enc.context_end - enc.context_start
+    everything = next_logits(hf_attention.AttentionHooks(retrieval=(enc.span, n_doc)))
+    few = next_logits(hf_attention.AttentionHooks(retrieval=(enc.span, 8)))
+    torch.testing.assert_close(everything, full)
+    assert (few - full).abs().max() > 1e-3
