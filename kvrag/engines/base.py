@@ -18,6 +18,7 @@ class Cost:
     different counts); ``kv_bytes`` is the cache's size over all layers.
     ``attended_tokens`` is what each decoded token attends to at most: ``kv_tokens``
     unless a dynamic method (retrieval attention) reads only part of the cache.
+    ``doc_tokens`` is how many prompt tokens are documents (what compression may evict).
     ``prefill_s`` is the prompt's prefill, which systems answering the same prompt share.
     """
 
@@ -29,6 +30,7 @@ class Cost:
     new_tokens: int
     compress_s: float = 0.0
     attended_tokens: float | None = None
+    doc_tokens: int | None = None
 
     @property
     def latency_s(self) -> float:

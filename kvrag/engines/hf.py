@@ -109,7 +109,7 @@ class HFEngine:
         hooks = hf_attention.AttentionHooks(captured={})
         t0 = time.perf_counter()
         with hf_attention.attention_hooks(hooks):
-            out = self.model(input_ids=torch.tensor([ids]), use_cache=True)
+            out = self.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
         seconds = time.perf_counter() - t0
         assert hooks.captured is not None
         self._last = Prefill(key, out.past_key_values, hooks.captured, out.logits[0, -1],
@@ -148,8 +148,10 @@ class HFEngine:
 
     @torch.inference_mode()
     def generate(
-        self, prompt: Prompt, max_new_tokens: int, compression: CompressionSpec | None = None
+        self, prompt: Prompt, max_new_tokens: int, compression: CompressionSpec | None = None,
+        ignore_eos: bool = False,
     ) -> Generation:
+        """Greedy answer; ``ignore_eos`` decodes all ``max_new_tokens`` (for benchmarks)."""
         enc = self.encode(prompt)
         pre = self.prefill(enc.input_ids)
         compressed = self.compress(pre, enc.span, compression)
@@ -166,8 +168,9 @@ class HFEngine:
         new: list[int] = []
         next_id = int(pre.last_logits.argmax())
         position = len(enc.input_ids)
+        stop_ids = set() if ignore_eos else self.stop_ids
         with hf_attention.attention_hooks(hooks):
-            while next_id not in self.stop_ids and len(new) < max_new_tokens:
+            while next_id not in stop_ids and len(new) < max_new_tokens:
                 new.append(next_id)
                 if len(new) == max_new_tokens:
                     break
@@ -182,5 +185,6 @@ class HFEngine:
             kv_bytes=slots * self.kv_bytes_per_token_layer,
             prefill_s=pre.seconds, compress_s=compressed.seconds, decode_s=t2 - t1,
             new_tokens=len(new), attended_tokens=attended,
+            doc_tokens=enc.context_end - enc.context_start,
         )
         return Generation(self.tokenizer.decode(new, skip_special_tokens=True), cost)

@@ -42,7 +42,7 @@ def test_cache_really_shrinks_to_the_spec(engine: HFEngine, prompt, spec: str) -
         assert keys.shape[2] == expected  # physically fewer tokens, not a mask
         assert shrunk.cache.layers[layer].values.shape == keys.shape
     gen = engine.generate(prompt, max_new_tokens=6, compression=compression)
-    assert gen.cost.kv_tokens == expected
+    assert gen.cost.kv_tokens == expected and gen.cost.doc_tokens == n_doc
     assert gen.cost.kv_bytes == expected * engine.n_layers * 2 * 2 * 16 * 4
     assert gen.cost.new_tokens == 6 and isinstance(gen.text, str) and gen.text
 

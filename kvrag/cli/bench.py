@@ -1,0 +1,66 @@
+"""``kvrag bench``: speed and memory, as ratios to a baseline measured in the same run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from kvrag.cli.common import console, fail
+from kvrag.compression import METHODS, SpecError
+from kvrag.engines.models import ModelNotFoundError, resolve_model
+
+app = typer.Typer(help="Benchmarks (medians and ratios to a same-run baseline).",
+                  no_args_is_help=True)
+
+
+@app.command("compression")
+def compression_cmd(
+    model: Annotated[str, typer.Option(help="Packaged model name or checkpoint dir.")] = "smollm2",
+    context_tokens: Annotated[
+        int, typer.Option(min=200, help="Approximate document tokens in the prompt.")
+    ] = 6000,
+    methods: Annotated[
+        str, typer.Option(help=f"Comma-separated methods; known: {', '.join(sorted(METHODS))}.")
+    ] = ",".join(sorted(METHODS)),
+    ratios: Annotated[str, typer.Option(help="Comma-separated ratios in [0, 1).")] = "0.5,0.9",
+    new_tokens: Annotated[int, typer.Option(min=1, help="Tokens decoded per run.")] = 32,
+    repeats: Annotated[int, typer.Option(min=1, help="Runs per system; medians reported.")] = 3,
+    out: Annotated[Path | None, typer.Option(help="Also write the rows as JSON here.")] = None,
+) -> None:
+    """KV bytes, decode tokens/s and one-off compression time of each method vs `full`.
+
+    One prefill of a long prompt is shared by every system; each system then decodes
+    NEW_TOKENS tokens (EOS ignored) from its own cache, interleaved across REPEATS.
+    """
+    from kvrag.engines.benchmark import bench_compression, default_specs
+    from kvrag.engines.hf import HFEngine
+
+    try:
+        specs = default_specs([m.strip() for m in methods.split(",")],
+                              [float(r) for r in ratios.split(",")])
+        model_path = resolve_model(model, console)
+    except (SpecError, ModelNotFoundError, ValueError) as e:
+        fail(str(e))
+    engine = HFEngine(model_path)
+    with console.status("benchmarking") as status:
+        n, prefill_s, rows = bench_compression(
+            engine, specs, context_tokens, new_tokens, repeats,
+            on_step=lambda label: status.update(f"benchmarking: {label}"))
+    table = Table(title=f"{model}: {n}-token prompt, prefill {prefill_s:.1f} s, "
+                        f"{new_tokens} decoded tokens, median of {repeats}")
+    for col in ("system", "KV tokens", "KV MB", "KV vs full", "decode tok/s",
+                "speed vs full", "compress s", "compress / prefill"):
+        table.add_column(col, justify="left" if col == "system" else "right")
+    for r in rows:
+        table.add_row(r.system, f"{r.kv_tokens:,.0f}", f"{r.kv_bytes / 2**20:.1f}",
+                      f"{r.kv_bytes_vs_full:.2f}", f"{r.decode_tok_s:.1f}",
+                      f"{r.decode_speed_vs_full:.2f}", f"{r.compress_s:.3f}",
+                      f"{r.compress_vs_prefill:.3f}")
+    console.print(table)
+    if out is not None:
+        out.write_text(json.dumps({"prompt_tokens": n, "prefill_s": prefill_s,
+                                   "rows": [r.to_json() for r in rows]}, indent=2) + "\n")
