@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from kvrag.cli.common import console, fail
 from kvrag.compression import METHODS, SpecError
@@ -50,17 +49,22 @@ def compression_cmd(
         n, prefill_s, rows = bench_compression(
             engine, specs, context_tokens, new_tokens, repeats,
             on_step=lambda label: status.update(f"benchmarking: {label}"))
-    table = Table(title=f"{model}: {n}-token prompt, prefill {prefill_s:.1f} s, "
-                        f"{new_tokens} decoded tokens, median of {repeats}")
-    for col in ("system", "KV tokens", "KV MB", "KV vs full", "decode tok/s",
-                "speed vs full", "compress s", "compress / prefill"):
-        table.add_column(col, justify="left" if col == "system" else "right")
-    for r in rows:
-        table.add_row(r.system, f"{r.kv_tokens:,.0f}", f"{r.kv_bytes / 2**20:.1f}",
-                      f"{r.kv_bytes_vs_full:.2f}", f"{r.decode_tok_s:.1f}",
-                      f"{r.decode_speed_vs_full:.2f}", f"{r.compress_s:.3f}",
-                      f"{r.compress_vs_prefill:.3f}")
-    console.print(table)
+    # Plain fixed-width text: it pastes into notes intact and never truncates a number.
+    console.print(f"{model}: {n}-token prompt, prefill {prefill_s:.1f} s, {new_tokens} decoded "
+                  f"tokens, median of {repeats} interleaved repeats", markup=False)
+    header = ("system", "KV tokens", "KV MB", "KV/full", "decode tok/s", "speed/full",
+              "compress s", "compress/prefill")
+    lines = [header] + [
+        (r.system, f"{r.kv_tokens:,.0f}", f"{r.kv_bytes / 2**20:.1f}",
+         f"{r.kv_bytes_vs_full:.2f}", f"{r.decode_tok_s:.1f}", f"{r.decode_speed_vs_full:.2f}",
+         f"{r.compress_s:.3f}", f"{r.compress_vs_prefill:.3f}")
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        console.print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                for i, (c, w) in enumerate(zip(line, widths, strict=True))),
+                      markup=False, highlight=False)
     if out is not None:
         out.write_text(json.dumps({"prompt_tokens": n, "prefill_s": prefill_s,
                                    "rows": [r.to_json() for r in rows]}, indent=2) + "\n")

@@ -30,7 +30,7 @@ def test_cli_prints_table_and_writes_json(tiny_model_dir, tmp_path) -> None:
         "--methods", "knorm", "--ratios", "0.5", "--new-tokens", "3", "--repeats", "1",
         "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "knorm:0.5" in result.output and "speed vs full" in result.output
+    assert "knorm:0.5" in result.output and "speed/full" in result.output
     assert [r["system"] for r in json.loads(out.read_text())["rows"]] == ["full", "knorm:0.5"]
 
 
