@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from kvrag.cli.common import console, fail
-from kvrag.compression import METHODS, SpecError
+from kvrag.compression import METHODS, SpecError, queries_needed
 from kvrag.engines.models import ModelNotFoundError, resolve_model
 
 app = typer.Typer(help="Benchmarks (medians and ratios to a same-run baseline).",
@@ -26,7 +26,7 @@ def compression_cmd(
         str, typer.Option(help=f"Comma-separated methods; known: {', '.join(sorted(METHODS))}.")
     ] = ",".join(sorted(METHODS)),
     ratios: Annotated[str, typer.Option(help="Comma-separated ratios in [0, 1).")] = "0.5,0.9",
-    new_tokens: Annotated[int, typer.Option(min=1, help="Tokens decoded per run.")] = 32,
+    new_tokens: Annotated[int, typer.Option(min=2, help="Tokens decoded per run.")] = 32,
     repeats: Annotated[int, typer.Option(min=1, help="Runs per system; medians reported.")] = 3,
     out: Annotated[Path | None, typer.Option(help="Also write the rows as JSON here.")] = None,
 ) -> None:
@@ -44,7 +44,7 @@ def compression_cmd(
         model_path = resolve_model(model, console)
     except (SpecError, ModelNotFoundError, ValueError) as e:
         fail(str(e))
-    engine = HFEngine(model_path)
+    engine = HFEngine(model_path, capture_queries=queries_needed(specs))
     with console.status("benchmarking") as status:
         n, prefill_s, rows = bench_compression(
             engine, specs, context_tokens, new_tokens, repeats,

@@ -9,23 +9,31 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kvrag.cli.common import console, fail
-from kvrag.data.loaders import LOADERS, load_dataset
+from kvrag.compression import queries_needed
+from kvrag.data.loaders import LOADERS, fingerprint, load_dataset
 from kvrag.data.schema import DatasetError
 from kvrag.engines.models import ModelNotFoundError, resolve_model
 from kvrag.evaluation.report import summarize, write_reports
 from kvrag.evaluation.runner import pending, run_comparison
 from kvrag.evaluation.store import ResultStore, StoreMismatchError
-from kvrag.evaluation.systems import SYSTEM_HELP, SystemSpecError, parse_systems
+from kvrag.evaluation.systems import (
+    SYSTEM_HELP,
+    CompressedContext,
+    System,
+    SystemSpecError,
+    parse_systems,
+)
 
 ENGINES = ("hf",)
 SYSTEMS_HELP = f"Comma-separated systems; known: {', '.join(SYSTEM_HELP.values())}."
 
 
-def _load_engine(name: str, model_path: Path):
+def _load_engine(name: str, model_path: Path, systems: list[System]):
     if name == "hf":
         from kvrag.engines.hf import HFEngine
 
-        return HFEngine(model_path)
+        specs = [s.spec for s in systems if isinstance(s, CompressedContext)]
+        return HFEngine(model_path, capture_queries=queries_needed(specs))
     fail(f"unknown engine {name!r}; available: {', '.join(ENGINES)}")
 
 
@@ -65,7 +73,7 @@ def compare(
         fail(str(e))
     instances = instances[:limit] if limit else instances
     run_config = {"model": model, "engine": engine, "dataset": dataset,
-                  "max_new_tokens": max_new_tokens}
+                  "dataset_sha256": fingerprint(dataset), "max_new_tokens": max_new_tokens}
     try:
         store = ResultStore(out, run_config)
     except StoreMismatchError as e:
@@ -76,7 +84,7 @@ def compare(
         console.print(f"{total - len(work)}/{total} answers already in {store.path}; "
                       f"running {len(work)} more with {model} on {engine}.")
         with console.status("Loading model..."):
-            eng = _load_engine(engine, model_path)
+            eng = _load_engine(engine, model_path, system_list)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("SubEM {task.fields[subem]}"), TimeRemainingColumn())
         with Progress(*columns, console=console) as progress:

@@ -16,7 +16,7 @@ from kvrag.compression import (  # noqa: F401  (each module registers its method
 )
 from kvrag.compression.base import METHODS, Method, ScoringInput
 from kvrag.compression.select import layer_budgets, select_kept
-from kvrag.compression.spec import CompressionSpec, SpecError, parse_spec
+from kvrag.compression.spec import CompressionSpec, SpecError, parse_spec, queries_needed
 
 __all__ = ["METHODS", "CompressionSpec", "Method", "ScoringInput", "SpecError",
-           "layer_budgets", "parse_spec", "select_kept"]
+           "layer_budgets", "parse_spec", "queries_needed", "select_kept"]

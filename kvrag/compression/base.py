@@ -19,7 +19,8 @@ class ScoringInput:
     """One layer of one prompt, after RoPE.
 
     keys:    [kv_heads, n, head_dim]
-    queries: [q_heads, n, head_dim], q_heads a multiple of kv_heads (GQA)
+    queries: [q_heads, m, head_dim], the last m <= n prompt queries (as many as the method's
+             ``queries_needed`` asks for, or more); q_heads a multiple of kv_heads (GQA)
     """
 
     keys: torch.Tensor
@@ -46,6 +47,10 @@ class Method:
     def score(self, inp: ScoringInput) -> torch.Tensor:
         """[kv_heads, n] scores; higher is kept first."""
         raise NotImplementedError
+
+    def queries_needed(self) -> int | None:
+        """How many of the prompt's last queries ``score`` reads; None means all of them."""
+        return 0
 
     def layer_budgets(self, keep: int, n_layers: int, n_evictable: int) -> list[int]:
         """Tokens each layer keeps; uniform unless a method spreads them (PyramidKV)."""
@@ -79,7 +84,7 @@ def causal_attention(
     group = queries.shape[0] // keys.shape[0]
     k = keys.repeat_interleave(group, dim=0)
     logits = queries @ k.transpose(1, 2) / keys.shape[-1] ** 0.5
-    future = torch.arange(keys.shape[1]) > q_positions[:, None]
+    future = torch.arange(keys.shape[1], device=keys.device) > q_positions[:, None]
     return logits.masked_fill(future, float("-inf")).softmax(dim=-1)
 
 

@@ -2,7 +2,9 @@
 
 A token's score is the attention it accumulates from every prompt query during prefill
 (causal softmax, summed over queries, averaged over the query heads of a GQA group), the
-paper's accumulated-attention criterion applied once after prefill.
+paper's accumulated-attention criterion applied once after prefill. H2O pairs heavy
+hitters with recent tokens; here the recent part is the never-evicted question and
+chat-template tail.
 """
 
 from __future__ import annotations
@@ -26,10 +28,15 @@ class H2O(Method):
     name = "h2o"
     chunk: int = 512  # queries per step, bounding memory to q_heads x chunk x n floats
 
+    def queries_needed(self) -> None:
+        return None
+
     def score(self, inp: ScoringInput) -> torch.Tensor:
-        total = torch.zeros(inp.queries.shape[0], inp.n)
+        if inp.queries.shape[1] != inp.n:
+            raise ValueError("h2o scores with every prompt query; capture all of them")
+        total = torch.zeros(inp.queries.shape[0], inp.n, device=inp.keys.device)
         for start in range(0, inp.n, self.chunk):
-            positions = torch.arange(start, min(start + self.chunk, inp.n))
+            positions = torch.arange(start, min(start + self.chunk, inp.n), device=inp.keys.device)
             attn = causal_attention(inp.queries[:, positions], inp.keys, positions)
             total += attn.sum(dim=1)
         return group_mean(total, inp.group)

@@ -28,6 +28,9 @@ class PyramidKV(Method):
     def score(self, inp: ScoringInput) -> torch.Tensor:
         return snapkv_scores(inp, self.window, self.kernel)
 
+    def queries_needed(self) -> int:
+        return self.window
+
     def layer_budgets(self, keep: int, n_layers: int, n_evictable: int) -> list[int]:
         if n_layers == 1:
             return [keep]

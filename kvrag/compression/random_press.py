@@ -17,4 +17,4 @@ class RandomScores(Method):
 
     def score(self, inp: ScoringInput) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + inp.layer)
-        return torch.rand(inp.keys.shape[:2], generator=gen)
+        return torch.rand(inp.keys.shape[:2], generator=gen).to(inp.keys.device)

@@ -21,7 +21,8 @@ def select_kept(scores: torch.Tensor, span: tuple[int, int], keep: int) -> torch
     inside = scores[:, start:end]
     # Stable descending order: a large-to-small sort that keeps the position order on ties.
     order = torch.sort(inside, dim=1, descending=True, stable=True).indices[:, :keep] + start
-    outside = torch.cat([torch.arange(start), torch.arange(end, n)]).expand(kv_heads, -1)
+    outside = torch.cat([torch.arange(start), torch.arange(end, n)]).to(scores.device)
+    outside = outside.expand(kv_heads, -1)
     return torch.sort(torch.cat([outside, order], dim=1), dim=1).values
 
 

@@ -3,8 +3,9 @@
 Defaults follow the SnapKV repository and NVIDIA kvpress's ``SnapKVPress``: an
 observation window of the last 64 prompt tokens; their softmax attention over all keys
 (causal inside the window), averaged over the window and over the query heads of each
-GQA group, then smoothed by 1-D average pooling with kernel 5 (stride 1, zero padding).
-The window itself always scores highest, so it is always kept.
+GQA group; the scores of the tokens before the window are smoothed by 1-D average
+pooling with kernel 5 (stride 1, zero padding). The window itself always scores highest,
+so it is always kept.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from kvrag.compression.base import (
 def snapkv_scores(inp: ScoringInput, window: int, kernel: int) -> torch.Tensor:
     """[kv_heads, n]; the last ``window`` tokens get +inf."""
     w = min(window, inp.n)
-    positions = torch.arange(inp.n - w, inp.n)
+    positions = torch.arange(inp.n - w, inp.n, device=inp.keys.device)
     attn = causal_attention(inp.queries[:, -w:], inp.keys, positions)  # [q_heads, w, n]
     scores = group_mean(attn.mean(dim=1), inp.group)  # [kv_heads, n]
-    scores = F.avg_pool1d(scores[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
-    scores[:, inp.n - w:] = float("inf")
-    return scores
+    # Pool only the tokens before the window, as both references do.
+    before = F.avg_pool1d(scores[:, None, : inp.n - w], kernel, stride=1,
+                          padding=kernel // 2)[:, 0]
+    return torch.cat([before, torch.full_like(scores[:, inp.n - w:], float("inf"))], dim=1)
 
 
 @register_method
@@ -47,3 +49,6 @@ class SnapKV(Method):
 
     def score(self, inp: ScoringInput) -> torch.Tensor:
         return snapkv_scores(inp, self.window, self.kernel)
+
+    def queries_needed(self) -> int:
+        return self.window

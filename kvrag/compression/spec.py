@@ -6,6 +6,7 @@ convention; TOKENS is an absolute number of document tokens kept.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kvrag.compression.base import METHODS, Method
@@ -39,7 +40,8 @@ class CompressionSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.method}:{self.ratio:g}" if self.ratio is not None else \
+        # repr: the shortest text that reads back as the same float, so no two ratios collide
+        return f"{self.method}:{self.ratio!r}" if self.ratio is not None else \
             f"{self.method}@{self.budget}"
 
     def build(self) -> Method:
@@ -51,6 +53,12 @@ class CompressionSpec:
             return min(self.budget, n_evictable)
         assert self.ratio is not None
         return n_evictable - int(round(n_evictable * self.ratio))
+
+
+def queries_needed(specs: Iterable[CompressionSpec]) -> int | None:
+    """The most prompt queries any of ``specs`` scores with (None: all of them)."""
+    needed = [spec.build().queries_needed() for spec in specs]
+    return None if None in needed else max(needed, default=0)
 
 
 def parse_spec(text: str) -> CompressionSpec:

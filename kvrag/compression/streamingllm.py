@@ -1,7 +1,9 @@
 """StreamingLLM (Xiao et al., 2023, arXiv 2309.17453): attention sinks plus a recent window.
 
-Keeps the first 4 tokens of the sequence (the sinks, as in the paper and kvpress's
-``StreamingLLMPress`` default n_sink=4) and otherwise the most recent tokens.
+Scores the first 4 tokens of the sequence highest (the sinks, as in the paper and
+kvpress's ``StreamingLLMPress`` default n_sink=4), then the most recent. In kvrag's prompts
+those first tokens sit in the system turn, which is never evicted anyway, so in practice
+the whole non-document prefix acts as the sink and the documents keep their latest tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class StreamingLLM(Method):
     n_sink: int = 4
 
     def score(self, inp: ScoringInput) -> torch.Tensor:
-        scores = torch.arange(inp.n, dtype=torch.float32).expand(inp.keys.shape[0], -1).clone()
+        positions = torch.arange(inp.n, dtype=torch.float32, device=inp.keys.device)
+        scores = positions.expand(inp.keys.shape[0], -1).clone()
         scores[:, : self.n_sink] = float("inf")
         return scores

@@ -16,7 +16,10 @@ from kvrag.compression.base import Method, ScoringInput, causal_attention, regis
 class TOVA(Method):
     name = "tova"
 
+    def queries_needed(self) -> int:
+        return 1
+
     def score(self, inp: ScoringInput) -> torch.Tensor:
-        last = torch.tensor([inp.n - 1])
+        last = torch.tensor([inp.n - 1], device=inp.keys.device)
         attn = causal_attention(inp.queries[:, -1:], inp.keys, last)[:, 0]  # [q_heads, n]
         return attn.mean(dim=0).expand(inp.keys.shape[0], -1).clone()

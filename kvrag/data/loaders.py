@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 from kvrag.data.demo import DEMO_PATH
-from kvrag.data.schema import DatasetError, Instance, parse_instance, read_jsonl
+from kvrag.data.schema import DatasetError, Instance, parse_instance, read_jsonl, read_records
 
 Loader = Callable[[Path], list[Instance]]
 LOADERS: dict[str, Loader] = {}
@@ -56,42 +57,39 @@ def load_helmet(path: Path) -> list[Instance]:
 
     A passage counts as gold when any of ``GOLD_KEYS`` is truthy on it.
     """
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such dataset file")
-    out: list[Instance] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                out.append(parse_instance(_helmet_record(json.loads(line), lineno)))
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-            except ValueError as e:
-                raise DatasetError(f"{path}:{lineno}: {e}") from e
-    if not out:
-        raise DatasetError(f"{path}: the file holds no instances")
-    return out
+    return read_records(path, lambda record, lineno: parse_instance(
+        _helmet_record(record, lineno)))
 
 
 def sniff_format(path: Path) -> str:
     """'helmet' if the first record has ``ctxs``, else 'kvrag'."""
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.strip():
                 try:
-                    first = json.loads(line)
-                except json.JSONDecodeError:
+                    first = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
                     return "kvrag"  # let the strict reader report the line
                 return "helmet" if isinstance(first, dict) and "ctxs" in first else "kvrag"
     return "kvrag"
 
 
-def load_dataset(spec: str, fmt: str = "auto") -> list[Instance]:
-    """Load ``demo`` (the bundled suite) or a path, in a registered format or sniffed."""
+def dataset_path(spec: str) -> Path:
+    """The file behind ``demo`` or a path."""
     path = DEMO_PATH if spec == "demo" else Path(spec).expanduser()
     if not path.is_file():
         raise DatasetError(f"{spec}: no such dataset file (use a .jsonl path or 'demo')")
+    return path
+
+
+def fingerprint(spec: str) -> str:
+    """sha256 of the dataset file, so results are never reused for changed data."""
+    return hashlib.sha256(dataset_path(spec).read_bytes()).hexdigest()
+
+
+def load_dataset(spec: str, fmt: str = "auto") -> list[Instance]:
+    """Load ``demo`` (the bundled suite) or a path, in a registered format or sniffed."""
+    path = dataset_path(spec)
     if fmt == "auto":
         fmt = sniff_format(path)
     if fmt not in LOADERS:

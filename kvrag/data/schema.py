@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -112,22 +112,29 @@ def parse_instance(record: object) -> Instance:
     )
 
 
-def read_jsonl(path: str | Path) -> list[Instance]:
-    """Read and validate every line before returning anything.
+def read_records(
+    path: str | Path, to_instance: Callable[[object, int], Instance]
+) -> list[Instance]:
+    """Decode and validate every line of a JSONL file before returning anything.
 
-    Raises DatasetError naming the file and 1-based line number of the first bad line.
+    ``to_instance(record, lineno)`` turns one decoded line into an Instance or raises
+    ValueError. Raises DatasetError naming the file and 1-based line of the first bad line
+    (invalid UTF-8 or JSON, an invalid record, or an id seen on an earlier line).
     """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: no such dataset file")
     instances: list[Instance] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             try:
-                inst = parse_instance(json.loads(line))
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                inst = to_instance(json.loads(line), lineno)
+            except UnicodeDecodeError as e:
+                raise DatasetError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from e
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
             except ValueError as e:
@@ -141,6 +148,11 @@ def read_jsonl(path: str | Path) -> list[Instance]:
     if not instances:
         raise DatasetError(f"{path}: the file holds no instances")
     return instances
+
+
+def read_jsonl(path: str | Path) -> list[Instance]:
+    """kvrag's own format, strictly validated (see ``read_records``)."""
+    return read_records(path, lambda record, lineno: parse_instance(record))
 
 
 def write_jsonl(instances: Iterable[Instance], path: str | Path) -> None:

@@ -55,3 +55,7 @@ class Engine(Protocol):
     def generate(
         self, prompt: Prompt, max_new_tokens: int, compression: CompressionSpec | None = None
     ) -> Generation: ...
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` alone (no special tokens), for budgets and chunking."""
+        ...

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from kvrag.compression import CompressionSpec, parse_spec
 from kvrag.data.demo import make_demo
 from kvrag.data.prompt import build_prompt
+from kvrag.engines.base import Cost
 from kvrag.engines.hf import HFEngine
 
 
@@ -37,6 +38,8 @@ def bench_compression(
     on_step: Callable[[str], None] = lambda label: None,
 ) -> tuple[int, float, list[BenchRow]]:
     """(prompt tokens, prefill seconds, one row per system with ``full`` first)."""
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be at least 2: the first comes from the prefill")
     instance = make_demo(seed=1, context_tokens=context_tokens, per_task=1)[0]
     prompt = build_prompt(instance)
     ids = engine.encode(prompt).input_ids
@@ -50,11 +53,11 @@ def bench_compression(
             on_step(f"{name} (repeat {r + 1}/{repeats})")
             runs[name].append(engine.generate(prompt, new_tokens, spec, ignore_eos=True).cost)
     base = runs["full"]
-    base_speed = statistics.median(c.new_tokens / c.decode_s for c in base)
+    base_speed = statistics.median(_decode_speed(c) for c in base)
     rows = []
     for name, _ in systems:
         costs = runs[name]
-        speed = statistics.median(c.new_tokens / c.decode_s for c in costs)
+        speed = statistics.median(_decode_speed(c) for c in costs)
         compress = statistics.median(c.compress_s for c in costs)
         rows.append(BenchRow(
             system=name, kv_tokens=costs[0].kv_tokens, kv_bytes=costs[0].kv_bytes,
@@ -63,6 +66,11 @@ def bench_compression(
             decode_speed_vs_full=speed / base_speed, compress_vs_prefill=compress / prefill_s,
         ))
     return len(ids), prefill_s, rows
+
+
+def _decode_speed(cost: Cost) -> float:
+    """Tokens per second of the decode forward passes (the first token comes from prefill)."""
+    return (cost.new_tokens - 1) / cost.decode_s
 
 
 def default_specs(methods: Sequence[str], ratios: Sequence[float]) -> list[CompressionSpec]:

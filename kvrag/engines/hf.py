@@ -1,9 +1,15 @@
 """Greedy generation with HF transformers on the CPU, with real KV-cache compression.
 
+Compression is question-aware, as in SnapKV: the question is part of the prefill, so its
+keys and values, and the first answer token, are computed with the whole context before
+the documents' cache is compressed (kvpress's question-agnostic setting compresses the
+documents before the question is seen).
+
 After the prefill of the whole prompt, a compression spec physically shrinks every
 layer's cache to the kept tokens (per KV head), and decoding continues from it at the
 original positions. The last prefill is kept, so every system asked about the same
-prompt (full, snapkv:0.5, streamingllm:0.5, ...) pays for one prefill, not one each.
+prompt (full, snapkv:0.5, streamingllm:0.5, ...) one after the other pays for one prefill,
+not one each; the comparison runner orders its work question by question for that.
 """
 
 from __future__ import annotations
@@ -58,7 +64,13 @@ class CompressedCache:
 class HFEngine:
     name = "hf"
 
-    def __init__(self, model_path: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, model_path: str | Path, dtype: torch.dtype = torch.float32,
+        capture_queries: int | None = 64,
+    ) -> None:
+        """``capture_queries``: how many of the prompt's last queries each prefill keeps for
+        the scoring methods (64 serves snapkv, pyramidkv and tova; None keeps all, for h2o).
+        """
         self.model_path = Path(model_path)
         self.model_name = self.model_path.name
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
@@ -73,6 +85,7 @@ class HFEngine:
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         # keys + values of one layer, every KV head
         self.kv_bytes_per_token_layer = 2 * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        self.capture_queries = capture_queries
         self._last: Prefill | None = None
 
     def _stop_ids(self) -> set[int]:
@@ -86,6 +99,9 @@ class HFEngine:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def encode(self, prompt: Prompt) -> EncodedPrompt:
         """Apply the chat template and locate the documents' tokens within it."""
         text = self.tokenizer.apply_chat_template(
@@ -95,8 +111,10 @@ class HFEngine:
         start_char, end_char = (offset + c for c in prompt.context_span)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         spans = enc["offset_mapping"]
-        start = next(i for i, (a, b) in enumerate(spans) if b > start_char)
-        end = next((i for i, (a, _) in enumerate(spans) if a >= end_char), len(spans))
+        # Only tokens wholly inside the documents are evictable; a token straddling a
+        # boundary belongs to the header or the question, which are always kept.
+        start = next(i for i, (a, _) in enumerate(spans) if a >= start_char)
+        end = next((i for i, (_, b) in enumerate(spans) if b > end_char), len(spans))
         return EncodedPrompt(list(enc["input_ids"]), start, end)
 
     @torch.inference_mode()
@@ -106,7 +124,7 @@ class HFEngine:
         if self._last is not None and self._last.ids == key:
             return self._last
         self._last = None  # free the previous prompt's cache before building the next
-        hooks = hf_attention.AttentionHooks(captured={})
+        hooks = hf_attention.AttentionHooks(captured={}, capture_last=self.capture_queries)
         t0 = time.perf_counter()
         with hf_attention.attention_hooks(hooks):
             out = self.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
@@ -130,6 +148,12 @@ class HFEngine:
         method = spec.build() if spec is not None else None
         budgets: list[int] | None = None
         if method is not None and not method.dynamic:
+            needed = method.queries_needed()
+            have = pre.queries[0].shape[1]
+            if (needed is None and have < n) or (needed is not None and have < min(needed, n)):
+                raise ValueError(
+                    f"{method.name} scores with {needed or 'all'} prompt queries but the engine "
+                    f"keeps {have}; create HFEngine(capture_queries=None)")
             n_doc = span[1] - span[0]
             budgets = layer_budgets(method, spec.kept(n_doc), self.n_layers, n_doc)
         for layer in range(self.n_layers):

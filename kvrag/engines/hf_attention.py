@@ -22,8 +22,10 @@ NAME = "kvrag"
 
 @dataclass
 class AttentionHooks:
-    #: layer -> queries [q_heads, n, head_dim] of the prompt, filled during prefill
+    #: layer -> the prompt's last queries [q_heads, m, head_dim], filled during prefill
     captured: dict[int, torch.Tensor] | None = None
+    #: how many trailing queries to keep (None: all)
+    capture_last: int | None = 64
     #: (document span, k) for retrieval attention during decoding
     retrieval: tuple[tuple[int, int], int] | None = None
 
@@ -45,7 +47,8 @@ def kvrag_attention(module, query, key, value, attention_mask, **kwargs):
     hooks = _HOOKS.get()
     if hooks is not None:
         if hooks.captured is not None:
-            hooks.captured[module.layer_idx] = query[0]
+            last = query.shape[2] if hooks.capture_last is None else hooks.capture_last
+            hooks.captured[module.layer_idx] = query[0, :, query.shape[2] - last:]
         elif hooks.retrieval is not None and query.shape[2] == 1:
             span, k = hooks.retrieval
             mask = RetrievalAttention.decode_mask(query[0, :, 0], key[0], span, k)

@@ -85,7 +85,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path, end_of_turn: str = "<|im_end|>"
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out_dir)
+        if out_dir.exists() and not (out_dir / "config.json").is_file():
+            shutil.rmtree(out_dir)  # the remains of an interrupted conversion
+        if (out_dir / "config.json").is_file():
+            shutil.rmtree(tmp)  # another process finished the same conversion first
+        else:
+            os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

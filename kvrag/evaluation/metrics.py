@@ -47,7 +47,7 @@ def extract_letter(answer: str, n_choices: int) -> str | None:
     valid = LETTERS[:n_choices]
     text = answer.strip()
     patterns = [
-        rf"^\(?([{valid}])\)?(?:[.:)\s]|$)",  # "B", "(B)", "B. text", "B) text"
+        rf"^\(?([{valid}])\)?(?:[.:)]|\s*$)",  # "B", "(B)", "B. text", "B) text"
         rf"\b(?:option|choice|answer)\s*\(?([{valid}])\)?\b",
         rf"^\W*([{valid}])\W*$",
     ]

@@ -33,7 +33,7 @@ def run_comparison(
             "id": instance.id, "group": instance.group, "task": instance.task,
             "system": system.name, "output": result.generation.text, "answer": extracted,
             "golds": instance.answers, "scores": scores.to_json(),
-            "cost": result.generation.cost.to_json(),
+            "cost": result.generation.cost.to_json(), **result.extra,
         }
         store.append(record)
         on_answer(record)

@@ -9,19 +9,35 @@ engine and the same prompt builder, so only what the system changes differs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvrag.compression import METHODS, CompressionSpec, SpecError, parse_spec
 from kvrag.data.prompt import Prompt, build_prompt
 from kvrag.data.schema import Instance
 from kvrag.engines.base import Engine, Generation
+from kvrag.rag_stack.pipeline import RagConfig, RagPipeline
 
 
 @dataclass(frozen=True)
 class Answer:
     prompt: Prompt
     generation: Generation
+    extra: dict = field(default_factory=dict)  # system-specific fields for the record
+
+
+@dataclass
+class SystemOptions:
+    """Settings some systems need, shared by all systems of a run."""
+
+    rag: RagConfig = field(default_factory=RagConfig)
+    _pipeline: RagPipeline | None = None
+
+    def rag_pipeline(self) -> RagPipeline:
+        """One pipeline (Chroma client, embedding model) for every rag system of the run."""
+        if self._pipeline is None:
+            self._pipeline = RagPipeline.from_config(self.rag)
+        return self._pipeline
 
 
 class System(Protocol):
@@ -34,7 +50,7 @@ class SystemSpecError(ValueError):
     """A system spec that names no registered system or has a bad parameter."""
 
 
-SystemFactory = Callable[[str], System]
+SystemFactory = Callable[[str, SystemOptions], System]
 SYSTEMS: dict[str, SystemFactory] = {}
 SYSTEM_HELP: dict[str, str] = {}
 
@@ -62,7 +78,7 @@ class FullContext:
 
 
 @register_system("full", "full")
-def _full(spec: str) -> System:
+def _full(spec: str, options: SystemOptions) -> System:
     if spec != "full":
         raise SystemSpecError("'full' takes no parameter")
     return FullContext()
@@ -83,7 +99,7 @@ class CompressedContext:
         return Answer(prompt, engine.generate(prompt, max_new_tokens, compression=self.spec))
 
 
-def _compressed(spec: str) -> System:
+def _compressed(spec: str, options: SystemOptions) -> System:
     try:
         return CompressedContext(parse_spec(spec))
     except SpecError as e:
@@ -94,21 +110,52 @@ for _method in METHODS:
     register_system(_method, f"{_method}:RATIO|@TOKENS")(_compressed)
 
 
-def parse_system(spec: str) -> System:
+@dataclass(frozen=True)
+class RagSystem:
+    """Retrieve this question's best chunks up to ``budget`` tokens; same prompt and engine."""
+
+    budget: int
+    options: SystemOptions
+
+    @property
+    def name(self) -> str:
+        return f"rag:{self.budget}"
+
+    def answer(self, instance: Instance, engine: Engine, max_new_tokens: int) -> Answer:
+        ctx = self.options.rag_pipeline().context(instance, self.budget, engine.tokenize)
+        prompt = build_prompt(instance, docs=ctx.docs)
+        extra = {"doc_recall": ctx.doc_recall, "ingest_s": ctx.ingest_s,
+                 "retrieval_s": ctx.retrieval_s}
+        return Answer(prompt, engine.generate(prompt, max_new_tokens), extra)
+
+
+@register_system("rag", "rag:BUDGET")
+def _rag(spec: str, options: SystemOptions) -> System:
+    value = spec.partition(":")[2]
+    if not value.isdigit() or int(value) < 1:
+        raise SystemSpecError(f"{spec!r}: use rag:BUDGET with BUDGET a number of prompt tokens "
+                              ">= 1 for the retrieved chunks, e.g. rag:1024")
+    return RagSystem(int(value), options)
+
+
+def parse_system(spec: str, options: SystemOptions | None = None) -> System:
     spec = spec.strip()
     prefix = spec.split(":", 1)[0].split("@", 1)[0]
     if prefix not in SYSTEMS:
         known = ", ".join(SYSTEM_HELP[p] for p in sorted(SYSTEMS))
-        raise SystemSpecError(f"unknown system {spec!r}; known systems: {known}")
-    return SYSTEMS[prefix](spec)
+        raise SystemSpecError(
+            f"unknown system {spec!r}; known systems: {known} (RATIO: fraction of document "
+            "tokens removed, 0 <= RATIO < 1; TOKENS, BUDGET: token counts >= 1)")
+    return SYSTEMS[prefix](spec, options or SystemOptions())
 
 
-def parse_systems(specs: str) -> list[System]:
+def parse_systems(specs: str, options: SystemOptions | None = None) -> list[System]:
     """Parse a comma-separated list, refusing empty entries and duplicates."""
     names = [s.strip() for s in specs.split(",")]
     if not all(names):
         raise SystemSpecError(f"empty system name in {specs!r}")
-    systems = [parse_system(s) for s in names]
+    options = options or SystemOptions()
+    systems = [parse_system(s, options) for s in names]
     dupes = sorted({s.name for s in systems if [t.name for t in systems].count(s.name) > 1})
     if dupes:
         raise SystemSpecError(f"system(s) listed twice: {', '.join(dupes)}")

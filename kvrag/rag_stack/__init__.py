@@ -1,1 +1,1 @@
-"""RAG on LlamaIndex + Chroma, sharing kvrag's prompt and scoring. Empty until issue 5."""
+"""RAG on LlamaIndex + Chroma, sharing kvrag's prompt builder, engine and scoring."""

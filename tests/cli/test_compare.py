@@ -63,6 +63,17 @@ def test_interrupted_run_redoes_only_what_is_missing(tmp_path, first_run,
     assert [json.loads(line)["id"] for line in now] == [json.loads(x)["id"] for x in lines]
 
 
+def test_changed_dataset_at_the_same_path_is_not_mixed(tmp_path, tiny_model_dir) -> None:
+    data = tmp_path / "mine.jsonl"
+    lines = DEMO_PATH.read_text().splitlines()
+    data.write_text(lines[0] + "\n")
+    out = tmp_path / "out"
+    assert compare(out, tiny_model_dir, "--dataset", str(data)).exit_code == 0
+    data.write_text(lines[1] + "\n")
+    result = compare(out, tiny_model_dir, "--dataset", str(data))
+    assert result.exit_code == 2 and "dataset_sha256" in result.output
+
+
 def test_broken_line_three_fails_before_writing(tmp_path, tiny_model_dir) -> None:
     good = DEMO_PATH.read_text().splitlines()[:4]
     data = tmp_path / "mine.jsonl"

@@ -56,7 +56,8 @@ def test_snapkv(inp: ScoringInput) -> None:
         rows = [attention_row(inp, h, p) for p in range(N - window, N)]
         per_head.append([sum(r[j] for r in rows) / window for j in range(N)])
     grouped = group_average(per_head)
-    expected = [[sum(row[t] for t in range(j - 2, j + 3) if 0 <= t < N) / kernel
+    before = N - window  # only the tokens before the window are pooled (zero padding)
+    expected = [[sum(row[t] for t in range(j - 2, j + 3) if 0 <= t < before) / kernel
                  for j in range(N)] for row in grouped]
     got = SnapKV(window=window, kernel=kernel).score(inp)
     assert torch.isinf(got[:, N - window:]).all()
@@ -83,6 +84,18 @@ def test_streamingllm(inp: ScoringInput) -> None:
     got = StreamingLLM().score(inp)
     assert torch.isinf(got[:, :4]).all()
     assert got[0, 4:].tolist() == list(range(4, N)) == got[1, 4:].tolist()
+
+
+def test_queries_needed() -> None:
+    assert SnapKV(window=16).queries_needed() == 16 and TOVA().queries_needed() == 1
+    assert H2O().queries_needed() is None and KNorm().queries_needed() == 0
+
+
+def test_h2o_refuses_partial_queries(inp: ScoringInput) -> None:
+    partial = ScoringInput(inp.keys, inp.queries[:, -3:], inp.layer, inp.n_layers)
+    with pytest.raises(ValueError, match="every prompt query"):
+        H2O().score(partial)
+    SnapKV(window=3).score(partial)  # three queries are all SnapKV needs here
 
 
 def test_h2o(inp: ScoringInput) -> None:

@@ -28,6 +28,19 @@ def test_helmet_bad_line_named(tmp_path: Path) -> None:
         load_dataset(str(path))
 
 
+def test_helmet_duplicate_ids_and_bad_utf8_named(tmp_path: Path) -> None:
+    good = FIXTURE.read_text().splitlines()[0]
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(good + "\n" + good + "\n")
+    with pytest.raises(DatasetError,
+                       match=r"dup\.jsonl:2: duplicate id 'nq-1' \(first on line 1\)"):
+        load_dataset(str(dup))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(good.encode() + b"\n" + b'{"question": "\xff"}\n')
+    with pytest.raises(DatasetError, match=r"bad\.jsonl:2: not valid UTF-8"):
+        load_dataset(str(bad))
+
+
 def test_demo_and_unknown_format() -> None:
     assert len(load_dataset("demo")) >= 200
     with pytest.raises(DatasetError, match="unknown dataset format 'loft'"):

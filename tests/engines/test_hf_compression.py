@@ -12,12 +12,20 @@ from kvrag.engines.hf import HFEngine
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir) -> HFEngine:
-    return HFEngine(tiny_model_dir)
+    return HFEngine(tiny_model_dir, capture_queries=None)  # h2o needs every query
 
 
 @pytest.fixture(scope="module")
 def prompt():
     return build_prompt(load_dataset("demo")[0])
+
+
+def test_engine_refuses_a_method_it_kept_too_few_queries_for(tiny_model_dir, prompt) -> None:
+    engine = HFEngine(tiny_model_dir, capture_queries=8)
+    with pytest.raises(ValueError,
+                       match="h2o scores with all prompt queries but the engine keeps 8"):
+        engine.generate(prompt, 2, compression=parse_spec("h2o:0.5"))
+    assert engine.generate(prompt, 2, compression=parse_spec("tova:0.5")).cost.new_tokens == 2
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

