@@ -12,17 +12,23 @@ from kvrag.cli.common import console, fail
 from kvrag.compression import queries_needed
 from kvrag.data.loaders import LOADERS, fingerprint, load_dataset
 from kvrag.data.schema import DatasetError
-from kvrag.engines.models import ModelNotFoundError, resolve_model
+from kvrag.engines.models import ModelNotFoundError, kvrag_home, resolve_model
 from kvrag.evaluation.report import summarize, write_reports
 from kvrag.evaluation.runner import pending, run_comparison
 from kvrag.evaluation.store import ResultStore, StoreMismatchError
 from kvrag.evaluation.systems import (
     SYSTEM_HELP,
     CompressedContext,
+    RagSystem,
     System,
+    SystemOptions,
     SystemSpecError,
     parse_systems,
 )
+from kvrag.rag_stack.chroma import ChromaUnavailableError
+from kvrag.rag_stack.embeddings import EmbeddingModelNotFoundError
+from kvrag.rag_stack.pipeline import RagConfig
+from kvrag.rag_stack.retrieve import ORDERS
 
 ENGINES = ("hf",)
 SYSTEMS_HELP = f"Comma-separated systems; known: {', '.join(SYSTEM_HELP.values())}."
@@ -57,6 +63,14 @@ def compare(
     ] = "auto",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Generation budget per answer.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
+    index_dir: Annotated[Path | None, typer.Option(
+        help="rag systems: embedded Chroma folder [default: $KVRAG_HOME/index].")] = None,
+    chroma_url: Annotated[str | None, typer.Option(
+        help="rag systems: a Chroma server URL instead of the embedded store.")] = None,
+    chunk_tokens: Annotated[int, typer.Option(
+        min=16, help="rag systems: chunk size in model tokens.")] = 128,
+    rag_order: Annotated[str, typer.Option(
+        help=f"rag systems: chunk order in the prompt, {' or '.join(ORDERS)}.")] = "score",
 ) -> None:
     """Run each system on the same questions; resumes where an earlier run into OUT stopped.
 
@@ -66,10 +80,16 @@ def compare(
     if engine not in ENGINES:
         fail(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
     try:
-        system_list = parse_systems(systems)
+        rag = RagConfig(index_dir=index_dir or kvrag_home() / "index", chroma_url=chroma_url,
+                        chunk_tokens=chunk_tokens, order=rag_order)
+        options = SystemOptions(rag=rag)
+        system_list = parse_systems(systems, options)
         instances = load_dataset(dataset, fmt)
         model_path = resolve_model(model, console)
-    except (SystemSpecError, DatasetError, ModelNotFoundError) as e:
+        if any(isinstance(s, RagSystem) for s in system_list):
+            options.rag_pipeline()  # a bad --chroma-url fails now, before any work
+    except (SystemSpecError, DatasetError, ModelNotFoundError, ChromaUnavailableError,
+            EmbeddingModelNotFoundError, ValueError) as e:
         fail(str(e))
     instances = instances[:limit] if limit else instances
     run_config = {"model": model, "engine": engine, "dataset": dataset,

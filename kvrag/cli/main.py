@@ -10,7 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import typer  # noqa: E402
 
-from kvrag.cli import bench, data  # noqa: E402
+from kvrag.cli import bench, data, rag  # noqa: E402
 from kvrag.cli.compare import compare  # noqa: E402
 
 app = typer.Typer(
@@ -21,3 +21,4 @@ app = typer.Typer(
 app.command()(compare)
 app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")
+app.add_typer(rag.app, name="rag")

@@ -132,3 +132,28 @@ def test_packaged_smollm2_answers_demo_questions(tmp_path, kvrag_home) -> None:
     assert len(records) == 2
     assert all(r["cost"]["new_tokens"] > 0 and r["output"].strip() for r in records)
     assert json.loads((tmp_path / "summary.json").read_text())["model"] == "smollm2"
+
+
+def test_rag_systems_beside_full(tmp_path, tiny_model_dir) -> None:
+    result = compare(tmp_path / "out", tiny_model_dir, "--limit", "2",
+                     "--systems", "full,rag:300", "--index-dir", str(tmp_path / "index"))
+    assert result.exit_code == 0, result.output
+    records = [json.loads(x) for x in
+               (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    rag = [r for r in records if r["system"] == "rag:300"]
+    full = [r for r in records if r["system"] == "full"]
+    assert len(rag) == 2 and [r["id"] for r in rag] == [r["id"] for r in full]
+    for r, f in zip(rag, full, strict=True):
+        assert r["cost"]["prompt_tokens"] < f["cost"]["prompt_tokens"] - 1500
+        assert 0 <= r["doc_recall"] <= 1 and r["retrieval_s"] > 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["systems"]["rag:300"]["doc_recall"] is not None
+    assert summary["systems"]["full"]["doc_recall"] is None
+
+
+def test_unreachable_chroma_url_fails_before_any_work(tmp_path, tiny_model_dir) -> None:
+    result = compare(tmp_path / "out", tiny_model_dir, "--systems", "full,rag:300",
+                     "--chroma-url", "http://127.0.0.1:9")
+    assert result.exit_code == 2
+    assert "cannot reach the Chroma server at http://127.0.0.1:9" in result.output
+    assert not (tmp_path / "out").exists()

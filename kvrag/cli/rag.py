@@ -1,0 +1,100 @@
+"""``kvrag rag``: use the RAG stack on your own documents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from kvrag.cli.common import console, fail
+from kvrag.data.schema import DatasetError
+from kvrag.engines.models import ModelNotFoundError, kvrag_home, resolve_model
+from kvrag.rag_stack.chroma import ChromaUnavailableError
+from kvrag.rag_stack.embeddings import EmbeddingModelNotFoundError
+from kvrag.rag_stack.pipeline import RagConfig, RagPipeline
+from kvrag.rag_stack.retrieve import ORDERS
+from kvrag.rag_stack.sources import read_docs
+
+app = typer.Typer(help="Ingest documents into Chroma and query them.", no_args_is_help=True)
+
+IndexDir = Annotated[Path | None, typer.Option(
+    help="Embedded Chroma folder [default: $KVRAG_HOME/index].")]
+ChromaUrl = Annotated[str | None, typer.Option(
+    help="Use a Chroma server (`chroma run`) at this URL instead of the embedded store.")]
+ChunkTokens = Annotated[int, typer.Option(min=16, help="Chunk size in model tokens.")]
+Model = Annotated[str, typer.Option(help="Model whose tokenizer measures tokens.")]
+
+
+def default_index_dir() -> Path:
+    return kvrag_home() / "index"
+
+
+def _tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model, console))
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _pipeline(index_dir: Path | None, chroma_url: str | None, chunk_tokens: int,
+              order: str = "score") -> RagPipeline:
+    config = RagConfig(index_dir=index_dir or default_index_dir(), chroma_url=chroma_url,
+                       chunk_tokens=chunk_tokens, order=order)
+    return RagPipeline.from_config(config)
+
+
+@app.command("ingest")
+def ingest_cmd(
+    source: Annotated[Path, typer.Argument(help="A folder of .txt/.md files, or a JSONL of "
+                                                "{id, title, text} docs.")],
+    corpus: Annotated[str, typer.Option(help="Name of the corpus (one collection each).")],
+    index_dir: IndexDir = None, chroma_url: ChromaUrl = None, chunk_tokens: ChunkTokens = 128,
+    model: Model = "smollm2",
+) -> None:
+    """Chunk, embed and store documents; re-ingesting unchanged documents adds nothing."""
+    try:
+        docs = read_docs(source)
+        tokenize = _tokenizer(model)
+        pipeline = _pipeline(index_dir, chroma_url, chunk_tokens)
+    except (DatasetError, ModelNotFoundError, ChromaUnavailableError,
+            EmbeddingModelNotFoundError) as e:
+        fail(str(e))
+    columns = (TextColumn("embedding chunks"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("ingest", total=None)
+        stats = pipeline.ingest(corpus, docs, tokenize,
+                                on_batch=lambda n: progress.advance(task, n))
+    console.print(f"{corpus}: {len(docs)} documents; {stats.added} chunks added, "
+                  f"{stats.removed} removed, {stats.unchanged} unchanged")
+
+
+@app.command("query")
+def query_cmd(
+    question: Annotated[str, typer.Argument(help="The question to retrieve for.")],
+    corpus: Annotated[str, typer.Option(help="The corpus name given at ingest.")],
+    budget: Annotated[int, typer.Option(min=1, help="Prompt tokens for retrieved chunks.")] = 1024,
+    order: Annotated[str, typer.Option(help=f"Chunk order: {', '.join(ORDERS)}.")] = "score",
+    index_dir: IndexDir = None, chroma_url: ChromaUrl = None, chunk_tokens: ChunkTokens = 128,
+    model: Model = "smollm2",
+) -> None:
+    """Print the chunks that fill BUDGET tokens, as the prompt would show them."""
+    try:
+        tokenize = _tokenizer(model)
+        pipeline = _pipeline(index_dir, chroma_url, chunk_tokens, order)
+        chunks = pipeline.query(corpus, question, budget, lambda t: len(tokenize(t)))
+    except (ModelNotFoundError, ChromaUnavailableError, EmbeddingModelNotFoundError,
+            ValueError) as e:
+        fail(str(e))
+    except Exception as e:  # chromadb raises its own NotFoundError for a missing collection
+        if "does not exist" not in str(e):
+            raise
+        fail(f"no corpus {corpus!r} with {chunk_tokens}-token chunks here; run `kvrag rag "
+             "ingest` first (same --chunk-tokens and index)")
+    for c in chunks:
+        console.print(f"[bold]{c.doc_id}[/] (score {c.score:.3f})", highlight=False)
+        console.print(c.block().rstrip(), markup=False, highlight=False)
+        console.print()
+    context = "".join(c.block() for c in chunks)
+    console.print(f"{len(chunks)} chunks, {len(tokenize(context))} of {budget} tokens")
