@@ -68,3 +68,45 @@ def compression_cmd(
     if out is not None:
         out.write_text(json.dumps({"prompt_tokens": n, "prefill_s": prefill_s,
                                    "rows": [r.to_json() for r in rows]}, indent=2) + "\n")
+
+
+@app.command("rag")
+def rag_cmd(
+    dataset: Annotated[str, typer.Option(help="A .jsonl dataset, or 'demo'.")] = "demo",
+    limit: Annotated[int, typer.Option(min=2, help="Corpora (instances) to use.")] = 40,
+    budget: Annotated[int, typer.Option(min=1, help="Retrieval budget in tokens.")] = 1024,
+    chunk_tokens: Annotated[int, typer.Option(min=16, help="Chunk size in tokens.")] = 128,
+    model: Annotated[str, typer.Option(help="Model whose tokenizer counts tokens.")] = "smollm2",
+    out: Annotated[Path | None, typer.Option(help="Also write the rows as JSON here.")] = None,
+) -> None:
+    """Ingest chunks/s and query latency, embedded Chroma vs a `chroma run` server.
+
+    Each backend ingests the same LIMIT corpora into an empty store, then answers each
+    corpus's question once; a server is started on a free loopback port for the run.
+    """
+    from transformers import AutoTokenizer
+
+    from kvrag.data.loaders import load_dataset
+    from kvrag.data.schema import DatasetError
+    from kvrag.rag_stack.benchmark import bench_rag
+    from kvrag.rag_stack.embeddings import load_embedding
+
+    try:
+        instances = load_dataset(dataset)[:limit]
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(model, console))
+    except (DatasetError, ModelNotFoundError) as e:
+        fail(str(e))
+    tokenize = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    with console.status("benchmarking embedded and server Chroma"):
+        rows = bench_rag(instances, tokenize, load_embedding(), budget, chunk_tokens)
+    console.print(f"{len(instances)} corpora from {dataset}, {chunk_tokens}-token chunks, "
+                  f"budget {budget}", markup=False)
+    base = rows[0]
+    for r in rows:
+        console.print(
+            f"{r.backend:<32} {r.chunks:>6} chunks  ingest {r.ingest_chunks_per_s:8.1f} "
+            f"chunks/s ({r.ingest_chunks_per_s / base.ingest_chunks_per_s:.2f}x)  query "
+            f"median {r.query_median_ms:7.1f} ms ({r.query_median_ms / base.query_median_ms:.2f}x)"
+            f"  p90 {r.query_p90_ms:7.1f} ms", markup=False, highlight=False)
+    if out is not None:
+        out.write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")

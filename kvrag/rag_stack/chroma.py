@@ -8,6 +8,12 @@ size, so it is always a valid Chroma name.
 from __future__ import annotations
 
 import hashlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -37,6 +43,38 @@ def open_client(index_dir: str | Path | None = None, url: str | None = None) -> 
     path = Path(index_dir) if index_dir is not None else Path(".kvrag-index")
     path.mkdir(parents=True, exist_ok=True)
     return chromadb.PersistentClient(path=str(path))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def chroma_server(path: str | Path, timeout_s: float = 60.0) -> Iterator[str]:
+    """Run ``chroma run`` (shipped with chromadb) on a free loopback port; yield its URL."""
+    port = free_port()
+    chroma = Path(sys.executable).parent / "chroma"
+    proc = subprocess.Popen(
+        [str(chroma), "run", "--path", str(path), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                open_client(url=url)
+                break
+            except ChromaUnavailableError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def collection_name(corpus: str, chunk_tokens: int) -> str:
