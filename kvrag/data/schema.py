@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 TASKS = ("qa", "mc")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -112,19 +113,21 @@ def parse_instance(record: object) -> Instance:
     )
 
 
-def read_records(
-    path: str | Path, to_instance: Callable[[object, int], Instance]
-) -> list[Instance]:
+Item = TypeVar("Item", Instance, Doc)
+
+
+def read_records(path: str | Path, to_item: Callable[[object, int], Item]) -> list[Item]:
     """Decode and validate every line of a JSONL file before returning anything.
 
-    ``to_instance(record, lineno)`` turns one decoded line into an Instance or raises
-    ValueError. Raises DatasetError naming the file and 1-based line of the first bad line
-    (invalid UTF-8 or JSON, an invalid record, or an id seen on an earlier line).
+    ``to_item(record, lineno)`` turns one decoded line into an item with an ``id`` (an
+    Instance, a Doc) or raises ValueError. Raises DatasetError naming the file and 1-based
+    line of the first bad line (invalid UTF-8 or JSON, an invalid record, or an id seen on
+    an earlier line).
     """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: no such dataset file")
-    instances: list[Instance] = []
+    instances: list[Item] = []
     seen: dict[str, int] = {}
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -132,7 +135,7 @@ def read_records(
                 line = raw.decode("utf-8")
                 if not line.strip():
                     continue
-                inst = to_instance(json.loads(line), lineno)
+                inst = to_item(json.loads(line), lineno)
             except UnicodeDecodeError as e:
                 raise DatasetError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from e
             except json.JSONDecodeError as e:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from kvrag.data.schema import DatasetError, Doc
+from kvrag.data.schema import DatasetError, Doc, read_records
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 
@@ -26,29 +25,11 @@ def read_docs(source: str | Path) -> list[Doc]:
             except UnicodeDecodeError as e:
                 raise DatasetError(f"{f}: not valid UTF-8 ({e.reason})") from e
         return docs
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file or folder")
-    docs, seen = [], set()
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                if not raw.strip():
-                    continue
-                rec = json.loads(raw.decode("utf-8"))
-                if not isinstance(rec, dict) or not all(
-                        isinstance(rec.get(k), str) for k in ("id", "text")):
-                    raise ValueError("each line needs string 'id' and 'text' (and may have "
-                                     "'title')")
-                if rec["id"] in seen:
-                    raise ValueError(f"duplicate id {rec['id']!r}")
-            except UnicodeDecodeError as e:
-                raise DatasetError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from e
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-            except ValueError as e:
-                raise DatasetError(f"{path}:{lineno}: {e}") from e
-            seen.add(rec["id"])
-            docs.append(Doc(id=rec["id"], title=str(rec.get("title", "")), text=rec["text"]))
-    if not docs:
-        raise DatasetError(f"{path}: the file holds no documents")
-    return docs
+    return read_records(path, _doc)
+
+
+def _doc(record: object, lineno: int) -> Doc:
+    if not isinstance(record, dict) or not all(
+            isinstance(record.get(k), str) for k in ("id", "text")):
+        raise ValueError("each line needs string 'id' and 'text' (and may have 'title')")
+    return Doc(id=record["id"], title=str(record.get("title", "")), text=record["text"])
