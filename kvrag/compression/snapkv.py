@@ -25,8 +25,12 @@ from kvrag.compression.base import (
 
 
 def snapkv_scores(inp: ScoringInput, window: int, kernel: int) -> torch.Tensor:
-    """[kv_heads, n]; the last ``window`` tokens get +inf."""
-    w = min(window, inp.n)
+    """[kv_heads, n]; the last ``window`` tokens get +inf.
+
+    Fewer queries than ``window`` (SGLang computed only the prompt's tail, the rest came
+    from its radix cache) shrink the window to the queries there are.
+    """
+    w = min(window, inp.n, inp.queries.shape[1])
     positions = torch.arange(inp.n - w, inp.n, device=inp.keys.device)
     attn = causal_attention(inp.queries[:, -w:], inp.keys, positions)  # [q_heads, w, n]
     scores = group_mean(attn.mean(dim=1), inp.group)  # [kv_heads, n]

@@ -1,0 +1,131 @@
+"""Compressing one request's KV in SGLang's pool, and giving its slots back.
+
+SGLang's KV buffer is ``[slot, kv_head, head_dim]`` per layer, and ``req_to_token[row]``
+maps a request's token positions to slots. After the last prefill chunk, the kept tokens
+of every (layer, KV head) are copied into ``kmax`` slots (slot j holds the j-th kept token
+of *each* head, which may be a different token per head), and the request's other own
+slots go back to the allocator.
+
+Slot ownership, which keeps the radix cache intact:
+- positions ``[0, protected)`` were matched from the radix tree; the tree owns them, so
+  they are read but never written or freed here;
+- positions ``[protected, n)`` are the request's own prompt slots: the first ``kmax`` are
+  reused for the compacted cache (extra slots are allocated only if there are fewer), the
+  rest are freed now. A compressed request is flagged ``skip_radix_cache_insert``, so the
+  tree never receives its compacted slots as if they held the full prefix;
+- positions ``[n, ...)`` are decode tokens, untouched.
+
+The request's ``req_to_token`` row keeps its logical layout (positions stay correct for
+RoPE); the compacted slots live in a ``Compacted`` record, which the attention backend
+reads at decode and the release hook frees instead of the stale ``[protected, n)`` range.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvrag.compression import CompressionSpec, ScoringInput, layer_budgets, select_kept
+
+
+@dataclass
+class Compacted:
+    """One compressed request's cache. ``keep[layer]`` of ``slots`` are valid per layer."""
+
+    rid: str
+    n: int  # prompt tokens whose KV was computed at prefill
+    protected: int  # leading positions owned by the radix tree
+    slots: torch.Tensor  # [kmax] pool slots holding the kept tokens
+    keep: list[int]  # per layer: tokens kept (documents kept plus everything outside span)
+    kept: list[torch.Tensor] = field(repr=False)  # per layer: [kv_heads, keep] positions
+
+    @property
+    def kv_tokens(self) -> float:
+        return sum(self.keep) / len(self.keep)
+
+
+@dataclass(frozen=True)
+class CompactionResult:
+    compacted: Compacted
+    freed: int  # slots returned to the allocator
+    allocated: int  # extra slots taken (only when own slots were fewer than kmax)
+    seconds: float
+
+
+def kept_positions(
+    spec: CompressionSpec, keys: list[torch.Tensor], queries: list[torch.Tensor],
+    span: tuple[int, int],
+) -> list[torch.Tensor]:
+    """Per layer, [kv_heads, kept] positions to keep, by the shared scoring code.
+
+    keys[layer]: [kv_heads, n, d]; queries[layer]: [q_heads, m, d] (the prompt's last m).
+    """
+    method = spec.build()
+    n_layers = len(keys)
+    n_doc = span[1] - span[0]
+    budgets = layer_budgets(method, spec.kept(n_doc), n_layers, n_doc)
+    return [
+        select_kept(method.score(ScoringInput(k, q, layer, n_layers)), span, budgets[layer])
+        for layer, (k, q) in enumerate(zip(keys, queries, strict=True))
+    ]
+
+
+def compact(
+    pool, allocator, row: torch.Tensor, *, rid: str, n: int, protected: int,
+    layer_ids: list[int], queries: list[torch.Tensor], spec: CompressionSpec,
+    span: tuple[int, int],
+) -> CompactionResult | None:
+    """Compress positions ``[0, n)`` of ``row`` in ``pool``; None if no slots to spare.
+
+    pool: SGLang KV pool (``get_key_buffer(layer_id)`` -> [slots, kv_heads, d]);
+    queries[i]: [m, q_heads, d] captured at prefill for ``layer_ids[i]``.
+    """
+    t0 = time.perf_counter()
+    ctx = row[:n].clone()
+    keys = [pool.get_key_buffer(lid)[ctx].transpose(0, 1) for lid in layer_ids]
+    kept = kept_positions(spec, keys, [q.transpose(0, 1) for q in queries], span)
+    keep = [int(k.shape[1]) for k in kept]
+    kmax = max(keep)
+    own = row[protected:n].clone()
+    allocated = 0
+    if kmax <= own.numel():
+        slots, to_free = own[:kmax], own[kmax:]
+    else:
+        extra = allocator.alloc(kmax - own.numel())
+        if extra is None:
+            return None
+        allocated = kmax - own.numel()
+        slots, to_free = torch.cat([own, extra.to(own.dtype)]), own[:0]
+    for lid, idx, k_layer in zip(layer_ids, kept, keys, strict=True):
+        kv_heads, count = idx.shape
+        heads = torch.arange(kv_heads, device=idx.device)[:, None]
+        src = ctx[idx.to(ctx.device)]  # [kv_heads, count] slots of the kept tokens
+        kbuf, vbuf = pool.get_key_buffer(lid), pool.get_value_buffer(lid)
+        new_k = k_layer[heads, idx].transpose(0, 1)  # [count, kv_heads, d]
+        new_v = vbuf[src, heads].transpose(0, 1)
+        kbuf[slots[:count]] = new_k.to(kbuf.dtype)
+        vbuf[slots[:count]] = new_v.to(vbuf.dtype)
+    if to_free.numel():
+        allocator.free(to_free)
+    record = Compacted(rid, n, protected, slots, keep, kept)
+    return CompactionResult(record, int(to_free.numel()), allocated, time.perf_counter() - t0)
+
+
+def release_ranges(
+    compacted: Compacted, ranges: list[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """``ranges`` of row positions without the compacted prompt ``[protected, n)``.
+
+    The caller frees ``compacted.slots`` instead; what is left are decode positions.
+    """
+    out: list[tuple[int, int]] = []
+    for start, end in ranges:
+        if start < compacted.protected:
+            raise AssertionError(f"release of tree-owned positions {start}..{end} "
+                                 f"(protected up to {compacted.protected})")
+        start = max(start, compacted.n)
+        if start < end:
+            out.append((start, end))
+    return out

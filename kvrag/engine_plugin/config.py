@@ -1,0 +1,89 @@
+"""How a server and each request choose compression.
+
+Server default: the environment variable ``KVRAG_COMPRESSION`` (``snapkv:0.5``), read in
+every SGLang process (``kvrag serve --compression`` sets it). A request may override it
+with ``custom_params`` in its sampling parameters (the OpenAI API passes them through
+``extra_body={"custom_params": ...}``):
+
+- ``kvrag_compression``: a spec, or ``"none"`` for a full cache;
+- ``kvrag_span``: ``[start, end)`` token positions that may be evicted. Without it, all
+  but the last ``PROTECTED_TAIL`` prompt tokens may be (the question and the chat-template
+  tail of a corpus-in-context prompt sit there). ``kvrag compare --engine sglang`` passes
+  the documents' exact span, so both engines evict from the same tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from kvrag.compression import CompressionSpec, SpecError, parse_spec
+
+ENV_COMPRESSION = "KVRAG_COMPRESSION"
+ENV_INNER_BACKEND = "KVRAG_INNER_BACKEND"
+ENV_STATS = "KVRAG_PLUGIN_STATS"  # a JSONL file: one line per compressed request
+ENV_RECORD_KEPT = "KVRAG_PLUGIN_RECORD_KEPT"  # "1": the stats lines list kept token indices
+PARAM_SPEC = "kvrag_compression"
+PARAM_SPAN = "kvrag_span"
+# SnapKV's observation window is 64 tokens and is always kept; this tail is the same.
+PROTECTED_TAIL = 64
+
+
+def server_spec() -> CompressionSpec | None:
+    """The server-wide spec from ``KVRAG_COMPRESSION``; raises SpecError if it is invalid."""
+    text = os.environ.get(ENV_COMPRESSION, "").strip()
+    if not text or text.lower() == "none":
+        return None
+    try:
+        spec = parse_spec(text)
+    except SpecError as err:
+        raise SpecError(f"{ENV_COMPRESSION}={text!r}: {err}") from None
+    check_servable(spec)
+    return spec
+
+
+def check_servable(spec: CompressionSpec) -> None:
+    """Refuse what the plugin cannot serve: dynamic methods keep the whole cache."""
+    if spec.build().dynamic:
+        raise SpecError(f"{spec.name} keeps the whole cache and picks keys per decoded token; "
+                        "the SGLang plugin serves only methods that evict (use the HF engine)")
+
+
+@dataclass(frozen=True)
+class RequestCompression:
+    spec: CompressionSpec
+    span: tuple[int, int]  # evictable token positions, half-open
+
+
+def for_request(custom_params: dict | None, n_prompt: int) -> RequestCompression | None:
+    """This request's compression, or None (no spec, or nothing evictable).
+
+    Raises SpecError for an invalid spec or span, naming the parameter.
+    """
+    params = custom_params or {}
+    text = params.get(PARAM_SPEC)
+    if text is None:
+        spec = server_spec()
+    elif str(text).strip().lower() == "none":
+        spec = None
+    else:
+        try:
+            spec = parse_spec(str(text))
+        except SpecError as err:
+            raise SpecError(f"custom_params.{PARAM_SPEC}={text!r}: {err}") from None
+        check_servable(spec)
+    if spec is None:
+        return None
+    if PARAM_SPAN in params:
+        span = params[PARAM_SPAN]
+        if (not isinstance(span, (list, tuple)) or len(span) != 2
+                or not all(isinstance(x, int) for x in span)
+                or not 0 <= span[0] <= span[1] <= n_prompt):
+            raise SpecError(f"custom_params.{PARAM_SPAN}={span!r} must be [start, end] with "
+                            f"0 <= start <= end <= {n_prompt} (the prompt's length)")
+        start, end = int(span[0]), int(span[1])
+    else:
+        start, end = 0, max(0, n_prompt - PROTECTED_TAIL)
+    if end - start < 1 or spec.kept(end - start) == end - start and spec.ratio is None:
+        return None
+    return RequestCompression(spec, (start, end))

@@ -1,0 +1,226 @@
+"""The plugin's entry point: SGLang calls ``register()`` in each of its processes.
+
+Entry point group ``sglang.srt.plugins`` (pyproject.toml). ``register`` adds the
+``kvrag`` attention backend and the ``kvrag-cost`` radix eviction policy to SGLang's
+registries and CLI choices, and three hooks that tie compression to the scheduler:
+
+- ``Req.__init__`` (after): read the request's compression (``config.for_request``); a
+  compressed request is kept out of the radix tree (``skip_radix_cache_insert``), an
+  invalid spec aborts the request with the reason;
+- ``process_batch_result_prefill`` (around): a request whose last prefill chunk just ran
+  is compressed, and its spare slots go back to the allocator before the next batch;
+- ``BasePrefixCache.free_kv_row`` (around): releasing a compressed request frees its
+  compacted slots instead of the prompt positions they replaced;
+- ``kv_private_tokens`` (after): SGLang's memory invariant checker counts a compressed
+  request's slots as it holds them, so its leak checks
+  (``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY``) verify the compaction's accounting.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import sys
+import types
+
+from kvrag.compression import SpecError
+from kvrag.engine_plugin import config, hooks
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "kvrag"
+# Queries kept per request and layer at prefill: SnapKV/PyramidKV's window (64) and TOVA's
+# last query; methods that read every query (h2o) make the backend keep them all.
+CAPTURE_QUERIES = 64
+_REGISTERED = False
+
+_REQ_INIT = "sglang.srt.managers.schedule_batch.Req.__init__"
+_PREFILL_DONE = ("sglang.srt.managers.scheduler_components.batch_result_processor."
+                 "SchedulerBatchResultProcessor.process_batch_result_prefill")
+_FREE_ROW = "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row"
+_PRIVATE_TOKENS = "sglang.srt.managers.scheduler_components.pool_stats_observer.kv_private_tokens"
+
+
+def register() -> None:
+    """Idempotent: registries, CLI choices and hooks are added once per process."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _supply_vllm_rotary_import()
+
+    from sglang.srt.arg_groups.choices import (
+        ATTENTION_BACKEND_CHOICES,
+        add_attention_backend_choices,
+    )
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+
+    register_attention_backend(BACKEND_NAME)(create_backend)
+    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([BACKEND_NAME])
+
+    from kvrag.engine_plugin.eviction import register_eviction_policy
+
+    register_eviction_policy()
+
+    hooks.install([
+        (_REQ_INIT, _after_req_init, "after"),
+        (_PREFILL_DONE, _around_prefill, "around"),
+        (_FREE_ROW, _around_free_kv_row, "around"),
+        (_PRIVATE_TOKENS, _after_private_tokens, "after"),
+    ])
+    _REGISTERED = True
+
+
+def _supply_vllm_rotary_import() -> None:
+    """Give SGLang's RotaryEmbedding the ``vllm._custom_ops`` import it makes on a CPU.
+
+    Without CUDA, ``RotaryEmbedding.__init__`` imports ``vllm._custom_ops.rotary_embedding``
+    although the forward then takes the native path; vllm is not installable beside
+    sglang's torch pin. The stand-in raises if it is ever called.
+    """
+    import torch
+
+    if torch.cuda.is_available() or "vllm" in sys.modules or importlib.util.find_spec("vllm"):
+        return
+
+    def rotary_embedding(*args, **kwargs):
+        raise NotImplementedError("kvrag's stand-in for vllm._custom_ops.rotary_embedding "
+                                  "was called; install vllm for this path")
+
+    package = types.ModuleType("vllm")
+    package.__path__ = []
+    ops = types.ModuleType("vllm._custom_ops")
+    ops.rotary_embedding = rotary_embedding
+    package._custom_ops = ops
+    sys.modules["vllm"], sys.modules["vllm._custom_ops"] = package, ops
+    logger.info("kvrag: no CUDA and no vllm here; supplied a stand-in vllm._custom_ops "
+                "(SGLang's RotaryEmbedding imports it on a CPU but runs the native path)")
+
+
+def create_backend(model_runner):
+    """Factory for ``--attention-backend kvrag``; refuses settings it cannot serve."""
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    from kvrag.engine_plugin import backend
+
+    device = str(model_runner.device)
+    inner_name = os.environ.get(config.ENV_INNER_BACKEND) or (
+        "torch_native" if device == "cpu" else "triton")
+    if inner_name == BACKEND_NAME or inner_name not in ATTENTION_BACKENDS:
+        raise ValueError(f"{config.ENV_INNER_BACKEND}={inner_name!r} is not an attention "
+                         f"backend to wrap; choose one of {sorted(ATTENTION_BACKENDS)}")
+    spec = config.server_spec()  # an invalid KVRAG_COMPRESSION stops the server here
+    if model_runner.page_size != 1:
+        raise ValueError(f"--attention-backend kvrag needs --page-size 1 "
+                         f"(got {model_runner.page_size}): compaction moves single slots")
+    from sglang.srt.arg_groups.model_override_base import resolved_view
+
+    args = resolved_view(model_runner.server_args)
+    if device != "cpu" and not args.disable_cuda_graph:
+        raise ValueError("--attention-backend kvrag decodes compressed requests outside CUDA "
+                         "graphs; add --disable-cuda-graph")
+    from sglang.srt.runtime_context import get_schedule
+
+    if not get_schedule().disable_overlap_schedule:
+        raise ValueError("--attention-backend kvrag compresses when a prefill's results are "
+                         "processed, before the next batch; add --disable-overlap-schedule")
+    needs_all = spec is not None and spec.build().queries_needed() is None
+    inner = ATTENTION_BACKENDS[inner_name](model_runner)
+    created = backend.KvragAttnBackend(model_runner, inner,
+                                       capture=None if needs_all else CAPTURE_QUERIES)
+    backend.ACTIVE = created
+    logger.info("kvrag attention backend over %s; server compression: %s", inner_name,
+                spec.name if spec else "none (per request only)")
+    return created
+
+
+def _after_req_init(result, req, *args, **kwargs):
+    from kvrag.engine_plugin import backend
+
+    if backend.ACTIVE is None:
+        return result
+    try:
+        wanted = config.for_request(req.sampling_params.custom_params, len(req.origin_input_ids))
+        if wanted is not None:
+            needed = wanted.spec.build().queries_needed()
+            have = backend.ACTIVE.capture
+            if have is not None and (needed is None or needed > have):
+                raise SpecError(f"{wanted.spec.name} scores with {needed or 'all'} prompt "
+                                f"queries; start the server with KVRAG_COMPRESSION set to "
+                                f"a {wanted.spec.method} spec to keep them")
+    except SpecError as err:
+        req.set_finish_with_abort(str(err))
+        return result
+    req.kvrag = wanted
+    if wanted is not None:
+        req.skip_radix_cache_insert = True
+    return result
+
+
+def _around_prefill(original, scheduler, batch, *args, **kwargs):
+    from kvrag.engine_plugin import backend
+
+    active = backend.ACTIVE
+    # SGLang counts a request's middle chunks down while processing them: read it first
+    last_chunk = [req for req in batch.reqs
+                  if getattr(req, "kvrag", None) is not None and req.inflight_middle_chunks <= 0]
+    result = original(scheduler, batch, *args, **kwargs)
+    if active is None:
+        return result
+    allocator = scheduler.token_to_kv_pool_allocator
+    for req in last_chunk:
+        if (req.finished() or req.is_retracted or not req.kv.holds_kv
+                or req.kv.req_pool_idx in active.compacted):
+            continue
+        free_before = allocator.available_size()
+        done = active.compress(req.kv.req_pool_idx, rid=req.rid,
+                               protected=req.kv.cache_protected_len, spec=req.kvrag.spec,
+                               span=req.kvrag.span)
+        if done is not None:
+            _record(req.rid, req.kvrag, done, free_before, allocator.available_size())
+    return result
+
+
+def _around_free_kv_row(original, cache, kv, ranges):
+    from kvrag.engine_plugin import backend
+    from kvrag.engine_plugin.compaction import release_ranges
+
+    compacted = backend.ACTIVE.release(kv.req_pool_idx) if backend.ACTIVE else None
+    if compacted is None:
+        return original(cache, kv, ranges)
+    rest = release_ranges(compacted, ranges)
+    if rest:
+        original(cache, kv, rest)
+    cache.token_to_kv_pool_allocator.free(compacted.slots)
+    return None
+
+
+def _after_private_tokens(result, kv, *args, **kwargs):
+    from kvrag.engine_plugin import backend
+
+    compacted = backend.ACTIVE.compacted.get(kv.req_pool_idx) if backend.ACTIVE else None
+    if compacted is None:
+        return result
+    return result - (compacted.n - compacted.protected) + int(compacted.slots.numel())
+
+
+def _record(rid, wanted, done, free_before: int, free_after: int) -> None:
+    """One line per compressed request in ``KVRAG_PLUGIN_STATS``, if set."""
+    comp = done.compacted
+    logger.info("kvrag: %s kept %.0f of %d tokens (%s), freed %d slots", rid, comp.kv_tokens,
+                comp.n, wanted.spec.name, done.freed)
+    path = os.environ.get(config.ENV_STATS)
+    if not path:
+        return
+    line = {
+        "rid": rid, "spec": wanted.spec.name, "span": list(wanted.span),
+        "prompt_tokens": comp.n, "protected": comp.protected, "keep": comp.keep,
+        "kv_tokens": comp.kv_tokens, "freed": done.freed, "allocated": done.allocated,
+        "free_before": free_before, "free_after": free_after, "seconds": done.seconds,
+    }
+    if os.environ.get(config.ENV_RECORD_KEPT) == "1":
+        line["kept"] = [k.tolist() for k in comp.kept]
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
