@@ -30,7 +30,7 @@ from kvrag.rag_stack.embeddings import EmbeddingModelNotFoundError
 from kvrag.rag_stack.pipeline import RagConfig
 from kvrag.rag_stack.retrieve import ORDERS
 
-ENGINES = ("hf",)
+ENGINES = ("hf", "sglang")
 SYSTEMS_HELP = f"Comma-separated systems; known: {', '.join(SYSTEM_HELP.values())}."
 
 
@@ -40,6 +40,17 @@ def _load_engine(name: str, model_path: Path, systems: list[System]):
 
         specs = [s.spec for s in systems if isinstance(s, CompressedContext)]
         return HFEngine(model_path, capture_queries=queries_needed(specs))
+    if name == "sglang":
+        from kvrag.engine_plugin.config import check_servable
+        from kvrag.engines.sglang_engine import SGLangEngine
+
+        specs = [s.spec for s in systems if isinstance(s, CompressedContext)]
+        try:
+            for spec in specs:
+                check_servable(spec)
+        except ValueError as e:
+            fail(str(e))
+        return SGLangEngine(model_path, capture_all=queries_needed(specs) is None)
     fail(f"unknown engine {name!r}; available: {', '.join(ENGINES)}")
 
 
@@ -54,7 +65,9 @@ def compare(
     model: Annotated[
         str, typer.Option(help="A packaged model name (smollm2) or a local HF checkpoint dir.")
     ] = "smollm2",
-    engine: Annotated[str, typer.Option(help=f"Engine: {', '.join(ENGINES)}.")] = "hf",
+    engine: Annotated[str, typer.Option(help=(
+        "Engine: hf (transformers), or sglang (the real SGLang engine with the kvrag plugin, "
+        "started once for the run)."))] = "hf",
     limit: Annotated[
         int | None, typer.Option(min=1, help="Use only the first N questions.")
     ] = None,
@@ -116,7 +129,11 @@ def compare(
                 progress.update(task, advance=1, description=record["system"],
                                 subem=f"{100 * sum(correct) / len(correct):.0f}%")
 
-            run_comparison(work, eng, store, max_new_tokens, on_answer)
+            try:
+                run_comparison(work, eng, store, max_new_tokens, on_answer)
+            finally:
+                if hasattr(eng, "close"):
+                    eng.close()
     else:
         console.print(f"All {total} answers are already in {store.path}; nothing to run.")
     summary = summarize(store.records, [s.name for s in system_list],

@@ -23,10 +23,14 @@ ENV_COMPRESSION = "KVRAG_COMPRESSION"
 ENV_INNER_BACKEND = "KVRAG_INNER_BACKEND"
 ENV_STATS = "KVRAG_PLUGIN_STATS"  # a JSONL file: one line per compressed request
 ENV_RECORD_KEPT = "KVRAG_PLUGIN_RECORD_KEPT"  # "1": the stats lines list kept token indices
+# "all", or how many of each prompt's last queries prefill keeps (default: what the server
+# spec's method reads, at least 64). "all" lets requests ask for h2o.
+ENV_CAPTURE = "KVRAG_CAPTURE_QUERIES"
 PARAM_SPEC = "kvrag_compression"
 PARAM_SPAN = "kvrag_span"
 # SnapKV's observation window is 64 tokens and is always kept; this tail is the same.
 PROTECTED_TAIL = 64
+DEFAULT_CAPTURE = 64  # SnapKV/PyramidKV's window, TOVA's last query
 
 
 def server_spec() -> CompressionSpec | None:
@@ -47,6 +51,21 @@ def check_servable(spec: CompressionSpec) -> None:
     if spec.build().dynamic:
         raise SpecError(f"{spec.name} keeps the whole cache and picks keys per decoded token; "
                         "the SGLang plugin serves only methods that evict (use the HF engine)")
+
+
+def capture_queries(spec: CompressionSpec | None) -> int | None:
+    """Prompt queries kept per request and layer at prefill; None keeps them all."""
+    text = os.environ.get(ENV_CAPTURE, "").strip().lower()
+    if text == "all":
+        return None
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise SpecError(f"{ENV_CAPTURE}={text!r}: use 'all' or a whole number >= 1")
+        return int(text)
+    if spec is None:
+        return DEFAULT_CAPTURE
+    needed = spec.build().queries_needed()
+    return None if needed is None else max(needed, DEFAULT_CAPTURE)
 
 
 @dataclass(frozen=True)

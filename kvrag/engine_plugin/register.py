@@ -7,6 +7,8 @@ registries and CLI choices, and three hooks that tie compression to the schedule
 - ``Req.__init__`` (after): read the request's compression (``config.for_request``); a
   compressed request is kept out of the radix tree (``skip_radix_cache_insert``), an
   invalid spec aborts the request with the reason;
+- ``Req._compute_max_prefix_len`` (after): a compressed request recomputes at least the
+  prompt queries its method scores with, even when the radix tree holds the prefix;
 - ``process_batch_result_prefill`` (around): a request whose last prefill chunk just ran
   is compressed, and its spare slots go back to the allocator before the next batch;
 - ``BasePrefixCache.free_kv_row`` (around): releasing a compressed request frees its
@@ -31,15 +33,13 @@ from kvrag.engine_plugin import config, hooks
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "kvrag"
-# Queries kept per request and layer at prefill: SnapKV/PyramidKV's window (64) and TOVA's
-# last query; methods that read every query (h2o) make the backend keep them all.
-CAPTURE_QUERIES = 64
 _REGISTERED = False
 
 _REQ_INIT = "sglang.srt.managers.schedule_batch.Req.__init__"
 _PREFILL_DONE = ("sglang.srt.managers.scheduler_components.batch_result_processor."
                  "SchedulerBatchResultProcessor.process_batch_result_prefill")
 _FREE_ROW = "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row"
+_MAX_PREFIX = "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len"
 _PRIVATE_TOKENS = "sglang.srt.managers.scheduler_components.pool_stats_observer.kv_private_tokens"
 
 
@@ -66,6 +66,7 @@ def register() -> None:
 
     hooks.install([
         (_REQ_INIT, _after_req_init, "after"),
+        (_MAX_PREFIX, _after_max_prefix_len, "after"),
         (_PREFILL_DONE, _around_prefill, "around"),
         (_FREE_ROW, _around_free_kv_row, "around"),
         (_PRIVATE_TOKENS, _after_private_tokens, "after"),
@@ -126,10 +127,9 @@ def create_backend(model_runner):
     if not get_schedule().disable_overlap_schedule:
         raise ValueError("--attention-backend kvrag compresses when a prefill's results are "
                          "processed, before the next batch; add --disable-overlap-schedule")
-    needs_all = spec is not None and spec.build().queries_needed() is None
+    capture = config.capture_queries(spec)
     inner = ATTENTION_BACKENDS[inner_name](model_runner)
-    created = backend.KvragAttnBackend(model_runner, inner,
-                                       capture=None if needs_all else CAPTURE_QUERIES)
+    created = backend.KvragAttnBackend(model_runner, inner, capture=capture)
     backend.ACTIVE = created
     logger.info("kvrag attention backend over %s; server compression: %s", inner_name,
                 spec.name if spec else "none (per request only)")
@@ -148,8 +148,8 @@ def _after_req_init(result, req, *args, **kwargs):
             have = backend.ACTIVE.capture
             if have is not None and (needed is None or needed > have):
                 raise SpecError(f"{wanted.spec.name} scores with {needed or 'all'} prompt "
-                                f"queries; start the server with KVRAG_COMPRESSION set to "
-                                f"a {wanted.spec.method} spec to keep them")
+                                f"queries but the server keeps {have}; start it with "
+                                f"{config.ENV_CAPTURE}=all")
     except SpecError as err:
         req.set_finish_with_abort(str(err))
         return result
@@ -157,6 +157,15 @@ def _after_req_init(result, req, *args, **kwargs):
     if wanted is not None:
         req.skip_radix_cache_insert = True
     return result
+
+
+def _after_max_prefix_len(result, req, input_len, *args, **kwargs):
+    from kvrag.engine_plugin import backend
+
+    if getattr(req, "kvrag", None) is None or backend.ACTIVE is None:
+        return result
+    capture = backend.ACTIVE.capture
+    return min(result, 0 if capture is None else max(0, input_len - capture))
 
 
 def _around_prefill(original, scheduler, batch, *args, **kwargs):

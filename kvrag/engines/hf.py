@@ -25,22 +25,7 @@ from kvrag.compression import CompressionSpec, ScoringInput, layer_budgets, sele
 from kvrag.data.prompt import Prompt
 from kvrag.engines import hf_attention
 from kvrag.engines.base import Cost, Generation
-
-# SmolLM2's GGUF tokenizer names <|im_start|> as eos; chat turns really end with this.
-END_OF_TURN = "<|im_end|>"
-
-
-@dataclass(frozen=True)
-class EncodedPrompt:
-    """Chat-templated token ids and the half-open token span of the documents."""
-
-    input_ids: list[int]
-    context_start: int
-    context_end: int
-
-    @property
-    def span(self) -> tuple[int, int]:
-        return self.context_start, self.context_end
+from kvrag.engines.chat import EncodedPrompt, encode_prompt, stop_ids
 
 
 @dataclass
@@ -78,7 +63,7 @@ class HFEngine:
             self.model_path, dtype=dtype, attn_implementation=hf_attention.NAME
         )
         self.model.eval()
-        self.stop_ids = self._stop_ids()
+        self.stop_ids = stop_ids(self.tokenizer, self.model.generation_config.eos_token_id)
         cfg = self.model.config
         self.n_layers = cfg.num_hidden_layers
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -88,34 +73,11 @@ class HFEngine:
         self.capture_queries = capture_queries
         self._last: Prefill | None = None
 
-    def _stop_ids(self) -> set[int]:
-        ids: set[int] = set()
-        eos = self.model.generation_config.eos_token_id
-        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        end_of_turn = self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
-        if isinstance(end_of_turn, int) and end_of_turn != self.tokenizer.unk_token_id:
-            ids.add(end_of_turn)
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
-
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode(self, prompt: Prompt) -> EncodedPrompt:
-        """Apply the chat template and locate the documents' tokens within it."""
-        text = self.tokenizer.apply_chat_template(
-            prompt.messages(), add_generation_prompt=True, tokenize=False
-        )
-        offset = text.index(prompt.text)
-        start_char, end_char = (offset + c for c in prompt.context_span)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        spans = enc["offset_mapping"]
-        # Only tokens wholly inside the documents are evictable; a token straddling a
-        # boundary belongs to the header or the question, which are always kept.
-        start = next(i for i, (a, _) in enumerate(spans) if a >= start_char)
-        end = next((i for i, (_, b) in enumerate(spans) if b > end_char), len(spans))
-        return EncodedPrompt(list(enc["input_ids"]), start, end)
+        return encode_prompt(self.tokenizer, prompt)
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> Prefill:

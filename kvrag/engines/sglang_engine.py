@@ -1,0 +1,123 @@
+"""Greedy generation through the real SGLang engine with the kvrag plugin.
+
+One ``sglang.Engine`` (``--attention-backend kvrag``) serves the whole run; each request
+carries its own compression spec and the documents' token span in ``custom_params``, so
+every system of a comparison goes through one engine start. Prompts are encoded here
+with the same chat template and span logic as the HF engine, and sent as token ids.
+
+Timing comes from streaming: prefill is the time to the first token, decode the rest.
+The KV tokens a compressed request kept come from the plugin's stats file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from kvrag.compression import CompressionSpec
+from kvrag.data.prompt import Prompt
+from kvrag.engine_plugin import config as plugin_config
+from kvrag.engines.base import Cost, Generation
+from kvrag.engines.chat import EncodedPrompt, encode_prompt, stop_ids
+
+
+class SGLangEngine:
+    name = "sglang"
+
+    def __init__(self, model_path: str | Path, capture_all: bool = False,
+                 max_total_tokens: int = 16384, **engine_args) -> None:
+        """``capture_all``: keep every prompt query at prefill (h2o needs them)."""
+        import sglang
+
+        self.model_path = Path(model_path)
+        self.model_name = self.model_path.name
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        try:
+            eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id
+        except OSError:
+            eos = None
+        self.stop_ids = stop_ids(self.tokenizer, eos)
+        cfg = AutoConfig.from_pretrained(self.model_path)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.n_layers = cfg.num_hidden_layers
+        self.kv_bytes_per_token = 2 * kv_heads * head_dim * 4 * self.n_layers  # fp32
+        self._stats = Path(tempfile.mkstemp(prefix="kvrag-plugin-", suffix=".jsonl")[1])
+        env = {plugin_config.ENV_STATS: str(self._stats),
+               plugin_config.ENV_COMPRESSION: "none",
+               plugin_config.ENV_CAPTURE: "all" if capture_all else ""}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # read by the engine's scheduler process at start
+        cuda = torch.cuda.is_available()
+        args = dict(
+            model_path=str(self.model_path), attention_backend="kvrag",
+            device="cuda" if cuda else "cpu", dtype="float32", disable_cuda_graph=True,
+            disable_overlap_schedule=True, max_total_tokens=max_total_tokens,
+            mem_fraction_static=0.3 if not cuda else 0.8, skip_tokenizer_init=True,
+            random_seed=0,
+        ) | engine_args
+        try:
+            self.engine = sglang.Engine(**args)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, prompt: Prompt) -> EncodedPrompt:
+        return encode_prompt(self.tokenizer, prompt)
+
+    def generate(
+        self, prompt: Prompt, max_new_tokens: int, compression: CompressionSpec | None = None,
+        ignore_eos: bool = False,
+    ) -> Generation:
+        enc = self.encode(prompt)
+        custom = {plugin_config.PARAM_SPEC: compression.name if compression else "none",
+                  plugin_config.PARAM_SPAN: list(enc.span)}
+        params = {"max_new_tokens": max_new_tokens, "temperature": 0.0,
+                  "ignore_eos": ignore_eos, "custom_params": custom,
+                  "stop_token_ids": [] if ignore_eos else sorted(self.stop_ids)}
+        t0 = time.perf_counter()
+        first = None
+        last: dict = {}
+        for chunk in self.engine.generate(input_ids=enc.input_ids, sampling_params=params,
+                                          stream=True):
+            first = first or time.perf_counter()
+            last = chunk
+        t1 = time.perf_counter()
+        ids = [i for i in last.get("output_ids", []) if i not in self.stop_ids]
+        stats = self._stats_of(last["meta_info"]["id"])
+        n = len(enc.input_ids)
+        kv_tokens = stats["kv_tokens"] if stats else float(n)
+        prefill = (first or t1) - t0
+        cost = Cost(
+            prompt_tokens=n, kv_tokens=kv_tokens,
+            kv_bytes=int(kv_tokens * self.kv_bytes_per_token),
+            prefill_s=prefill - (stats["seconds"] if stats else 0.0),
+            compress_s=stats["seconds"] if stats else 0.0, decode_s=t1 - (first or t1),
+            new_tokens=len(ids), attended_tokens=kv_tokens,
+            doc_tokens=enc.context_end - enc.context_start,
+        )
+        return Generation(self.tokenizer.decode(ids, skip_special_tokens=True), cost)
+
+    def _stats_of(self, rid: str) -> dict | None:
+        with open(self._stats, encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                if record["rid"] == rid:
+                    return record
+        return None
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self._stats.unlink(missing_ok=True)
