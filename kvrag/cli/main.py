@@ -12,6 +12,7 @@ import typer  # noqa: E402
 
 from kvrag.cli import bench, data, rag  # noqa: E402
 from kvrag.cli.compare import compare  # noqa: E402
+from kvrag.cli.serve import serve  # noqa: E402
 
 app = typer.Typer(
     help="Long-context LM vs compressed KV cache vs RAG, on identical questions.",
@@ -19,6 +20,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.command()(compare)
+app.command()(serve)
 app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")
 app.add_typer(rag.app, name="rag")

@@ -1,0 +1,88 @@
+"""``kvrag serve``: a real SGLang HTTP server with the plugin, driven by the OpenAI client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from kvrag.cli.main import app
+
+
+def test_invalid_compression_is_refused_before_start():
+    result = CliRunner().invoke(app, ["serve", "--compression", "snapkv:1.5"])
+    assert result.exit_code == 2
+    assert "0 <= RATIO < 1" in result.output and "snapkv" in result.output
+
+
+def test_unknown_eviction_policy_is_refused():
+    result = CliRunner().invoke(app, ["serve", "--eviction-policy", "belady"])
+    assert result.exit_code == 2 and "kvrag-cost" in result.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode} before serving")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(2)
+    raise AssertionError(f"server at {url} not healthy after {timeout} s")
+
+
+@pytest.mark.slow
+def test_sixteen_concurrent_openai_requests_with_compression(tiny_model_dir, tmp_path):
+    from openai import OpenAI
+
+    port = _free_port()
+    stats = tmp_path / "stats.jsonl"
+    env = os.environ | {"KVRAG_PLUGIN_STATS": str(stats)}
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "kvrag"), "serve", "--model", str(tiny_model_dir),
+         "--compression", "snapkv:0.5", "--port", str(port), "--max-total-tokens", "16384"],
+        env=env, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, process)
+        client = OpenAI(base_url=f"{url}/v1", api_key="none")
+        prompts = [" ".join(f"fact {i} number {j} is {i * j}." for j in range(40))
+                   for i in range(16)]
+
+        def ask(prompt: str):
+            return client.completions.create(
+                model=str(tiny_model_dir), prompt=prompt, max_tokens=8, temperature=0,
+                extra_body={"ignore_eos": True})
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(ask, prompts))
+        assert [a.usage.completion_tokens for a in answers] == [8] * 16
+        assert all(isinstance(a.choices[0].text, str) for a in answers)
+        records = [json.loads(line) for line in stats.read_text().splitlines()]
+        assert len(records) == 16 and {r["spec"] for r in records} == {"snapkv:0.5"}
+        assert all(r["freed"] > 0 for r in records)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)

@@ -1,0 +1,66 @@
+"""Per-server and per-request compression settings of the plugin."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvrag.compression import SpecError
+from kvrag.engine_plugin import config
+
+
+@pytest.fixture(autouse=True)
+def no_server_spec(monkeypatch):
+    monkeypatch.delenv(config.ENV_COMPRESSION, raising=False)
+    monkeypatch.delenv(config.ENV_CAPTURE, raising=False)
+
+
+def test_request_spec_and_default_span():
+    wanted = config.for_request({"kvrag_compression": "snapkv:0.5"}, 1000)
+    assert wanted is not None and wanted.spec.name == "snapkv:0.5"
+    assert wanted.span == (0, 1000 - config.PROTECTED_TAIL)
+
+
+def test_request_span_is_used_and_checked():
+    wanted = config.for_request({"kvrag_compression": "knorm@100", "kvrag_span": [5, 900]}, 1000)
+    assert wanted is not None and wanted.span == (5, 900)
+    for bad in ([5], [900, 5], [0, 1001], ["a", 3]):
+        with pytest.raises(SpecError, match="kvrag_span"):
+            config.for_request({"kvrag_compression": "knorm@100", "kvrag_span": bad}, 1000)
+
+
+def test_server_default_and_request_override(monkeypatch):
+    monkeypatch.setenv(config.ENV_COMPRESSION, "streamingllm:0.9")
+    assert config.for_request(None, 500).spec.name == "streamingllm:0.9"
+    assert config.for_request({"kvrag_compression": "none"}, 500) is None
+    monkeypatch.setenv(config.ENV_COMPRESSION, "snapkv:1.2")
+    with pytest.raises(SpecError, match="KVRAG_COMPRESSION='snapkv:1.2'.*0 <= RATIO < 1"):
+        config.for_request(None, 500)
+
+
+@pytest.mark.parametrize("params,n", [
+    ({"kvrag_compression": "snapkv:0.5"}, config.PROTECTED_TAIL),  # all inside the tail
+    ({"kvrag_compression": "snapkv@5000"}, 1000),  # the budget keeps everything
+    ({}, 1000),  # no spec anywhere
+])
+def test_nothing_to_evict_means_no_compression(params, n):
+    assert config.for_request(params, n) is None
+
+
+def test_invalid_and_dynamic_specs_are_refused():
+    with pytest.raises(SpecError, match="custom_params.kvrag_compression='bogus:0.5'"):
+        config.for_request({"kvrag_compression": "bogus:0.5"}, 500)
+    with pytest.raises(SpecError, match="HF engine"):
+        config.for_request({"kvrag_compression": "retrieval:0.5"}, 500)
+
+
+def test_capture_follows_the_method_or_the_override(monkeypatch):
+    from kvrag.compression import parse_spec
+
+    assert config.capture_queries(None) == config.DEFAULT_CAPTURE
+    assert config.capture_queries(parse_spec("snapkv:0.5")) == 64
+    assert config.capture_queries(parse_spec("h2o:0.5")) is None
+    monkeypatch.setenv(config.ENV_CAPTURE, "all")
+    assert config.capture_queries(parse_spec("snapkv:0.5")) is None
+    monkeypatch.setenv(config.ENV_CAPTURE, "zero")
+    with pytest.raises(SpecError, match="KVRAG_CAPTURE_QUERIES"):
+        config.capture_queries(None)

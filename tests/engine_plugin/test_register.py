@@ -1,0 +1,46 @@
+"""The plugin's registration, as SGLang's plugin loader sees it."""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+from kvrag.engine_plugin import register as plugin
+
+
+def test_entry_point_names_register():
+    found = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "kvrag"]
+    assert len(found) == 1 and found[0].load() is plugin.register
+
+
+def test_register_is_idempotent_and_fills_every_registry():
+    from sglang.srt.arg_groups.choices import (
+        ATTENTION_BACKEND_CHOICES,
+        RADIX_EVICTION_POLICY_CHOICES,
+    )
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    plugin.register()
+    plugin.register()
+    assert ATTENTION_BACKENDS["kvrag"] is plugin.create_backend
+    assert ATTENTION_BACKEND_CHOICES.count("kvrag") == 1
+    assert RADIX_EVICTION_POLICY_CHOICES.count("kvrag-cost") == 1
+    targets = (plugin._REQ_INIT, plugin._MAX_PREFIX, plugin._PREFILL_DONE, plugin._FREE_ROW,
+               plugin._PRIVATE_TOKENS)
+    assert all(t in HookRegistry._patched for t in targets)
+    assert all(len(HookRegistry._hooks[t]) == 1 for t in targets)
+
+
+def test_vllm_stand_in_only_without_cuda_and_vllm():
+    import torch
+
+    plugin.register()
+    ops = sys.modules.get("vllm._custom_ops")
+    if torch.cuda.is_available():  # SGLang does not import vllm on a CUDA host
+        assert ops is None or "stand-in" not in (ops.rotary_embedding.__doc__ or "")
+        return
+    with pytest.raises(NotImplementedError, match="stand-in"):
+        ops.rotary_embedding()
