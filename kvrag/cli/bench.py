@@ -16,6 +16,16 @@ app = typer.Typer(help="Benchmarks (medians and ratios to a same-run baseline)."
                   no_args_is_help=True)
 
 
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Plain fixed-width text: it pastes into notes intact and never truncates a number."""
+    lines = [header, *rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        console.print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                for i, (c, w) in enumerate(zip(line, widths, strict=True))),
+                      markup=False, highlight=False)
+
+
 @app.command("compression")
 def compression_cmd(
     model: Annotated[str, typer.Option(help="Packaged model name or checkpoint dir.")] = "smollm2",
@@ -49,22 +59,14 @@ def compression_cmd(
         n, prefill_s, rows = bench_compression(
             engine, specs, context_tokens, new_tokens, repeats,
             on_step=lambda label: status.update(f"benchmarking: {label}"))
-    # Plain fixed-width text: it pastes into notes intact and never truncates a number.
     console.print(f"{model}: {n}-token prompt, prefill {prefill_s:.1f} s, {new_tokens} decoded "
                   f"tokens, median of {repeats} interleaved repeats", markup=False)
-    header = ("system", "KV tokens", "KV MB", "KV/full", "decode tok/s", "speed/full",
-              "compress s", "compress/prefill")
-    lines = [header] + [
-        (r.system, f"{r.kv_tokens:,.0f}", f"{r.kv_bytes / 2**20:.1f}",
-         f"{r.kv_bytes_vs_full:.2f}", f"{r.decode_tok_s:.1f}", f"{r.decode_speed_vs_full:.2f}",
-         f"{r.compress_s:.3f}", f"{r.compress_vs_prefill:.3f}")
-        for r in rows
-    ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        console.print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                                for i, (c, w) in enumerate(zip(line, widths, strict=True))),
-                      markup=False, highlight=False)
+    _print_table(
+        ("system", "KV tokens", "KV MB", "KV/full", "decode tok/s", "speed/full",
+         "compress s", "compress/prefill"),
+        [(r.system, f"{r.kv_tokens:,.0f}", f"{r.kv_bytes / 2**20:.1f}",
+          f"{r.kv_bytes_vs_full:.2f}", f"{r.decode_tok_s:.1f}", f"{r.decode_speed_vs_full:.2f}",
+          f"{r.compress_s:.3f}", f"{r.compress_vs_prefill:.3f}") for r in rows])
     if out is not None:
         out.write_text(json.dumps({"prompt_tokens": n, "prefill_s": prefill_s,
                                    "rows": [r.to_json() for r in rows]}, indent=2) + "\n")
@@ -110,3 +112,82 @@ def rag_cmd(
             f"  p90 {r.query_p90_ms:7.1f} ms", markup=False, highlight=False)
     if out is not None:
         out.write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
+
+
+@app.command("serving")
+def serving_cmd(
+    model: Annotated[str, typer.Option(help="Packaged model name or checkpoint dir.")] = "smollm2",
+    method: Annotated[str, typer.Option(help="Compression method of the plugin rows.")] = "snapkv",
+    ratios: Annotated[str, typer.Option(help="Comma-separated ratios in [0, 1).")] = "0,0.5,0.9",
+    context_tokens: Annotated[
+        int, typer.Option(min=200, help="Approximate document tokens in the prompt.")
+    ] = 6000,
+    new_tokens: Annotated[int, typer.Option(min=2, help="Tokens decoded per request.")] = 32,
+    repeats: Annotated[int, typer.Option(min=1, help="Requests per system; medians.")] = 3,
+    out: Annotated[Path | None, typer.Option(help="Also write the rows as JSON here.")] = None,
+) -> None:
+    """SGLang torch_native vs the kvrag backend: KV slots, prefill s, decode tokens/s.
+
+    Starts a torch_native engine, then a kvrag engine (one after the other, on the CPU),
+    and sends the same long prompt to each; ratios are to torch_native in the same run.
+    """
+    from kvrag.compression import parse_spec
+    from kvrag.engine_plugin.serving_bench import bench_serving
+
+    try:
+        ratio_list = [float(r) for r in ratios.split(",")]
+        for ratio in ratio_list:
+            parse_spec(f"{method}:{ratio}")
+        model_path = resolve_model(model, console)
+    except (SpecError, ModelNotFoundError, ValueError) as e:
+        fail(str(e))
+    with console.status("benchmarking") as status:
+        n, rows = bench_serving(model_path, method, ratio_list, context_tokens, new_tokens,
+                                repeats, on_step=lambda label: status.update(label))
+    console.print(f"{model}: {n}-token prompt, {new_tokens} decoded tokens, median of "
+                  f"{repeats} repeats; ratios to torch_native", markup=False)
+    _print_table(
+        ("system", "KV slots", "KV/base", "prefill s", "prefill/base", "decode tok/s",
+         "speed/base", "compress s"),
+        [(r.system, f"{r.kv_slots:,.0f}", f"{r.kv_vs_base:.2f}", f"{r.prefill_s:.1f}",
+          f"{r.prefill_vs_base:.2f}", f"{r.decode_tok_s:.2f}", f"{r.decode_speed_vs_base:.2f}",
+          f"{r.compress_s:.3f}") for r in rows])
+    if out is not None:
+        out.write_text(json.dumps({"prompt_tokens": n, "rows": [r.to_json() for r in rows]},
+                                  indent=2) + "\n")
+
+
+@app.command("eviction")
+def eviction_cmd(
+    policies: Annotated[str, typer.Option(help="Comma-separated radix eviction policies.")] = (
+        "lru,lfu,slru,kvrag-cost"),
+    seeds: Annotated[int, typer.Option(min=1, help="Seeded traces per workload.")] = 3,
+    out: Annotated[Path | None, typer.Option(help="Also write the rows as JSON here.")] = None,
+) -> None:
+    """Recomputed prefill tokens and hit rate per eviction policy, on the same traces.
+
+    A trace-driven simulation on SGLang's own radix cache (Python tree core) of
+    long-context QA: six 2-4k-token corpora, 300 skewed, interleaved questions, a cache of
+    2.5 corpora; once with stationary popularity, once redrawn in three phases.
+    """
+    from kvrag.engine_plugin.eviction_sim import Workload, run_eviction_benchmark
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    results = {}
+    for title, workload in (("stationary", Workload()), ("3 phases", Workload(phases=3))):
+        with console.status(f"replaying {title} traces"):
+            try:
+                rows = run_eviction_benchmark(names, tuple(range(seeds)), workload)
+            except ValueError as e:
+                fail(str(e))
+        results[title] = rows
+        console.print(f"{title}: {workload.corpora} corpora, {workload.questions} questions "
+                      f"x {seeds} seeds, cache {workload.capacity():,} tokens", markup=False)
+        _print_table(
+            ("policy", "prompt tokens", "recomputed", "hit rate", "recomputed/lru"),
+            [(r["policy"], f"{r['prompt_tokens']:,}", f"{r['recomputed_tokens']:,}",
+              f"{r['hit_rate']:.1%}",
+              "-" if r["recomputed_vs_lru"] is None else f"{r['recomputed_vs_lru']:.2f}")
+             for r in rows])
+    if out is not None:
+        out.write_text(json.dumps(results, indent=2) + "\n")

@@ -140,27 +140,3 @@ def run_eviction_benchmark(policies: Sequence[str] = POLICIES,
     for row in rows:
         row["recomputed_vs_lru"] = row["recomputed_tokens"] / lru if lru else None
     return rows
-
-
-def main() -> None:
-    """Print one table per workload: the stationary one and one whose popularity drifts."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    seeds = (0, 1, 2)
-    for title, workload in (("stationary popularity", Workload()),
-                            ("popularity redrawn in 3 phases", Workload(phases=3))):
-        rows = run_eviction_benchmark(seeds=seeds, workload=workload)
-        table = Table(title=f"Radix eviction, {title}: {workload.corpora} corpora, "
-                            f"{workload.questions} questions x {len(seeds)} seeds, cache "
-                            f"{workload.capacity()} tokens")
-        for column in ("policy", "prompt tokens", "recomputed prefill tokens", "hit rate",
-                       "recomputed vs lru"):
-            table.add_column(column, justify="left" if column == "policy" else "right")
-        for row in rows:
-            ratio = row["recomputed_vs_lru"]
-            table.add_row(row["policy"], f"{row['prompt_tokens']:,}",
-                          f"{row['recomputed_tokens']:,}", f"{row['hit_rate']:.1%}",
-                          "-" if ratio is None else f"{ratio:.2f}x")
-        console.print(table)
