@@ -16,6 +16,7 @@ Shapes follow SGLang: q [tokens, q_heads * head_dim], pool buffers [slot, kv_hea
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -141,7 +142,8 @@ class KvragAttnBackend(AttentionBackend):
 
     # --- called by the scheduler hook after a request's last prefill chunk ---
     def compress(self, row: int, *, rid: str, protected: int, spec: CompressionSpec,
-                 span: tuple[int, int]) -> CompactionResult | None:
+                 span: tuple[int, int], make_room: Callable[[int], object] | None = None,
+                 ) -> CompactionResult | None:
         """Compress the prompt KV of the request in ``row``; None leaves it uncompressed."""
         tail = self.tails.pop(row, None)
         if tail is None or len(tail.layers) != len(self.layer_ids) or tail.end < span[1]:
@@ -159,7 +161,11 @@ class KvragAttnBackend(AttentionBackend):
             self.pool, self.allocator, self.req_to_token[row], rid=rid, n=n,
             protected=protected, layer_ids=self.layer_ids,
             queries=[tail.layers[lid] for lid in self.layer_ids], spec=spec, span=span,
+            make_room=make_room,
         )
+        if result is None:
+            logger.warning("kvrag: no free slots for the compacted cache of request %s (its "
+                           "prefix is shared); left uncompressed", rid)
         if result is not None:
             self.compacted[row] = result.compacted
         return result

@@ -23,6 +23,7 @@ reads at decode and the release hook frees instead of the stale ``[protected, n)
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -75,12 +76,13 @@ def kept_positions(
 def compact(
     pool, allocator, row: torch.Tensor, *, rid: str, n: int, protected: int,
     layer_ids: list[int], queries: list[torch.Tensor], spec: CompressionSpec,
-    span: tuple[int, int],
+    span: tuple[int, int], make_room: Callable[[int], object] | None = None,
 ) -> CompactionResult | None:
     """Compress positions ``[0, n)`` of ``row`` in ``pool``; None if no slots to spare.
 
     pool: SGLang KV pool (``get_key_buffer(layer_id)`` -> [slots, kv_heads, d]);
-    queries[i]: [m, q_heads, d] captured at prefill for ``layer_ids[i]``.
+    queries[i]: [m, q_heads, d] captured at prefill for ``layer_ids[i]``;
+    make_room(k): evict unlocked radix-cache entries until k slots can be allocated.
     """
     t0 = time.perf_counter()
     ctx = row[:n].clone()
@@ -94,6 +96,9 @@ def compact(
         slots, to_free = own[:kmax], own[kmax:]
     else:
         extra = allocator.alloc(kmax - own.numel())
+        if extra is None and make_room is not None:
+            make_room(kmax - own.numel())
+            extra = allocator.alloc(kmax - own.numel())
         if extra is None:
             return None
         allocated = kmax - own.numel()

@@ -184,9 +184,10 @@ def _around_prefill(original, scheduler, batch, *args, **kwargs):
                 or req.kv.req_pool_idx in active.compacted):
             continue
         free_before = allocator.available_size()
-        done = active.compress(req.kv.req_pool_idx, rid=req.rid,
-                               protected=req.kv.cache_protected_len, spec=req.kvrag.spec,
-                               span=req.kvrag.span)
+        done = active.compress(
+            req.kv.req_pool_idx, rid=req.rid, protected=req.kv.cache_protected_len,
+            spec=req.kvrag.spec, span=req.kvrag.span,
+            make_room=lambda k: allocator.evict_to_free_tokens(scheduler.tree_cache, k))
         if done is not None:
             _record(req.rid, req.kvrag, done, free_before, allocator.available_size())
     return result

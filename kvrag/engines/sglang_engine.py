@@ -97,6 +97,9 @@ class SGLangEngine:
         t1 = time.perf_counter()
         ids = [i for i in last.get("output_ids", []) if i not in self.stop_ids]
         stats = self._stats_of(last["meta_info"]["id"])
+        if compression is not None and stats is None:
+            raise RuntimeError(f"SGLang left the {compression.name} request uncompressed "
+                               "(its log says why); its answer would be a full-cache one")
         n = len(enc.input_ids)
         kv_tokens = stats["kv_tokens"] if stats else float(n)
         prefill = (first or t1) - t0

@@ -1,1 +1,1 @@
-"""LoRA fine-tuning for in-context retrieval (SFT, GRPO). Empty until issue 6."""
+"""LoRA fine-tuning for in-context retrieval: target formats, examples, GRPO rewards."""

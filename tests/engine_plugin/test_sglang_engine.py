@@ -152,7 +152,8 @@ def test_compressed_request_leaves_the_shared_prefix_intact(engine, reference, s
     # a compressed request over the same prefix reads the tree's slots, frees only its own
     _, _, rid = _generate(engine, PROMPTS["shared_b"], _params("snapkv:0.75"))
     record = _stats(stats_path, rid)
-    assert record is not None and record["protected"] >= len(PREFIX) - 1
+    # the tree holds the 960-token prefix; the request recomputes the 64 scored queries
+    assert record is not None and record["protected"] == CONTEXT - 64
     # an uncompressed request over the prefix answers as on a fresh engine
     ids, logprobs, _ = _generate(engine, PROMPTS["shared_b"], _params("none"))
     assert ids == reference["shared_b"][0]
@@ -176,3 +177,15 @@ def test_invalid_request_spec_is_refused_with_the_reason(engine):
         engine.generate(input_ids=PROMPTS["plain"][:100], sampling_params=_params("snapkv:1.5"))
     ids, _, _ = _generate(engine, PROMPTS["plain"][:100], _params("snapkv:0.5"))
     assert len(ids) == MAX_NEW  # the engine serves on
+
+
+def test_compaction_evicts_cached_prefixes_when_the_pool_is_full(engine, stats_path):
+    engine.flush_cache()
+    prompts = [_ids(100 + i, CONTEXT) for i in range(8)]  # 8,000 tokens: the pool is 8,192
+    for ids in prompts:
+        _generate(engine, ids, _params("none"))
+    # the prefix is cached, so the compacted cache needs slots beyond the 64 recomputed
+    _, _, rid = _generate(engine, prompts[-1], _params("snapkv:0.0"))
+    record = _stats(stats_path, rid)
+    assert record is not None and record["keep"] == [CONTEXT, CONTEXT]
+    assert record["protected"] == CONTEXT - 64 and record["allocated"] == CONTEXT - 64
