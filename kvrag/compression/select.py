@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kvrag.compression.base import Method
+from kvrag.compression.base import Method, ScoringInput
+from kvrag.compression.spec import CompressionSpec
 
 
 def select_kept(scores: torch.Tensor, span: tuple[int, int], keep: int) -> torch.Tensor:
@@ -32,3 +33,24 @@ def layer_budgets(method: Method, keep: int, n_layers: int, n_evictable: int) ->
     if sum(budgets) != keep * n_layers or not all(0 <= b <= n_evictable for b in budgets):
         raise AssertionError(f"{method.name} produced invalid layer budgets {budgets}")
     return budgets
+
+
+def kept_positions(
+    spec: CompressionSpec, keys: list[torch.Tensor], queries: list[torch.Tensor],
+    span: tuple[int, int],
+) -> list[torch.Tensor]:
+    """Per layer, [kv_heads, kept] positions to keep, by the shared scoring code.
+
+    keys[layer]: [kv_heads, n, d]; queries[layer]: [q_heads, m, d] (the prompt's last m).
+    Scores only choose indices, so no gradient flows through them.
+    """
+    method = spec.build()
+    n_layers = len(keys)
+    n_doc = span[1] - span[0]
+    budgets = layer_budgets(method, spec.kept(n_doc), n_layers, n_doc)
+    with torch.no_grad():
+        return [
+            select_kept(method.score(ScoringInput(k.detach(), q.detach(), layer, n_layers)),
+                        span, budgets[layer])
+            for layer, (k, q) in enumerate(zip(keys, queries, strict=True))
+        ]

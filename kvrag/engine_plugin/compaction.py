@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvrag.compression import CompressionSpec, ScoringInput, layer_budgets, select_kept
+from kvrag.compression import CompressionSpec, kept_positions
 
 
 @dataclass
@@ -53,24 +53,6 @@ class CompactionResult:
     freed: int  # slots returned to the allocator
     allocated: int  # extra slots taken (only when own slots were fewer than kmax)
     seconds: float
-
-
-def kept_positions(
-    spec: CompressionSpec, keys: list[torch.Tensor], queries: list[torch.Tensor],
-    span: tuple[int, int],
-) -> list[torch.Tensor]:
-    """Per layer, [kv_heads, kept] positions to keep, by the shared scoring code.
-
-    keys[layer]: [kv_heads, n, d]; queries[layer]: [q_heads, m, d] (the prompt's last m).
-    """
-    method = spec.build()
-    n_layers = len(keys)
-    n_doc = span[1] - span[0]
-    budgets = layer_budgets(method, spec.kept(n_doc), n_layers, n_doc)
-    return [
-        select_kept(method.score(ScoringInput(k, q, layer, n_layers)), span, budgets[layer])
-        for layer, (k, q) in enumerate(zip(keys, queries, strict=True))
-    ]
 
 
 def compact(

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from kvrag.compression import CompressionSpec, ScoringInput, layer_budgets, select_kept
+from kvrag.compression import CompressionSpec, kept_positions
 from kvrag.data.prompt import Prompt
 from kvrag.engines import hf_attention
 from kvrag.engines.base import Cost, Generation
@@ -44,6 +44,16 @@ class CompressedCache:
     cache: DynamicCache
     kept: list[torch.Tensor]  # per layer, [kv_heads, n_kept] original token indices
     seconds: float
+
+
+def gather_cache(cache: DynamicCache, kept: list[torch.Tensor]) -> DynamicCache:
+    """A new cache of each layer's ``kept[layer]`` [kv_heads, k] positions (differentiable)."""
+    out = DynamicCache()
+    for layer, idx in enumerate(kept):
+        keys, values = cache.layers[layer].keys, cache.layers[layer].values  # [1, h, n, d]
+        gather = idx[None, :, :, None].expand(-1, -1, -1, keys.shape[-1])
+        out.update(keys.gather(2, gather), values.gather(2, gather), layer)
+    return out
 
 
 class HFEngine:
@@ -105,31 +115,22 @@ class HFEngine:
         """
         t0 = time.perf_counter()
         n = len(pre.ids)
-        cache = DynamicCache()
-        kept: list[torch.Tensor] = []
         method = spec.build() if spec is not None else None
-        budgets: list[int] | None = None
-        if method is not None and not method.dynamic:
+        if method is None or method.dynamic:
+            kv_heads = pre.cache.layers[0].keys.shape[1]
+            kept = [torch.arange(n).expand(kv_heads, -1)] * self.n_layers
+        else:
             needed = method.queries_needed()
             have = pre.queries[0].shape[1]
             if (needed is None and have < n) or (needed is not None and have < min(needed, n)):
                 raise ValueError(
                     f"{method.name} scores with {needed or 'all'} prompt queries but the engine "
                     f"keeps {have}; create HFEngine(capture_queries=None)")
-            n_doc = span[1] - span[0]
-            budgets = layer_budgets(method, spec.kept(n_doc), self.n_layers, n_doc)
-        for layer in range(self.n_layers):
-            keys = pre.cache.layers[layer].keys  # [1, kv_heads, n, d]
-            values = pre.cache.layers[layer].values
-            if budgets is None:
-                idx = torch.arange(n).expand(keys.shape[1], -1)
-            else:
-                assert method is not None
-                inp = ScoringInput(keys[0], pre.queries[layer], layer, self.n_layers)
-                idx = select_kept(method.score(inp), span, budgets[layer])
-            gather = idx[None, :, :, None].expand(-1, -1, -1, keys.shape[-1])
-            cache.update(keys.gather(2, gather), values.gather(2, gather), layer)
-            kept.append(idx)
+            assert spec is not None
+            kept = kept_positions(
+                spec, [pre.cache.layers[layer].keys[0] for layer in range(self.n_layers)],
+                [pre.queries[layer] for layer in range(self.n_layers)], span)
+        cache = gather_cache(pre.cache, kept)
         return CompressedCache(cache, kept, time.perf_counter() - t0)
 
     @torch.inference_mode()

@@ -1,0 +1,184 @@
+"""LoRA supervised fine-tuning on corpus-in-context prompts, loss on the target only.
+
+Reads top to bottom: encode examples (prompt tokens masked out of the loss), wrap the
+model with a PEFT LoRA adapter, then a plain loop of gradient-accumulated AdamW steps,
+checkpointing so an interrupted run resumes at its last saved step. With ``compress``,
+every example's prompt cache is compressed by the shared method code before the target
+is scored (compression-aware training): the adapter learns to answer from what a
+compressed server keeps, and gradients reach the prompt through the kept entries.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvrag.compression import CompressionSpec, parse_spec
+from kvrag.engines.chat import END_OF_TURN, encode_prompt
+from kvrag.train.examples import Example
+
+IGNORE = -100  # label of tokens left out of the loss
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16  # adapter rank
+    alpha: int = 32  # scale alpha / r
+    dropout: float = 0.05
+    # every attention and MLP projection of a Llama-style block
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
+                                       "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class SFTConfig:
+    fmt: str = "answer"  # target format (kvrag.train.formats.FORMATS)
+    steps: int = 50  # optimizer steps
+    grad_accum: int = 4  # examples per step (one at a time: prompts are long)
+    lr: float = 2e-4
+    seed: int = 0
+    save_every: int = 10  # steps between checkpoints
+    compress: str | None = None  # e.g. "snapkv:0.5": compression-aware training
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on prompt tokens
+    span: tuple[int, int]  # the documents' tokens (what compression may evict)
+
+    @property
+    def prompt_len(self) -> int:
+        return next(i for i, label in enumerate(self.labels) if label != IGNORE)
+
+
+def encode_example(tokenizer, example: Example) -> Encoded:
+    """Chat-templated prompt + target + end of turn; only the target is learned."""
+    enc = encode_prompt(tokenizer, example.prompt)
+    target = tokenizer(example.target + END_OF_TURN, add_special_tokens=False)["input_ids"]
+    return Encoded(enc.input_ids + target, [IGNORE] * len(enc.input_ids) + target, enc.span)
+
+
+def target_loss(model, item: Encoded, spec: CompressionSpec | None) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens, from a full or a compressed prompt cache."""
+    ids = torch.tensor([item.input_ids])
+    labels = torch.tensor([item.labels])
+    cut = item.prompt_len
+    if spec is None:
+        # logits of the last prompt position and the target only: a long prompt's full
+        # [tokens, vocab] logits would dominate memory and time
+        out = model(input_ids=ids, logits_to_keep=ids.shape[1] - cut + 1)
+        return torch.nn.functional.cross_entropy(out.logits[0, :-1], labels[0, cut:])
+    from kvrag.compression import kept_positions
+    from kvrag.engines import hf_attention
+    from kvrag.engines.hf import gather_cache
+
+    hooks = hf_attention.AttentionHooks(captured={},
+                                        capture_last=spec.build().queries_needed())
+    with hf_attention.attention_hooks(hooks):
+        out = model(input_ids=ids[:, :cut], use_cache=True, logits_to_keep=1)
+    layers = out.past_key_values.layers
+    kept = kept_positions(spec, [layer.keys[0] for layer in layers],
+                          [hooks.captured[i] for i in range(len(layers))], item.span)
+    cache = gather_cache(out.past_key_values, kept)
+    positions = torch.arange(cut, ids.shape[1])[None]
+    rest = model(input_ids=ids[:, cut:], position_ids=positions, past_key_values=cache)
+    # the first target token is predicted by the prompt's last position
+    logits = torch.cat([out.logits[:, -1:], rest.logits[:, :-1]], dim=1)
+    return torch.nn.functional.cross_entropy(logits[0], labels[0, cut:])
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    resumed_from: int
+    seconds: float
+    losses: list[float]
+
+
+def train_sft(
+    model_path: Path, examples: Sequence[Example], cfg: SFTConfig, out: Path,
+    on_step: Callable[[int, float], None] = lambda step, loss: None,
+) -> TrainResult:
+    """Train a LoRA adapter into ``out`` (a standard PEFT directory); resumes from
+    ``out/checkpoint`` when an earlier run with the same config was interrupted."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvrag.engines import hf_attention
+
+    spec = parse_spec(cfg.compress) if cfg.compress else None
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    items = [encode_example(tokenizer, ex) for ex in examples]
+    if not items:
+        raise ValueError("no training examples")
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                attn_implementation=hf_attention.NAME)
+    checkpoint = out / "checkpoint"
+    state = _load_state(checkpoint, cfg)
+    if state is not None:
+        model = PeftModel.from_pretrained(base, checkpoint, is_trainable=True)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = get_peft_model(base, LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.lr)
+    start, losses = 0, []
+    if state is not None:
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt"))
+        start, losses = state["step"], state["losses"]
+    # one fixed order per epoch, the same on a resumed run
+    order = [i for epoch in range(cfg.steps * cfg.grad_accum // len(items) + 1)
+             for i in random.Random(cfg.seed + epoch).sample(range(len(items)), len(items))]
+    t0 = time.perf_counter()
+    for step in range(start, cfg.steps):
+        optimizer.zero_grad()
+        total = 0.0
+        for k in range(cfg.grad_accum):
+            loss = target_loss(model, items[order[step * cfg.grad_accum + k]], spec)
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+        optimizer.step()
+        losses.append(total)
+        on_step(step + 1, total)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            _save_state(model, optimizer, checkpoint, cfg, step + 1, losses)
+    model.save_pretrained(out)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    return TrainResult(out, cfg.steps, start, time.perf_counter() - t0, losses)
+
+
+def _save_state(model, optimizer, checkpoint: Path, cfg: SFTConfig, step: int,
+                losses: list[float]) -> None:
+    """Adapter, optimizer and step, written whole or not at all."""
+    tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(
+        {"step": step, "losses": losses, "config": asdict(cfg)}))
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    tmp.rename(checkpoint)
+
+
+def _load_state(checkpoint: Path, cfg: SFTConfig) -> dict | None:
+    path = checkpoint / "state.json"
+    if not path.exists():
+        return None
+    state = json.loads(path.read_text())
+    if state["config"] != json.loads(json.dumps(asdict(cfg))):
+        raise ValueError(f"{checkpoint} was saved by a run with other settings; use another "
+                         "--out or the same settings to resume")
+    return state
