@@ -1,0 +1,81 @@
+"""``kvrag train``: LoRA adapters for in-context retrieval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from kvrag.cli.common import console, fail
+
+app = typer.Typer(help="Fine-tune LoRA adapters (PEFT) for in-context retrieval.",
+                  no_args_is_help=True)
+
+
+@app.command("sft")
+def sft_cmd(
+    out: Annotated[Path, typer.Option(help="Adapter directory (a standard PEFT adapter).")],
+    fmt: Annotated[str, typer.Option(
+        "--format", help="Target: answer, ids, ids+quotes or ids+copy.")] = "answer",
+    dataset: Annotated[str, typer.Option(
+        help="A .jsonl dataset, or 'demo' for the demo training split (seed 1, disjoint "
+             "from the evaluation suite).")] = "demo",
+    model: Annotated[str, typer.Option(help="Packaged model name or checkpoint dir.")] = "smollm2",
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 50,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 4,
+    lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 2e-4,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use the first N instances.")] = None,
+    compress: Annotated[str | None, typer.Option(
+        help="Compression-aware training, e.g. snapkv:0.5: score targets from the "
+             "compressed prompt cache.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of document order and sampling.")] = 0,
+) -> None:
+    """Supervised LoRA fine-tuning on the target only (prompt tokens masked).
+
+    Rerunning the same command after an interruption resumes from OUT/checkpoint.
+    """
+    from transformers import AutoTokenizer
+
+    from kvrag.compression import SpecError, parse_spec
+    from kvrag.data.loaders import load_dataset
+    from kvrag.data.schema import DatasetError
+    from kvrag.engines.models import ModelNotFoundError, resolve_model
+    from kvrag.train.examples import build_examples, demo_train_split
+    from kvrag.train.formats import FORMATS, FormatError
+    from kvrag.train.sft import LoraSettings, SFTConfig, train_sft
+
+    if fmt not in FORMATS:
+        fail(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    try:
+        if compress:
+            parse_spec(compress)
+        instances = demo_train_split() if dataset == "demo" else load_dataset(dataset)
+        instances = instances[:limit] if limit else instances
+        model_path = resolve_model(model, console)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        examples = build_examples(
+            instances, fmt, seed,
+            lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    except (SpecError, DatasetError, ModelNotFoundError, FormatError) as e:
+        fail(str(e))
+    cfg = SFTConfig(fmt=fmt, steps=steps, grad_accum=grad_accum, lr=lr, seed=seed,
+                    compress=compress, lora=LoraSettings(r=rank, alpha=2 * rank))
+    console.print(f"SFT of {model} on {len(examples)} {dataset} examples, format {fmt}"
+                  f"{f', compression-aware ({compress})' if compress else ''}: {steps} steps x "
+                  f"{grad_accum} examples")
+    columns = (TextColumn("step"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("sft", total=steps, loss="–")
+        try:
+            result = train_sft(model_path, examples, cfg, out, on_step=lambda step, loss:
+                               progress.update(task, completed=step, loss=f"{loss:.3f}"))
+        except ValueError as e:
+            fail(str(e))
+    console.print(f"Adapter in {result.adapter_dir} ({result.steps} steps"
+                  f"{f', resumed at step {result.resumed_from}' if result.resumed_from else ''}"
+                  f", {result.seconds:.0f} s); loss {result.losses[0]:.3f} -> "
+                  f"{result.losses[-1]:.3f}")
