@@ -34,12 +34,15 @@ ENGINES = ("hf", "sglang")
 SYSTEMS_HELP = f"Comma-separated systems; known: {', '.join(SYSTEM_HELP.values())}."
 
 
-def _load_engine(name: str, model_path: Path, systems: list[System]):
+def _load_engine(name: str, model_path: Path, systems: list[System], adapter: Path | None):
     if name == "hf":
         from kvrag.engines.hf import HFEngine
 
         specs = [s.spec for s in systems if isinstance(s, CompressedContext)]
-        return HFEngine(model_path, capture_queries=queries_needed(specs))
+        return HFEngine(model_path, capture_queries=queries_needed(specs), adapter=adapter)
+    if adapter is not None:
+        fail("--adapter runs on the hf engine; for sglang, merge it first with `kvrag train "
+             "merge --adapter DIR --out CKPT` and pass --model CKPT")
     if name == "sglang":
         from kvrag.engine_plugin.config import check_servable
         from kvrag.engines.sglang_engine import SGLangEngine
@@ -65,6 +68,8 @@ def compare(
     model: Annotated[
         str, typer.Option(help="A packaged model name (smollm2) or a local HF checkpoint dir.")
     ] = "smollm2",
+    adapter: Annotated[Path | None, typer.Option(
+        help="A PEFT LoRA adapter directory (kvrag train) applied to the model.")] = None,
     engine: Annotated[str, typer.Option(help=(
         "Engine: hf (transformers), or sglang (the real SGLang engine with the kvrag plugin, "
         "started once for the run)."))] = "hf",
@@ -92,6 +97,8 @@ def compare(
     """
     if engine not in ENGINES:
         fail(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
+    if adapter is not None and not (adapter / "adapter_config.json").exists():
+        fail(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
     try:
         rag = RagConfig(index_dir=index_dir or kvrag_home() / "index", chroma_url=chroma_url,
                         chunk_tokens=chunk_tokens, order=rag_order)
@@ -107,6 +114,8 @@ def compare(
     instances = instances[:limit] if limit else instances
     run_config = {"model": model, "engine": engine, "dataset": dataset,
                   "dataset_sha256": fingerprint(dataset), "max_new_tokens": max_new_tokens}
+    if adapter is not None:
+        run_config["adapter"] = str(adapter.resolve())
     try:
         store = ResultStore(out, run_config)
     except StoreMismatchError as e:
@@ -117,7 +126,7 @@ def compare(
         console.print(f"{total - len(work)}/{total} answers already in {store.path}; "
                       f"running {len(work)} more with {model} on {engine}.")
         with console.status("Loading model..."):
-            eng = _load_engine(engine, model_path, system_list)
+            eng = _load_engine(engine, model_path, system_list, adapter)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("SubEM {task.fields[subem]}"), TimeRemainingColumn())
         with Progress(*columns, console=console) as progress:
@@ -136,9 +145,10 @@ def compare(
                     eng.close()
     else:
         console.print(f"All {total} answers are already in {store.path}; nothing to run.")
+    label = model if adapter is None else f"{model} + adapter {adapter}"
     summary = summarize(store.records, [s.name for s in system_list],
                         [i.id for i in instances],
-                        {"model": model, "engine": engine, "dataset": dataset}, seed=seed)
+                        {"model": label, "engine": engine, "dataset": dataset}, seed=seed)
     write_reports(summary, out)
     console.print((out / "summary.md").read_text(), markup=False, highlight=False)
     console.print(f"Results in {out}/ (results.jsonl, summary.json, summary.md, "

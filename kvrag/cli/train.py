@@ -79,3 +79,29 @@ def sft_cmd(
                   f"{f', resumed at step {result.resumed_from}' if result.resumed_from else ''}"
                   f", {result.seconds:.0f} s); loss {result.losses[0]:.3f} -> "
                   f"{result.losses[-1]:.3f}")
+
+
+@app.command("merge")
+def merge_cmd(
+    adapter: Annotated[Path, typer.Option(help="A PEFT LoRA adapter directory.")],
+    out: Annotated[Path, typer.Option(help="Where to write the merged checkpoint.")],
+    model: Annotated[str, typer.Option(help="The adapter's base model.")] = "smollm2",
+) -> None:
+    """Merge an adapter into its base model: a plain checkpoint any engine (SGLang) loads."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvrag.engines.models import ModelNotFoundError, resolve_model
+
+    if not (adapter / "adapter_config.json").exists():
+        fail(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    try:
+        model_path = resolve_model(model, console)
+    except ModelNotFoundError as e:
+        fail(str(e))
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    merged.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(out)
+    console.print(f"Merged {adapter} into {model}: {out}")

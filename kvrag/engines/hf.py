@@ -61,10 +61,11 @@ class HFEngine:
 
     def __init__(
         self, model_path: str | Path, dtype: torch.dtype = torch.float32,
-        capture_queries: int | None = 64,
+        capture_queries: int | None = 64, adapter: str | Path | None = None,
     ) -> None:
         """``capture_queries``: how many of the prompt's last queries each prefill keeps for
         the scoring methods (64 serves snapkv, pyramidkv and tova; None keeps all, for h2o).
+        ``adapter``: a PEFT LoRA directory, merged into the weights for decoding speed.
         """
         self.model_path = Path(model_path)
         self.model_name = self.model_path.name
@@ -72,6 +73,11 @@ class HFEngine:
         self.model = AutoModelForCausalLM.from_pretrained(
             self.model_path, dtype=dtype, attn_implementation=hf_attention.NAME
         )
+        if adapter is not None:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload()
+            self.model_name = f"{self.model_name}+{Path(adapter).name}"
         self.model.eval()
         self.stop_ids = stop_ids(self.tokenizer, self.model.generation_config.eos_token_id)
         cfg = self.model.config

@@ -39,3 +39,36 @@ def test_sft_writes_a_peft_adapter(tmp_path, tiny_model_dir):
     assert (out / "adapter_model.safetensors").exists()
     again = CliRunner().invoke(app, args)  # finished: resumes at the end, trains nothing
     assert again.exit_code == 0 and "resumed at step 2" in again.output
+
+
+@pytest.mark.slow
+def test_adapter_runs_in_compare_and_merges_to_a_checkpoint(tmp_path, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvrag.engines.hf import HFEngine
+
+    data = _dataset(tmp_path / "gold.jsonl", gold=True)
+    adapter = tmp_path / "adapter"
+    runner = CliRunner()
+    assert runner.invoke(app, ["train", "sft", "--dataset", str(data), "--model",
+                               str(tiny_model_dir), "--out", str(adapter), "--steps", "1",
+                               "--grad-accum", "1", "--lr", "0.05"]).exit_code == 0
+    result = runner.invoke(app, ["compare", "--dataset", str(data), "--model",
+                                 str(tiny_model_dir), "--adapter", str(adapter), "--systems",
+                                 "full", "--out", str(tmp_path / "run"), "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["adapter"] == str(adapter.resolve())
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["systems"]["full"]["n"] == 2
+
+    merged = tmp_path / "merged"
+    assert runner.invoke(app, ["train", "merge", "--adapter", str(adapter), "--model",
+                               str(tiny_model_dir), "--out", str(merged)]).exit_code == 0
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        via_adapter = HFEngine(tiny_model_dir, adapter=adapter).model(input_ids=ids).logits
+        via_merged = AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids).logits
+    assert torch.allclose(via_adapter, via_merged, atol=1e-5)
+    assert not torch.allclose(via_adapter, base, atol=1e-5)
