@@ -6,26 +6,14 @@ import pytest
 import torch
 
 from kvrag.compression import parse_spec
-from kvrag.data.schema import Doc, Instance
 from kvrag.train.examples import build_examples
 from kvrag.train.formats import count_words
 from kvrag.train.sft import IGNORE, SFTConfig, encode_example, target_loss, train_sft
 
 
-def _instances(n: int = 3) -> list[Instance]:
-    out = []
-    for i in range(n):
-        docs = [Doc(f"d{i}-{j}", f"Town {j}", f"Person {i}{j} was born in Town {j} in "
-                f"19{10 + j}. The town is known for its {['mills', 'bridges', 'fairs'][j]}.")
-                for j in range(3)]
-        out.append(Instance(f"q{i}", f"Where was Person {i}1 born?", ["Town 1"], docs,
-                            [f"d{i}-1"]))
-    return out
-
-
 @pytest.fixture(scope="module")
-def examples():
-    return build_examples(_instances(), "ids", seed=0, count_tokens=count_words)
+def examples(small_instances):
+    return build_examples(small_instances(3), "ids", seed=0, count_tokens=count_words)
 
 
 @pytest.fixture(scope="module")

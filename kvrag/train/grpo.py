@@ -1,0 +1,107 @@
+"""GRPO with verifiable rewards (TRL's GRPOTrainer) and the same LoRA set-up as SFT.
+
+Each prompt is the shared corpus-in-context chat prompt; TRL samples ``num_generations``
+completions per prompt and scores each with one kvrag reward (``rewards.REWARDS``), which
+sees the completion, its instance and the prompt (for the ``[DOC i]`` numbering).
+TRL checkpoints every ``save_every`` steps under ``OUT/trainer``; a rerun resumes from the
+last one. The adapter lands in ``OUT`` as a standard PEFT directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvrag.train.examples import Example
+from kvrag.train.formats import CountTokens, count_words
+from kvrag.train.rewards import JudgeFn, get_reward
+from kvrag.train.sft import LoraSettings, TrainResult
+
+
+@dataclass
+class GRPOSettings:
+    reward: str = "ao"  # kvrag.train.rewards.REWARDS, or "judge"
+    steps: int = 20
+    num_generations: int = 4  # completions per prompt, compared with each other
+    batch_size: int = 4  # completions per step; a multiple of num_generations
+    max_completion_tokens: int = 48
+    lr: float = 1e-5
+    beta: float = 0.001  # KL weight (the study's setting)
+    temperature: float = 1.0
+    seed: int = 0
+    save_every: int = 10
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+def reward_for_trl(name: str, examples: Sequence[Example], judge: JudgeFn | None = None,
+                   count_tokens: CountTokens = count_words) -> Callable[..., list[float]]:
+    """A TRL reward function: reads the ``example`` column to find each completion's case."""
+    reward = get_reward(name, judge=judge, count_tokens=count_tokens)
+
+    def score(prompts, completions, example, **kwargs) -> list[float]:
+        out = []
+        for completion, index in zip(completions, example, strict=True):
+            text = completion[-1]["content"] if isinstance(completion, list) else completion
+            case = examples[index]
+            out.append(reward(text, case.instance, case.prompt))
+        return out
+
+    score.__name__ = f"kvrag_{name}"
+    return score
+
+
+def train_grpo(
+    model_path: Path, examples: Sequence[Example], cfg: GRPOSettings, out: Path,
+    judge: JudgeFn | None = None, count_tokens: CountTokens = count_words,
+    on_step: Callable[[int, float], None] = lambda step, reward: None,
+) -> TrainResult:
+    """Train a LoRA adapter with GRPO into ``out``; ``on_step(step, mean reward)``."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import GRPOConfig, GRPOTrainer
+
+    if cfg.batch_size % cfg.num_generations:
+        raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of num_generations "
+                         f"{cfg.num_generations}")
+    dataset = Dataset.from_list([{"prompt": ex.prompt.messages(), "example": i}
+                                 for i, ex in enumerate(examples)])
+    work = out / "trainer"
+    args = GRPOConfig(
+        output_dir=str(work), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+        num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_tokens,
+        learning_rate=cfg.lr, beta=cfg.beta, temperature=cfg.temperature, seed=cfg.seed,
+        save_strategy="steps", save_steps=cfg.save_every, logging_steps=1, report_to="none",
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+    )
+
+    class Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "reward" in logs:
+                on_step(state.global_step, float(logs["reward"]))
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32),
+        reward_funcs=reward_for_trl(cfg.reward, examples, judge, count_tokens),
+        args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                               lora_dropout=cfg.lora.dropout,
+                               target_modules=list(cfg.lora.target_modules),
+                               task_type="CAUSAL_LM"),
+        callbacks=[Progress()],
+    )
+    resume = get_last_checkpoint(str(work)) if work.exists() else None
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.model.save_pretrained(out)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    rewards = [float(log["reward"]) for log in trainer.state.log_history if "reward" in log]
+    resumed = int(Path(resume).name.split("-")[-1]) if resume else 0
+    return TrainResult(out, cfg.steps, resumed, time.perf_counter() - t0, rewards)
