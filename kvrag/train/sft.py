@@ -102,7 +102,7 @@ class TrainResult:
     steps: int
     resumed_from: int
     seconds: float
-    losses: list[float]
+    per_step: list[float]  # training loss per step (SFT), or mean reward per step (GRPO)
 
 
 def train_sft(

@@ -72,3 +72,22 @@ def test_adapter_runs_in_compare_and_merges_to_a_checkpoint(tmp_path, tiny_model
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids).logits
     assert torch.allclose(via_adapter, via_merged, atol=1e-5)
     assert not torch.allclose(via_adapter, base, atol=1e-5)
+
+
+def test_grpo_unknown_reward_is_refused(tmp_path):
+    result = CliRunner().invoke(app, ["train", "grpo", "--reward", "vibes", "--out",
+                                      str(tmp_path / "a")])
+    assert result.exit_code == 2 and "id+q" in result.output
+
+
+@pytest.mark.slow
+def test_grpo_writes_a_peft_adapter(tmp_path, tiny_model_dir):
+    data = _dataset(tmp_path / "gold.jsonl", gold=True)
+    out = tmp_path / "adapter"
+    result = CliRunner().invoke(app, [
+        "train", "grpo", "--reward", "id", "--dataset", str(data), "--model",
+        str(tiny_model_dir), "--out", str(out), "--steps", "1", "--generations", "2",
+        "--batch-size", "2", "--max-completion-tokens", "6", "--rank", "4"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    assert "mean reward per step" in result.output

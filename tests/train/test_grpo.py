@@ -42,6 +42,6 @@ def test_a_grpo_step_runs_with_each_reward(reward, tiny_model_dir, tmp_path, sma
                         judge=judge if reward == "judge" else None,
                         on_step=lambda step, r: seen.append((step, r)))
     assert seen and seen[-1][0] == 1 and 0.0 <= seen[-1][1] <= 1.0
-    assert len(result.losses) == 1
+    assert len(result.per_step) == 1
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config["r"] == 4

@@ -82,7 +82,7 @@ def test_one_step_lowers_the_loss_on_its_batch(tiny_model_dir, tokenizer, exampl
     trained = _model(tiny_model_dir, result.adapter_dir)
     with torch.no_grad():
         after = sum(target_loss(trained, it, None).item() for it in items) / len(items)
-    assert result.losses[0] == pytest.approx(before, rel=1e-4)  # the step saw this batch
+    assert result.per_step[0] == pytest.approx(before, rel=1e-4)  # the step saw this batch
     assert after < before
     assert (result.adapter_dir / "adapter_config.json").exists()
 
@@ -99,8 +99,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny_model_dir, examples, t
     with pytest.raises(KeyboardInterrupt):
         train_sft(tiny_model_dir, examples, cfg, out, on_step=stop_at_two)
     resumed = train_sft(tiny_model_dir, examples, cfg, out)
-    assert resumed.resumed_from == 1 and len(resumed.losses) == 3
-    assert resumed.losses == pytest.approx(full.losses, rel=1e-4)
+    assert resumed.resumed_from == 1 and len(resumed.per_step) == 3
+    assert resumed.per_step == pytest.approx(full.per_step, rel=1e-4)
     with pytest.raises(ValueError, match="other settings"):
         train_sft(tiny_model_dir, examples, SFTConfig(steps=3, grad_accum=1, lr=2e-3), out)
 
