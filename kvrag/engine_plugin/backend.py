@@ -167,7 +167,7 @@ class KvragAttnBackend(AttentionBackend):
                                          save_kv_cache=save_kv_cache, **kwargs)
 
     def _capture(self, q: torch.Tensor, layer, forward_batch) -> None:
-        if layer.is_cross_attention:
+        if layer.is_cross_attention or forward_batch.extend_prefix_lens_cpu is None:
             return
         q = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         rows = forward_batch.req_pool_indices.tolist()

@@ -80,6 +80,8 @@ def for_request(custom_params: dict | None, n_prompt: int) -> RequestCompression
     Raises SpecError for an invalid spec or span, naming the parameter.
     """
     params = custom_params or {}
+    if not isinstance(params, dict):
+        raise SpecError(f"custom_params must be an object, got {type(params).__name__}")
     text = params.get(PARAM_SPEC)
     if text is None:
         spec = server_spec()

@@ -41,6 +41,7 @@ _PREFILL_DONE = ("sglang.srt.managers.scheduler_components.batch_result_processo
 _FREE_ROW = "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row"
 _MAX_PREFIX = "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len"
 _PRIVATE_TOKENS = "sglang.srt.managers.scheduler_components.pool_stats_observer.kv_private_tokens"
+_HOOK_TARGETS = (_REQ_INIT, _MAX_PREFIX, _PREFILL_DONE, _FREE_ROW, _PRIVATE_TOKENS)
 
 
 def register() -> None:
@@ -113,20 +114,7 @@ def create_backend(model_runner):
         raise ValueError(f"{config.ENV_INNER_BACKEND}={inner_name!r} is not an attention "
                          f"backend to wrap; choose one of {sorted(ATTENTION_BACKENDS)}")
     spec = config.server_spec()  # an invalid KVRAG_COMPRESSION stops the server here
-    if model_runner.page_size != 1:
-        raise ValueError(f"--attention-backend kvrag needs --page-size 1 "
-                         f"(got {model_runner.page_size}): compaction moves single slots")
-    from sglang.srt.arg_groups.model_override_base import resolved_view
-
-    args = resolved_view(model_runner.server_args)
-    if device != "cpu" and not args.disable_cuda_graph:
-        raise ValueError("--attention-backend kvrag decodes compressed requests outside CUDA "
-                         "graphs; add --disable-cuda-graph")
-    from sglang.srt.runtime_context import get_schedule
-
-    if not get_schedule().disable_overlap_schedule:
-        raise ValueError("--attention-backend kvrag compresses when a prefill's results are "
-                         "processed, before the next batch; add --disable-overlap-schedule")
+    _refuse_unsupported(model_runner, device)
     capture = config.capture_queries(spec)
     inner = ATTENTION_BACKENDS[inner_name](model_runner)
     created = backend.KvragAttnBackend(model_runner, inner, capture=capture)
@@ -136,6 +124,35 @@ def create_backend(model_runner):
     return created
 
 
+def _refuse_unsupported(model_runner, device: str) -> None:
+    """Settings under which a compressed request's cache would be read outside this
+    backend's decode (or shared with a draft model): refused, not served wrongly."""
+    from sglang.srt.arg_groups.model_override_base import resolved_view
+    from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    from sglang.srt.runtime_context import get_parallel, get_schedule, get_spec
+
+    refused = {
+        "the overlap scheduler (add --disable-overlap-schedule)":
+            not get_schedule().disable_overlap_schedule,
+        "CUDA graphs (add --disable-cuda-graph)":
+            device != "cpu" and not resolved_view(model_runner.server_args).disable_cuda_graph,
+        f"page size {model_runner.page_size} (use --page-size 1)": model_runner.page_size != 1,
+        "--enable-mixed-chunk": bool(getattr(get_schedule(), "enable_mixed_chunk", False)),
+        "speculative decoding": bool(get_spec().speculative_algorithm),
+        "DP attention": (get_parallel().attn_dp_size or 1) > 1,
+        "sliding-window (SWA) models": isinstance(model_runner.token_to_kv_pool, SWAKVPool),
+    }
+    problems = [name for name, present in refused.items() if present]
+    if problems:
+        raise ValueError(f"--attention-backend kvrag compresses between batches and decodes "
+                         f"compressed requests itself; it cannot run with {', '.join(problems)}")
+    missing = [t for t in _HOOK_TARGETS if t not in HookRegistry._patched]
+    if missing:
+        raise RuntimeError(f"kvrag hooks were not applied to {missing}; without them freed "
+                           f"slots would leak (is sglang the pinned 0.5.23?)")
+
+
 def _after_req_init(result, req, *args, **kwargs):
     from kvrag.engine_plugin import backend
 
@@ -143,6 +160,9 @@ def _after_req_init(result, req, *args, **kwargs):
         return result
     try:
         wanted = config.for_request(req.sampling_params.custom_params, len(req.origin_input_ids))
+        if wanted is not None and req.session is not None:
+            raise SpecError("compression is not served for session requests: a session "
+                            "keeps the request's KV row for its next turn")
         if wanted is not None:
             needed = wanted.spec.build().queries_needed()
             have = backend.ACTIVE.capture
@@ -150,7 +170,7 @@ def _after_req_init(result, req, *args, **kwargs):
                 raise SpecError(f"{wanted.spec.name} scores with {needed or 'all'} prompt "
                                 f"queries but the server keeps {have}; start it with "
                                 f"{config.ENV_CAPTURE}=all")
-    except SpecError as err:
+    except (SpecError, TypeError) as err:
         req.set_finish_with_abort(str(err))
         return result
     req.kvrag = wanted
@@ -173,14 +193,18 @@ def _around_prefill(original, scheduler, batch, *args, **kwargs):
 
     active = backend.ACTIVE
     # SGLang counts a request's middle chunks down while processing them: read it first
-    last_chunk = [req for req in batch.reqs
-                  if getattr(req, "kvrag", None) is not None and req.inflight_middle_chunks <= 0]
+    last_chunk = [req for req in batch.reqs if req.inflight_middle_chunks <= 0]
     result = original(scheduler, batch, *args, **kwargs)
     if active is None:
         return result
     allocator = scheduler.token_to_kv_pool_allocator
     for req in last_chunk:
-        if (req.finished() or req.is_retracted or not req.kv.holds_kv
+        if not req.kv.holds_kv:
+            continue
+        if getattr(req, "kvrag", None) is None or req.beam_group is not None:
+            active.tails.pop(req.kv.req_pool_idx, None)  # prefill done, nothing to score
+            continue
+        if (req.finished() or req.is_retracted
                 or req.kv.req_pool_idx in active.compacted):
             continue
         free_before = allocator.available_size()

@@ -64,3 +64,8 @@ def test_capture_follows_the_method_or_the_override(monkeypatch):
     monkeypatch.setenv(config.ENV_CAPTURE, "zero")
     with pytest.raises(SpecError, match="KVRAG_CAPTURE_QUERIES"):
         config.capture_queries(None)
+
+
+def test_malformed_custom_params_are_refused():
+    with pytest.raises(SpecError, match="custom_params must be an object"):
+        config.for_request("snapkv:0.5", 500)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -189,3 +191,15 @@ def test_compaction_evicts_cached_prefixes_when_the_pool_is_full(engine, stats_p
     record = _stats(stats_path, rid)
     assert record is not None and record["keep"] == [CONTEXT, CONTEXT]
     assert record["protected"] == CONTEXT - 64 and record["allocated"] == CONTEXT - 64
+
+
+def test_settings_the_backend_cannot_serve_stop_the_start(tiny_model_dir):
+    # in its own process: SGLang kills the parent process of a scheduler that fails to start
+    script = (f"import sglang\nif __name__ == '__main__':\n    sglang.Engine(model_path="
+              f"{str(tiny_model_dir)!r}, device='cpu', attention_backend='kvrag', "
+              f"disable_overlap_schedule=True, enable_mixed_chunk=True, "
+              f"chunked_prefill_size=256, max_total_tokens=4096, skip_tokenizer_init=True)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode != 0
+    assert "it cannot run with --enable-mixed-chunk" in run.stderr
