@@ -6,6 +6,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -15,3 +16,36 @@ def fail(message: str, code: int = 2) -> NoReturn:
     """Print one clear error line and exit non-zero."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
+
+
+class StepProgress:
+    """Progress of a long job with one live metric.
+
+    On a terminal it is a Rich bar; elsewhere (nohup, CI logs) Rich would print nothing
+    until the end, so each update is logged as a plain line instead.
+    """
+
+    def __init__(self, description: str, total: int, metric: str) -> None:
+        self.metric = metric
+        self.total = total
+        self.done = 0
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn(f"{metric} {{task.fields[value]}}"), TimeRemainingColumn())
+        self._bar = Progress(*columns, console=console, disable=not console.is_terminal)
+        self._task = self._bar.add_task(description, total=total, value="–")
+
+    def __enter__(self) -> StepProgress:
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.stop()
+
+    def update(self, completed: int, value: str, description: str | None = None) -> None:
+        self.done = completed
+        fields = {"description": description} if description else {}
+        self._bar.update(self._task, completed=completed, value=value, **fields)
+        if not console.is_terminal:
+            task = self._bar.tasks[0]
+            console.print(f"{task.description} {completed}/{self.total} {self.metric} {value}",
+                          highlight=False)

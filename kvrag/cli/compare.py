@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from kvrag.cli.common import console, fail
+from kvrag.cli.common import StepProgress, console, fail
 from kvrag.compression import queries_needed
 from kvrag.data.loaders import LOADERS, fingerprint, load_dataset
 from kvrag.data.schema import DatasetError
@@ -127,16 +126,13 @@ def compare(
                       f"running {len(work)} more with {model} on {engine}.")
         with console.status("Loading model..."):
             eng = _load_engine(engine, model_path, system_list, adapter)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("SubEM {task.fields[subem]}"), TimeRemainingColumn())
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task("answering", total=len(work), subem="–")
+        with StepProgress("answering", len(work), "SubEM") as progress:
             correct: list[float] = []
 
             def on_answer(record: dict) -> None:
                 correct.append(record["scores"]["subem"])
-                progress.update(task, advance=1, description=record["system"],
-                                subem=f"{100 * sum(correct) / len(correct):.0f}%")
+                progress.update(len(correct), f"{100 * sum(correct) / len(correct):.0f}%",
+                                description=record["system"])
 
             try:
                 run_comparison(work, eng, store, max_new_tokens, on_answer)

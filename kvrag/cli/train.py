@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from kvrag.cli.common import console, fail
+from kvrag.cli.common import StepProgress, console, fail
 
 app = typer.Typer(help="Fine-tune LoRA adapters (PEFT) for in-context retrieval.",
                   no_args_is_help=True)
@@ -66,13 +65,10 @@ def sft_cmd(
     console.print(f"SFT of {model} on {len(examples)} {dataset} examples, format {fmt}"
                   f"{f', compression-aware ({compress})' if compress else ''}: {steps} steps x "
                   f"{grad_accum} examples")
-    columns = (TextColumn("step"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("sft", total=steps, loss="–")
+    with StepProgress("step", steps, "loss") as progress:
         try:
             result = train_sft(model_path, examples, cfg, out, on_step=lambda step, loss:
-                               progress.update(task, completed=step, loss=f"{loss:.3f}"))
+                               progress.update(step, f"{loss:.3f}"))
         except ValueError as e:
             fail(str(e))
     console.print(f"Adapter in {result.adapter_dir} ({result.steps} steps"
@@ -134,14 +130,10 @@ def grpo_cmd(
                        lr=lr, seed=seed, lora=LoraSettings(r=rank, alpha=2 * rank))
     console.print(f"GRPO of {model} on {len(examples)} {dataset} prompts, reward {reward}: "
                   f"{steps} steps x {batch_size} completions ({generations} per prompt)")
-    columns = (TextColumn("step"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("reward {task.fields[reward]}"), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("grpo", total=steps, reward="–")
+    with StepProgress("step", steps, "reward") as progress:
         try:
             result = train_grpo(model_path, examples, cfg, out, count_tokens=count,
-                                on_step=lambda step, r: progress.update(
-                                    task, completed=step, reward=f"{r:.3f}"))
+                                on_step=lambda step, r: progress.update(step, f"{r:.3f}"))
         except ValueError as e:
             fail(str(e))
     console.print(f"Adapter in {result.adapter_dir} ({result.steps} steps, "

@@ -15,6 +15,8 @@ with ``custom_params`` in its sampling parameters (the OpenAI API passes them th
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from kvrag.compression import CompressionSpec, SpecError, parse_spec
@@ -31,6 +33,25 @@ PARAM_SPAN = "kvrag_span"
 # SnapKV's observation window is 64 tokens and is always kept; this tail is the same.
 PROTECTED_TAIL = 64
 DEFAULT_CAPTURE = 64  # SnapKV/PyramidKV's window, TOVA's last query
+
+
+@contextmanager
+def engine_environ(values: dict[str, str]) -> Iterator[None]:
+    """Set plugin variables while an in-process SGLang engine starts, then restore them.
+
+    SGLang's scheduler processes read their settings from the environment they inherit at
+    start, so there is no per-engine channel; the variables are process-wide while set.
+    """
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def server_spec() -> CompressionSpec | None:

@@ -10,8 +10,6 @@ The radix cache is flushed before every request, so no run reuses another's pref
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import tempfile
 import time
@@ -20,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kvrag.engine_plugin import config as plugin_config
+from kvrag.engine_plugin.stats import StatsLog
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ def _engine(model_path: Path, backend: str, max_total_tokens: int):
 
 
 def _run(engine, ids: list[int], new_tokens: int, custom: dict | None,
-         stats: Path | None) -> _Run:
+         stats: StatsLog | None) -> _Run:
     engine.flush_cache()
     params = {"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}
     if custom:
@@ -69,11 +68,7 @@ def _run(engine, ids: list[int], new_tokens: int, custom: dict | None,
         last = chunk
     t1 = time.perf_counter()
     assert first is not None and len(last["output_ids"]) == new_tokens
-    record = None
-    if stats is not None and stats.exists():
-        rid = last["meta_info"]["id"]
-        record = next((r for r in map(json.loads, stats.read_text().splitlines())
-                       if r["rid"] == rid), None)
+    record = stats.pop(last["meta_info"]["id"]) if stats is not None else None
     slots = len(ids) - record["freed"] + record["allocated"] if record else len(ids)
     return _Run(slots, first - t0, (new_tokens - 1) / (t1 - first),
                 record["seconds"] if record else 0.0)
@@ -115,21 +110,15 @@ def bench_serving(
                                         plugin_config.PARAM_SPAN: list(enc.span)})
         for ratio in ratios]
     runs |= {name: [] for name, _ in systems}
-    saved = os.environ.get(plugin_config.ENV_STATS)
-    os.environ[plugin_config.ENV_STATS] = str(stats)
-    try:
-        on_step("starting kvrag engine")
+    on_step("starting kvrag engine")
+    with plugin_config.engine_environ({plugin_config.ENV_STATS: str(stats)}):
         engine = _engine(model_path, "kvrag", pool)
-    finally:
-        if saved is None:
-            os.environ.pop(plugin_config.ENV_STATS)
-        else:
-            os.environ[plugin_config.ENV_STATS] = saved
+    log = StatsLog(stats)
     try:
         for r in range(repeats):
             for name, custom in systems:
                 on_step(f"{name} (repeat {r + 1}/{repeats})")
-                runs[name].append(_run(engine, ids, new_tokens, custom, stats))
+                runs[name].append(_run(engine, ids, new_tokens, custom, log))
     finally:
         engine.shutdown()
         stats.unlink(missing_ok=True)

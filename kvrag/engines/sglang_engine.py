@@ -11,8 +11,6 @@ The KV tokens a compressed request kept come from the plugin's stats file.
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from kvrag.compression import CompressionSpec
 from kvrag.data.prompt import Prompt
 from kvrag.engine_plugin import config as plugin_config
+from kvrag.engine_plugin.stats import StatsLog
 from kvrag.engines.base import Cost, Generation
 from kvrag.engines.chat import EncodedPrompt, encode_prompt, stop_ids
 
@@ -49,11 +48,10 @@ class SGLangEngine:
         self.n_layers = cfg.num_hidden_layers
         self.kv_bytes_per_token = 2 * kv_heads * head_dim * 4 * self.n_layers  # fp32
         self._stats = Path(tempfile.mkstemp(prefix="kvrag-plugin-", suffix=".jsonl")[1])
+        self._stats_log = StatsLog(self._stats)
         env = {plugin_config.ENV_STATS: str(self._stats),
                plugin_config.ENV_COMPRESSION: "none",
                plugin_config.ENV_CAPTURE: "all" if capture_all else ""}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # read by the engine's scheduler process at start
         cuda = torch.cuda.is_available()
         args = dict(
             model_path=str(self.model_path), attention_backend="kvrag",
@@ -62,14 +60,8 @@ class SGLangEngine:
             mem_fraction_static=0.3 if not cuda else 0.8, skip_tokenizer_init=True,
             random_seed=0,
         ) | engine_args
-        try:
+        with plugin_config.engine_environ(env):
             self.engine = sglang.Engine(**args)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -96,7 +88,7 @@ class SGLangEngine:
             last = chunk
         t1 = time.perf_counter()
         ids = [i for i in last.get("output_ids", []) if i not in self.stop_ids]
-        stats = self._stats_of(last["meta_info"]["id"])
+        stats = self._stats_log.pop(last["meta_info"]["id"])
         if compression is not None and stats is None:
             raise RuntimeError(f"SGLang left the {compression.name} request uncompressed "
                                "(its log says why); its answer would be a full-cache one")
@@ -112,14 +104,6 @@ class SGLangEngine:
             doc_tokens=enc.context_end - enc.context_start,
         )
         return Generation(self.tokenizer.decode(ids, skip_special_tokens=True), cost)
-
-    def _stats_of(self, rid: str) -> dict | None:
-        with open(self._stats, encoding="utf-8") as f:
-            for line in f:
-                record = json.loads(line)
-                if record["rid"] == rid:
-                    return record
-        return None
 
     def close(self) -> None:
         self.engine.shutdown()

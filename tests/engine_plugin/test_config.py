@@ -69,3 +69,17 @@ def test_capture_follows_the_method_or_the_override(monkeypatch):
 def test_malformed_custom_params_are_refused():
     with pytest.raises(SpecError, match="custom_params must be an object"):
         config.for_request("snapkv:0.5", 500)
+
+
+def test_engine_environ_restores_what_was_there(monkeypatch):
+    import os
+
+    from kvrag.engine_plugin.config import ENV_COMPRESSION, ENV_STATS, engine_environ
+
+    monkeypatch.setenv(ENV_COMPRESSION, "snapkv:0.5")
+    monkeypatch.delenv(ENV_STATS, raising=False)
+    with engine_environ({ENV_COMPRESSION: "none", ENV_STATS: "/tmp/s.jsonl"}):
+        assert os.environ[ENV_COMPRESSION] == "none"
+        assert os.environ[ENV_STATS] == "/tmp/s.jsonl"
+    assert os.environ[ENV_COMPRESSION] == "snapkv:0.5"
+    assert ENV_STATS not in os.environ

@@ -1,0 +1,10 @@
+from kvrag.cli.common import StepProgress
+
+
+def test_step_progress_logs_one_line_per_update_off_a_terminal(capsys):
+    with StepProgress("step", 3, "loss") as progress:
+        progress.update(1, "0.512")
+        progress.update(2, "0.401", description="snapkv:0.5")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["step 1/3 loss 0.512", "snapkv:0.5 2/3 loss 0.401"]
+    assert progress.done == 2
