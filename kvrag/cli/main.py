@@ -12,6 +12,7 @@ import typer  # noqa: E402
 
 from kvrag.cli import bench, data, rag, train  # noqa: E402
 from kvrag.cli.compare import compare  # noqa: E402
+from kvrag.cli.report import report  # noqa: E402
 from kvrag.cli.serve import serve  # noqa: E402
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.command()(compare)
+app.command()(report)
 app.command()(serve)
 app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")

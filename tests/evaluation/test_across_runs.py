@@ -1,0 +1,73 @@
+import json
+
+import pytest
+
+from kvrag.evaluation.across_runs import compare_runs, load_run, load_runs, render_markdown
+
+
+def _write_run(path, model, adapter, answers):
+    """answers: {(question id, group, system): subem}."""
+    path.mkdir()
+    config = {"model": model, "dataset": "demo"} | ({"adapter": adapter} if adapter else {})
+    (path / "run.json").write_text(json.dumps(config))
+    lines = [json.dumps({"id": q, "group": g, "system": s, "scores": {"subem": v}})
+             for (q, g, s), v in answers.items()]
+    (path / "results.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path):
+    base = _write_run(tmp_path / "base", "smollm2", None, {
+        ("q1", "a", "full"): 1.0, ("q2", "a", "full"): 0.0, ("q3", "b", "full"): 0.0,
+        ("q4", "b", "full"): 1.0,  # the adapter run never reached q4
+        ("q1", "a", "snapkv:0.5"): 0.0, ("q2", "a", "snapkv:0.5"): 0.0,
+        ("q3", "b", "snapkv:0.5"): 0.0, ("q4", "b", "snapkv:0.5"): 0.0,
+    })
+    tuned = _write_run(tmp_path / "tuned", "smollm2", "/x/sft-ids", {
+        ("q1", "a", "full"): 1.0, ("q2", "a", "full"): 1.0, ("q3", "b", "full"): 1.0,
+        ("q1", "a", "snapkv:0.5"): 1.0, ("q2", "a", "snapkv:0.5"): 1.0,
+        ("q3", "b", "snapkv:0.5"): 0.0,
+    })
+    return [load_run(base), load_run(tuned)]
+
+
+def test_scores_only_questions_every_run_answered(runs):
+    table = compare_runs(runs)
+    full = table["systems"]["full"]
+    assert set(full) == {"smollm2", "sft-ids"}
+    assert full["smollm2"]["n"] == 3 and full["smollm2"]["subem"] == pytest.approx(1 / 3)
+    assert full["sft-ids"]["by_group"] == {"a": {"n": 2, "subem": 1.0},
+                                           "b": {"n": 1, "subem": 1.0}}
+
+
+def test_delta_is_paired_against_the_first_run_and_drop_against_own_full(runs):
+    table = compare_runs(runs)
+    tuned = table["systems"]["full"]["sft-ids"]
+    assert tuned["vs_baseline"]["delta"] == pytest.approx(2 / 3)
+    assert "vs_baseline" not in table["systems"]["full"]["smollm2"]
+    snap = table["systems"]["snapkv:0.5"]
+    assert snap["sft-ids"]["drop"] == pytest.approx((1.0 - 2 / 3) / 1.0)
+    assert snap["smollm2"]["drop"] == pytest.approx(1.0)
+    assert "drop" not in table["systems"]["full"]["sft-ids"]
+
+
+def test_markdown_has_a_row_per_system_and_model(runs):
+    text = render_markdown(compare_runs(runs))
+    rows = [line for line in text.splitlines() if line.startswith("| full") or
+            line.startswith("| snapkv")]
+    assert len(rows) == 4
+    assert "| snapkv:0.5 | sft-ids | 3 | 100.0 | 0.0 |" in text
+
+
+def test_same_model_runs_get_their_directory_names(tmp_path):
+    one = _write_run(tmp_path / "hf", "smollm2", None, {("q1", "a", "full"): 1.0})
+    two = _write_run(tmp_path / "sglang", "smollm2", None, {("q1", "a", "full"): 1.0})
+    assert [r.label for r in load_runs([one, two])] == ["smollm2 (hf)", "smollm2 (sglang)"]
+
+
+def test_unknown_system_and_missing_run_are_clear_errors(runs, tmp_path):
+    with pytest.raises(ValueError, match="no run answered system 'rag:1024'"):
+        compare_runs(runs, ["rag:1024"])
+    with pytest.raises(FileNotFoundError, match="not a kvrag compare output"):
+        load_run(tmp_path)
