@@ -81,8 +81,9 @@ def sft_cmd(
 def grpo_cmd(
     out: Annotated[Path, typer.Option(help="Adapter directory (a standard PEFT adapter).")],
     reward: Annotated[str, typer.Option(
-        help="Verifiable reward: ao (answer), id (cited ids + answer), id+c (+ copied "
-             "documents), id+q (+ quotes of <= 30 tokens).")] = "ao",
+        help="Reward: ao (answer), id (cited ids + answer), id+c (+ copied documents), "
+             "id+q (+ quotes of <= 30 tokens), judge (a served judge model rates the "
+             "reasoning, plus answer; needs --judge-url).")] = "ao",
     dataset: Annotated[str, typer.Option(
         help="A .jsonl dataset, or 'demo' for the demo training split.")] = "demo",
     model: Annotated[str, typer.Option(help="Packaged model name or checkpoint dir.")] = "smollm2",
@@ -95,12 +96,15 @@ def grpo_cmd(
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
     limit: Annotated[int | None, typer.Option(min=1, help="Use the first N instances.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of document order and sampling.")] = 0,
+    judge_url: Annotated[str | None, typer.Option(
+        help="OpenAI-compatible API of the judge for --reward judge, e.g. "
+             "http://127.0.0.1:30000/v1 from `kvrag serve`.")] = None,
+    judge_model: Annotated[str | None, typer.Option(
+        help="Model name to ask the judge server for (default: the first it lists).")] = None,
 ) -> None:
-    """GRPO (TRL) with a LoRA adapter and a verifiable reward on the extracted answer.
+    """GRPO (TRL) with a LoRA adapter and a reward on the completion.
 
     Rerunning the same command after an interruption resumes from OUT/trainer.
-    The LLM-judge reward (judge) is available to the Python API (kvrag.train.grpo) with a
-    scoring function; the CLI offers the verifiable ones.
     """
     from transformers import AutoTokenizer
 
@@ -110,11 +114,20 @@ def grpo_cmd(
     from kvrag.train.examples import build_examples, demo_train_split
     from kvrag.train.formats import FormatError
     from kvrag.train.grpo import GRPOSettings, train_grpo
+    from kvrag.train.judge import JudgeUnavailableError, ServedJudge
     from kvrag.train.rewards import REWARDS
     from kvrag.train.sft import LoraSettings
 
-    if reward not in REWARDS:
-        fail(f"unknown reward {reward!r}; use one of {', '.join(REWARDS)}")
+    if reward not in REWARDS and reward != "judge":
+        fail(f"unknown reward {reward!r}; use one of {', '.join(REWARDS)}, judge")
+    if (reward == "judge") != (judge_url is not None):
+        fail("--reward judge needs --judge-url, and --judge-url is only for --reward judge")
+    judge = None
+    if judge_url is not None:
+        try:
+            judge = ServedJudge(judge_url, judge_model)
+        except JudgeUnavailableError as e:
+            fail(str(e))
     try:
         instances = demo_train_split() if dataset == "demo" else load_dataset(dataset)
         instances = instances[:limit] if limit else instances
@@ -122,7 +135,8 @@ def grpo_cmd(
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
         # the citing rewards need gold ids: building "ids" targets checks that up front
-        examples = build_examples(instances, "answer" if reward == "ao" else "ids", seed, count)
+        examples = build_examples(instances, "answer" if reward in ("ao", "judge") else "ids",
+                                  seed, count)
     except (DatasetError, ModelNotFoundError, FormatError) as e:
         fail(str(e))
     cfg = GRPOSettings(reward=reward, steps=steps, num_generations=generations,
@@ -132,10 +146,13 @@ def grpo_cmd(
                   f"{steps} steps x {batch_size} completions ({generations} per prompt)")
     with StepProgress("step", steps, "reward") as progress:
         try:
-            result = train_grpo(model_path, examples, cfg, out, count_tokens=count,
+            result = train_grpo(model_path, examples, cfg, out, judge=judge, count_tokens=count,
                                 on_step=lambda step, r: progress.update(step, f"{r:.3f}"))
-        except ValueError as e:
+        except (ValueError, JudgeUnavailableError) as e:
             fail(str(e))
+    if judge is not None:
+        console.print(f"Judge {judge.model}: {judge.calls} completions rated, "
+                      f"{judge.unparsed} replies without a 0-10 score (scored 0)")
     console.print(f"Adapter in {result.adapter_dir} ({result.steps} steps, "
                   f"{result.seconds:.0f} s); mean reward per step: "
                   f"{', '.join(f'{r:.2f}' for r in result.per_step)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from kvrag.cli.main import app
+from kvrag.data.schema import Doc, Instance, write_jsonl
+from kvrag.train.judge import ServedJudge
 
 
 def test_invalid_compression_is_refused_before_start():
@@ -82,6 +85,23 @@ def test_sixteen_concurrent_openai_requests_with_compression(tiny_model_dir, tmp
         records = [json.loads(line) for line in stats.read_text().splitlines()]
         assert len(records) == 16 and {r["spec"] for r in records} == {"snapkv:0.5"}
         assert all(r["freed"] > 0 for r in records)
+
+        # the same server as the GRPO judge: one step of `kvrag train grpo --reward judge`
+        data = tmp_path / "judge.jsonl"
+        docs = [Doc(f"d{j}", f"Town {j}", f"Ana {j} was born in Town {j}.") for j in range(3)]
+        write_jsonl([Instance("q0", "Where was Ana 1 born?", ["Town 1"], docs, ["d1"])], data)
+        result = CliRunner().invoke(app, [
+            "train", "grpo", "--reward", "judge", "--judge-url", f"{url}/v1", "--dataset",
+            str(data), "--model", str(tiny_model_dir), "--out", str(tmp_path / "adapter"),
+            "--steps", "1", "--generations", "2", "--batch-size", "2",
+            "--max-completion-tokens", "6", "--rank", "4"])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / "adapter" / "adapter_config.json").exists()
+        # both completions get to the judge only with the answer marker (else reward 0)
+        assert re.search(r"Judge \S+: [0-2] completions rated", result.output), result.output
+        judge = ServedJudge(f"{url}/v1")
+        assert 0.0 <= judge("Where was Ana 1 born?", "[DOC 2] The answer is: Town 1") <= 1.0
+        assert judge.calls == 1
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)

@@ -80,6 +80,16 @@ def test_grpo_unknown_reward_is_refused(tmp_path):
     assert result.exit_code == 2 and "id+q" in result.output
 
 
+def test_grpo_judge_needs_a_reachable_judge_url(tmp_path):
+    out = str(tmp_path / "a")
+    result = CliRunner().invoke(app, ["train", "grpo", "--reward", "judge", "--out", out])
+    assert result.exit_code == 2 and "--judge-url" in result.output
+    result = CliRunner().invoke(app, ["train", "grpo", "--reward", "judge", "--out", out,
+                                      "--judge-url", "http://127.0.0.1:9/v1"])
+    assert result.exit_code == 2
+    assert "cannot use the judge at http://127.0.0.1:9/v1" in result.output
+
+
 @pytest.mark.slow
 def test_grpo_writes_a_peft_adapter(tmp_path, tiny_model_dir):
     data = _dataset(tmp_path / "gold.jsonl", gold=True)
