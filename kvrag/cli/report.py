@@ -16,19 +16,22 @@ def report(
     systems: Annotated[str | None, typer.Option(
         help="Comma-separated systems to show (default: all that any run answered).")] = None,
     out: Annotated[Path | None, typer.Option(help="Also write the table to this file.")] = None,
+    metric: Annotated[str, typer.Option(
+        help="subem (gold inside the answer), em (exact) or f1.")] = "subem",
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
 ) -> None:
     """Compare runs of one dataset, e.g. the base model and its adapters, system by system.
 
-    Each system is scored on the questions every run answered for it, with per-task SubEM,
-    a paired Δ against the first run, and each model's relative drop from its own full
-    cache under compression or RAG.
+    Each system is scored on the questions every run answered for it, per task, with a
+    paired Δ against the first run and each model's relative change from its own full
+    cache under compression or RAG. SubEM credits any answer that contains the gold one,
+    so a verbose model can outscore a terse one; compare with --metric em.
     """
     from kvrag.evaluation.across_runs import compare_runs, load_runs, render_markdown
 
     try:
         loaded = load_runs(runs)
-        table = compare_runs(loaded, systems.split(",") if systems else None, seed)
+        table = compare_runs(loaded, systems.split(",") if systems else None, seed, metric)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     text = render_markdown(table)

@@ -3,8 +3,8 @@
 Each run directory is one model (the base, or the base plus an adapter) answering a system
 matrix. Runs are compared only on the questions every run answered for that system, and
 differences are paired per question against the first run (the baseline). Under a
-compressed system, ``drop`` is the model's relative loss against its own ``full``:
-(full − system) / full on the same questions.
+compressed or RAG system, ``vs_own_full`` is the model's relative change against its own
+``full`` on the same questions: (system − full) / full, negative for a drop.
 """
 
 from __future__ import annotations
@@ -53,18 +53,24 @@ def _systems(run: Run) -> list[str]:
     return list(dict.fromkeys(system for _, system in run.records))
 
 
+METRICS = ("subem", "em", "f1")
+
+
 def compare_runs(runs: Sequence[Run], systems: Sequence[str] | None = None,
-                 seed: int = 0) -> dict:
-    """Per system and run: n, SubEM with CI, SubEM per task, Δ vs the first run, drop.
+                 seed: int = 0, metric: str = "subem") -> dict:
+    """Per system and run: n, the metric with CI and per task, Δ vs the first run, and
+    the relative change against the run's own ``full``.
 
     ``systems`` defaults to every system any run answered; a run without one is left out
     of that system's rows, and Δ is then paired against the first run that has it.
     """
     if not runs:
         raise ValueError("no runs to compare")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
     names = list(systems) if systems else list(dict.fromkeys(
         s for run in runs for s in _systems(run)))
-    table: dict = {"baseline": runs[0].label, "systems": {}}
+    table: dict = {"baseline": runs[0].label, "metric": metric, "systems": {}}
     for system in names:
         holders = [r for r in runs if any(s == system for _, s in r.records)]
         if not holders:
@@ -74,21 +80,21 @@ def compare_runs(runs: Sequence[Run], systems: Sequence[str] | None = None,
         rows = {}
         for run in holders:
             recs = [run.records[(q, system)] for q in ids]
-            subem = [r["scores"]["subem"] for r in recs]
-            row = {"n": len(ids), "subem": float(np.mean(subem)) if ids else None,
-                   "ci95": bootstrap_ci(subem, seed), "by_group": {}}
+            values = [r["scores"][metric] for r in recs]
+            row = {"n": len(ids), "score": float(np.mean(values)) if ids else None,
+                   "ci95": bootstrap_ci(values, seed), "by_group": {}}
             for group in sorted({r["group"] for r in recs}):
-                values = [r["scores"]["subem"] for r in recs if r["group"] == group]
-                row["by_group"][group] = {"n": len(values), "subem": float(np.mean(values))}
+                in_group = [r["scores"][metric] for r in recs if r["group"] == group]
+                row["by_group"][group] = {"n": len(in_group), "score": float(np.mean(in_group))}
             if run is not holders[0]:
-                diffs = [a["scores"]["subem"] - holders[0].records[(q, system)]["scores"]["subem"]
+                diffs = [a["scores"][metric] - holders[0].records[(q, system)]["scores"][metric]
                          for q, a in zip(ids, recs, strict=True)]
                 row["vs_baseline"] = {"delta": float(np.mean(diffs)),
                                       "ci95": bootstrap_ci(diffs, seed)}
             full = [run.records.get((q, "full")) for q in ids]
             if system != "full" and all(full) and ids:
-                base = float(np.mean([f["scores"]["subem"] for f in full]))
-                row["drop"] = (base - row["subem"]) / base if base > 0 else None
+                base = float(np.mean([f["scores"][metric] for f in full]))
+                row["vs_own_full"] = (row["score"] - base) / base if base > 0 else None
             rows[run.label] = row
         table["systems"][system] = rows
     return table
@@ -97,24 +103,25 @@ def compare_runs(runs: Sequence[Run], systems: Sequence[str] | None = None,
 def render_markdown(table: dict) -> str:
     groups = sorted({g for rows in table["systems"].values() for row in rows.values()
                      for g in row["by_group"]})
-    lines = [f"SubEM in % (multiple choice: accuracy); Δ is paired against "
-             f"`{table['baseline']}` on the same questions; drop is relative to the same "
-             "model's `full`.", "",
+    name = {"subem": "SubEM", "em": "EM", "f1": "F1"}[table["metric"]]
+    lines = [f"{name} in % (multiple choice: accuracy); Δ is paired against "
+             f"`{table['baseline']}` on the same questions; the last column is the change "
+             "relative to the same model's `full`.", "",
              "| system | model | n | " + " | ".join(groups)
-             + " | SubEM [95% CI] | Δ vs baseline [95% CI] | drop vs own full |",
+             + f" | {name} [95% CI] | Δ vs baseline [95% CI] | vs own full |",
              "|---|---|---|" + "---|" * len(groups) + "---|---|---|"]
     for system, rows in table["systems"].items():
         for label, row in rows.items():
-            cells = [f"{100 * row['by_group'][g]['subem']:.1f}" if g in row["by_group"]
+            cells = [f"{100 * row['by_group'][g]['score']:.1f}" if g in row["by_group"]
                      else "–" for g in groups]
             ci = row["ci95"]
             delta = row.get("vs_baseline")
             delta_txt = (f"{100 * delta['delta']:+.1f} [{100 * delta['ci95'][0]:+.1f}, "
                          f"{100 * delta['ci95'][1]:+.1f}]") if delta else "–"
-            drop = row.get("drop")
-            drop_txt = f"{100 * drop:.0f}%" if drop is not None else "–"
-            subem = "–" if row["subem"] is None else (
-                f"{100 * row['subem']:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]")
+            change = row.get("vs_own_full")
+            change_txt = f"{100 * change:+.0f}%" if change is not None else "–"
+            score = "–" if row["score"] is None else (
+                f"{100 * row['score']:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]")
             lines.append(f"| {system} | {label} | {row['n']} | " + " | ".join(cells)
-                         + f" | {subem} | {delta_txt} | {drop_txt} |")
+                         + f" | {score} | {delta_txt} | {change_txt} |")
     return "\n".join(lines) + "\n"

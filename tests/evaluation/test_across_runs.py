@@ -10,7 +10,7 @@ def _write_run(path, model, adapter, answers):
     path.mkdir()
     config = {"model": model, "dataset": "demo"} | ({"adapter": adapter} if adapter else {})
     (path / "run.json").write_text(json.dumps(config))
-    lines = [json.dumps({"id": q, "group": g, "system": s, "scores": {"subem": v}})
+    lines = [json.dumps({"id": q, "group": g, "system": s, "scores": {"subem": v, "em": v / 2}})
              for (q, g, s), v in answers.items()]
     (path / "results.jsonl").write_text("\n".join(lines) + "\n")
     return path
@@ -36,20 +36,20 @@ def test_scores_only_questions_every_run_answered(runs):
     table = compare_runs(runs)
     full = table["systems"]["full"]
     assert set(full) == {"smollm2", "sft-ids"}
-    assert full["smollm2"]["n"] == 3 and full["smollm2"]["subem"] == pytest.approx(1 / 3)
-    assert full["sft-ids"]["by_group"] == {"a": {"n": 2, "subem": 1.0},
-                                           "b": {"n": 1, "subem": 1.0}}
+    assert full["smollm2"]["n"] == 3 and full["smollm2"]["score"] == pytest.approx(1 / 3)
+    assert full["sft-ids"]["by_group"] == {"a": {"n": 2, "score": 1.0},
+                                           "b": {"n": 1, "score": 1.0}}
 
 
-def test_delta_is_paired_against_the_first_run_and_drop_against_own_full(runs):
+def test_delta_is_paired_against_the_first_run_and_change_against_own_full(runs):
     table = compare_runs(runs)
     tuned = table["systems"]["full"]["sft-ids"]
     assert tuned["vs_baseline"]["delta"] == pytest.approx(2 / 3)
     assert "vs_baseline" not in table["systems"]["full"]["smollm2"]
     snap = table["systems"]["snapkv:0.5"]
-    assert snap["sft-ids"]["drop"] == pytest.approx((1.0 - 2 / 3) / 1.0)
-    assert snap["smollm2"]["drop"] == pytest.approx(1.0)
-    assert "drop" not in table["systems"]["full"]["sft-ids"]
+    assert snap["sft-ids"]["vs_own_full"] == pytest.approx((2 / 3 - 1.0) / 1.0)
+    assert snap["smollm2"]["vs_own_full"] == pytest.approx(-1.0)
+    assert "vs_own_full" not in table["systems"]["full"]["sft-ids"]
 
 
 def test_markdown_has_a_row_per_system_and_model(runs):
@@ -66,8 +66,18 @@ def test_same_model_runs_get_their_directory_names(tmp_path):
     assert [r.label for r in load_runs([one, two])] == ["smollm2 (hf)", "smollm2 (sglang)"]
 
 
+def test_other_metrics_use_their_own_scores(runs):
+    table = compare_runs(runs, ["full"], metric="em")
+    assert table["metric"] == "em"
+    assert table["systems"]["full"]["sft-ids"]["score"] == pytest.approx(0.5)
+    assert table["systems"]["full"]["sft-ids"]["vs_baseline"]["delta"] == pytest.approx(1 / 3)
+    assert "| EM [95% CI] |" in render_markdown(table)
+
+
 def test_unknown_system_and_missing_run_are_clear_errors(runs, tmp_path):
     with pytest.raises(ValueError, match="no run answered system 'rag:1024'"):
         compare_runs(runs, ["rag:1024"])
+    with pytest.raises(ValueError, match="unknown metric 'bleu'; use one of subem, em, f1"):
+        compare_runs(runs, metric="bleu")
     with pytest.raises(FileNotFoundError, match="not a kvrag compare output"):
         load_run(tmp_path)
