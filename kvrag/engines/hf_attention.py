@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvrag.compression.retrieval import RetrievalAttention
 
@@ -57,3 +58,8 @@ def kvrag_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 AttentionInterface.register(NAME, kvrag_attention)
+# Without a registered mask function transformers builds no mask for a custom attention:
+# SDPA then aligns its causal mask top-left, which is wrong whenever several tokens run
+# over a cache (compression-aware training scores its targets that way), and padding is
+# ignored. SDPA's own masks are exactly what this function needs.
+AttentionMaskInterface.register(NAME, sdpa_mask)

@@ -51,3 +51,19 @@ def test_cost_record(engine: HFEngine, prompt) -> None:
     assert cost.prefill_s > 0 and cost.decode_s >= 0 and 0 <= cost.new_tokens <= 5
     assert cost.latency_s == pytest.approx(cost.prefill_s + cost.compress_s + cost.decode_s)
     assert cost.attended_tokens == cost.kv_tokens
+
+
+def test_kvrag_attention_masks_like_sdpa(engine: HFEngine) -> None:
+    """Several tokens over a cache, and a padded batch, give the unpadded one-pass logits."""
+    model = engine.model
+    ids = torch.randint(100, 2000, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits[0]
+        prefix = model(input_ids=ids[:, :30], use_cache=True)
+        rest = model(input_ids=ids[:, 30:], past_key_values=prefix.past_key_values).logits[0]
+        assert torch.allclose(rest, whole[30:], atol=1e-4)
+        padded = torch.cat([torch.zeros(1, 5, dtype=ids.dtype), ids], dim=1)
+        mask = torch.cat([torch.zeros(1, 5), torch.ones(1, 40)], dim=1).long()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        left = model(input_ids=padded, attention_mask=mask, position_ids=positions).logits[0]
+        assert torch.allclose(left[5:], whole, atol=1e-4)

@@ -61,6 +61,17 @@ def test_loss_is_the_targets_cross_entropy_alone(tiny_model_dir, tokenizer, exam
         assert by_hand.item() != pytest.approx(everything.item(), rel=1e-3)
 
 
+def test_compressed_path_with_nothing_evicted_gives_the_plain_loss(
+        tiny_model_dir, tokenizer, examples):
+    # the targets run as one block over the gathered cache: wrong masking shows up here
+    model = _model(tiny_model_dir)
+    item = encode_example(tokenizer, examples[0])
+    with torch.no_grad():
+        plain = target_loss(model, item, None).item()
+        assert target_loss(model, item, parse_spec("snapkv:0.0")).item() == pytest.approx(
+            plain, rel=1e-5)
+
+
 def test_compressed_loss_differs_and_trains_the_adapter(tiny_model_dir, tokenizer, examples):
     model = _model(tiny_model_dir)
     item = encode_example(tokenizer, examples[0])
