@@ -17,49 +17,52 @@ from pathlib import Path
 import numpy as np
 
 from kvrag.evaluation.report import bootstrap_ci
+from kvrag.evaluation.store import read_results
 
 
 @dataclass(frozen=True)
 class Run:
     label: str
-    records: dict[tuple[str, str], dict]  # (question id, system) -> record
+    by_system: dict[str, dict[str, dict]]  # system -> question id -> record
 
 
 def load_run(path: Path) -> Run:
-    """A compare output directory; labelled by its adapter's folder name, else its model."""
+    """A compare output directory; labelled by its adapter's folder name, else its model.
+
+    A run still writing is read as far as its last complete line.
+    """
     config_path, results = path / "run.json", path / "results.jsonl"
     if not config_path.is_file() or not results.is_file():
         raise FileNotFoundError(f"{path} is not a kvrag compare output (needs run.json and "
                                 "results.jsonl)")
     config = json.loads(config_path.read_text())
     label = Path(config["adapter"]).name if config.get("adapter") else config["model"]
-    records = {}
-    for line in results.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            r = json.loads(line)
-            records[(r["id"], r["system"])] = r
-    return Run(label, records)
+    by_system: dict[str, dict[str, dict]] = {}
+    for record in read_results(results):
+        by_system.setdefault(record["system"], {})[record["id"]] = record
+    return Run(label, by_system)
 
 
 def load_runs(paths: Sequence[Path]) -> list[Run]:
     """``load_run`` of each; labels that clash get their directory name appended."""
     runs = [load_run(path) for path in paths]
     labels = [run.label for run in runs]
-    return [Run(f"{run.label} ({path.name})", run.records) if labels.count(run.label) > 1
+    return [Run(f"{run.label} ({path.name})", run.by_system) if labels.count(run.label) > 1
             else run for run, path in zip(runs, paths, strict=True)]
-
-
-def _systems(run: Run) -> list[str]:
-    return list(dict.fromkeys(system for _, system in run.records))
 
 
 METRICS = ("subem", "em", "f1")
 
 
+def _normalized(answer: str) -> str:
+    return " ".join(answer.lower().split())
+
+
 def compare_runs(runs: Sequence[Run], systems: Sequence[str] | None = None,
                  seed: int = 0, metric: str = "subem") -> dict:
-    """Per system and run: n, the metric with CI and per task, Δ vs the first run, and
-    the relative change against the run's own ``full``.
+    """Per system and run: n, the metric with CI and per task, Δ vs the first run, the
+    relative change against the run's own ``full``, and how often the extracted answer is
+    the one ``full`` gave (``same_as_full``: robustness that accuracy near the floor hides).
 
     ``systems`` defaults to every system any run answered; a run without one is left out
     of that system's rows, and Δ is then paired against the first run that has it.
@@ -69,17 +72,17 @@ def compare_runs(runs: Sequence[Run], systems: Sequence[str] | None = None,
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
     names = list(systems) if systems else list(dict.fromkeys(
-        s for run in runs for s in _systems(run)))
+        s for run in runs for s in run.by_system))
     table: dict = {"baseline": runs[0].label, "metric": metric, "systems": {}}
     for system in names:
-        holders = [r for r in runs if any(s == system for _, s in r.records)]
+        holders = [r for r in runs if system in r.by_system]
         if not holders:
             raise ValueError(f"no run answered system {system!r}")
-        ids = sorted(set.intersection(*({q for q, s in r.records if s == system}
-                                         for r in holders)))
+        ids = sorted(set.intersection(*(set(r.by_system[system]) for r in holders)))
+        baseline = holders[0].by_system[system]
         rows = {}
         for run in holders:
-            recs = [run.records[(q, system)] for q in ids]
+            recs = [run.by_system[system][q] for q in ids]
             values = [r["scores"][metric] for r in recs]
             row = {"n": len(ids), "score": float(np.mean(values)) if ids else None,
                    "ci95": bootstrap_ci(values, seed), "by_group": {}}
@@ -87,14 +90,19 @@ def compare_runs(runs: Sequence[Run], systems: Sequence[str] | None = None,
                 in_group = [r["scores"][metric] for r in recs if r["group"] == group]
                 row["by_group"][group] = {"n": len(in_group), "score": float(np.mean(in_group))}
             if run is not holders[0]:
-                diffs = [a["scores"][metric] - holders[0].records[(q, system)]["scores"][metric]
+                diffs = [a["scores"][metric] - baseline[q]["scores"][metric]
                          for q, a in zip(ids, recs, strict=True)]
                 row["vs_baseline"] = {"delta": float(np.mean(diffs)),
                                       "ci95": bootstrap_ci(diffs, seed)}
-            full = [run.records.get((q, "full")) for q in ids]
-            if system != "full" and all(full) and ids:
+            full = [run.by_system.get("full", {}).get(q) for q in ids]
+            if system != "full" and ids and all(full):
                 base = float(np.mean([f["scores"][metric] for f in full]))
                 row["vs_own_full"] = (row["score"] - base) / base if base > 0 else None
+                if all("answer" in r for r in recs + full):
+                    same = [float(_normalized(r["answer"]) == _normalized(f["answer"]))
+                            for r, f in zip(recs, full, strict=True)]
+                    row["same_as_full"] = {"rate": float(np.mean(same)),
+                                           "ci95": bootstrap_ci(same, seed)}
             rows[run.label] = row
         table["systems"][system] = rows
     return table
@@ -106,10 +114,12 @@ def render_markdown(table: dict) -> str:
     name = {"subem": "SubEM", "em": "EM", "f1": "F1"}[table["metric"]]
     lines = [f"{name} in % (multiple choice: accuracy); Δ is paired against "
              f"`{table['baseline']}` on the same questions; the last column is the change "
-             "relative to the same model's `full`.", "",
+             "relative to the same model's `full`, and *same answer* is how often the "
+             "extracted answer equals the one `full` gave.", "",
              "| system | model | n | " + " | ".join(groups)
-             + f" | {name} [95% CI] | Δ vs baseline [95% CI] | vs own full |",
-             "|---|---|---|" + "---|" * len(groups) + "---|---|---|"]
+             + f" | {name} [95% CI] | Δ vs baseline [95% CI] | vs own full"
+             + " | same answer [95% CI] |",
+             "|---|---|---|" + "---|" * len(groups) + "---|---|---|---|"]
     for system, rows in table["systems"].items():
         for label, row in rows.items():
             cells = [f"{100 * row['by_group'][g]['score']:.1f}" if g in row["by_group"]
@@ -120,8 +130,11 @@ def render_markdown(table: dict) -> str:
                          f"{100 * delta['ci95'][1]:+.1f}]") if delta else "–"
             change = row.get("vs_own_full")
             change_txt = f"{100 * change:+.0f}%" if change is not None else "–"
+            same = row.get("same_as_full")
+            same_txt = (f"{100 * same['rate']:.0f}% [{100 * same['ci95'][0]:.0f}, "
+                        f"{100 * same['ci95'][1]:.0f}]") if same else "–"
             score = "–" if row["score"] is None else (
                 f"{100 * row['score']:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]")
             lines.append(f"| {system} | {label} | {row['n']} | " + " | ".join(cells)
-                         + f" | {score} | {delta_txt} | {change_txt} |")
+                         + f" | {score} | {delta_txt} | {change_txt} | {same_txt} |")
     return "\n".join(lines) + "\n"

@@ -42,12 +42,11 @@ class ResultStore:
     def _load(self) -> list[dict]:
         if not self.path.is_file():
             return []
-        raw = self.path.read_bytes()
-        complete = raw[: raw.rfind(b"\n") + 1]
-        if len(complete) != len(raw):
+        records, complete_bytes = _complete_lines(self.path.read_bytes())
+        if complete_bytes != self.path.stat().st_size:
             with self.path.open("r+b") as f:
-                f.truncate(len(complete))
-        return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line]
+                f.truncate(complete_bytes)
+        return records
 
     def done(self) -> set[tuple[str, str]]:
         return {(r["id"], r["system"]) for r in self.records}
@@ -58,3 +57,15 @@ class ResultStore:
             f.flush()
             os.fsync(f.fileno())
         self.records.append(record)
+
+
+def read_results(results: Path) -> list[dict]:
+    """The complete records of a ``results.jsonl``, read-only (a partial last line is left
+    for the run that owns the file)."""
+    return _complete_lines(results.read_bytes())[0]
+
+
+def _complete_lines(raw: bytes) -> tuple[list[dict], int]:
+    complete = raw[: raw.rfind(b"\n") + 1]
+    lines = complete.decode("utf-8").splitlines()
+    return [json.loads(line) for line in lines if line], len(complete)

@@ -35,6 +35,9 @@ class GRPOSettings:
     temperature: float = 1.0
     seed: int = 0
     save_every: int = 10
+    # Re-runs each layer's forward in the backward. Without it, one step of 4 SmolLM2
+    # completions over 2.5k-token prompts was killed for memory at 24 GB.
+    gradient_checkpointing: bool = True
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
@@ -65,7 +68,9 @@ def train_grpo(
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from transformers.trainer_utils import get_last_checkpoint
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
+
+    from kvrag.train.grpo_trainer import CompletionOnlyGRPOTrainer
 
     if cfg.batch_size % cfg.num_generations:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of num_generations "
@@ -74,11 +79,17 @@ def train_grpo(
                                  for i, ex in enumerate(examples)])
     work = out / "trainer"
     args = GRPOConfig(
-        output_dir=str(work), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+        output_dir=str(work), max_steps=cfg.steps,
+        # one completion per forward and backward; a step accumulates batch_size of them
+        per_device_train_batch_size=1, gradient_accumulation_steps=cfg.batch_size,
         num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_tokens,
         learning_rate=cfg.lr, beta=cfg.beta, temperature=cfg.temperature, seed=cfg.seed,
         save_strategy="steps", save_steps=cfg.save_every, logging_steps=1, report_to="none",
         use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        # TRL defaults to bf16 autocast; a CPU without bf16 instructions then runs every
+        # matmul through a slow fallback kernel
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
     )
 
     class Progress(TrainerCallback):
@@ -87,7 +98,7 @@ def train_grpo(
                 on_step(state.global_step, float(logs["reward"]))
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    trainer = GRPOTrainer(
+    trainer = CompletionOnlyGRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32),
         reward_funcs=reward_for_trl(cfg.reward, examples, judge, count_tokens),
         args=args, train_dataset=dataset, processing_class=tokenizer,

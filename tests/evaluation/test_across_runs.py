@@ -81,3 +81,27 @@ def test_unknown_system_and_missing_run_are_clear_errors(runs, tmp_path):
         compare_runs(runs, metric="bleu")
     with pytest.raises(FileNotFoundError, match="not a kvrag compare output"):
         load_run(tmp_path)
+
+
+def test_same_answer_as_full_counts_unchanged_answers_under_a_system(tmp_path):
+    path = tmp_path / "run"
+    path.mkdir()
+    (path / "run.json").write_text(json.dumps({"model": "smollm2"}))
+    records = [("q1", "full", "Ashford"), ("q1", "snapkv:0.5", " ashford"),
+               ("q2", "full", "Mosscombe"), ("q2", "snapkv:0.5", "Ashwick")]
+    (path / "results.jsonl").write_text("".join(
+        json.dumps({"id": q, "group": "a", "system": s, "answer": a,
+                    "scores": {"subem": 0.0}}) + "\n" for q, s, a in records))
+    table = compare_runs([load_run(path)])
+    assert table["systems"]["snapkv:0.5"]["smollm2"]["same_as_full"]["rate"] == 0.5
+    assert "same_as_full" not in table["systems"]["full"]["smollm2"]
+    assert "| 50% [" in render_markdown(table)
+
+
+def test_a_run_still_writing_is_read_to_its_last_complete_line(runs, tmp_path):
+    path = tmp_path / "tuned" / "results.jsonl"
+    size = path.stat().st_size
+    with path.open("a") as f:
+        f.write('{"id": "q4", "group": "b", "sys')
+    assert set(load_run(tmp_path / "tuned").by_system["full"]) == {"q1", "q2", "q3"}
+    assert path.stat().st_size > size  # the writer's partial line is left alone

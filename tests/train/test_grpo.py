@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from kvrag.train.examples import build_examples
 from kvrag.train.formats import count_words
@@ -45,3 +46,37 @@ def test_a_grpo_step_runs_with_each_reward(reward, tiny_model_dir, tmp_path, sma
     assert len(result.per_step) == 1
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config["r"] == 4
+
+
+def test_completion_only_scoring_matches_trl(tiny_model_dir, tmp_path):
+    """The CPU override's log-probs and entropies equal TRL's fused LM head's, padding included."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from kvrag.train.grpo_trainer import CompletionOnlyGRPOTrainer
+
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, num_generations=2,
+                      temperature=0.7, use_cpu=True, report_to="none", gradient_checkpointing=False)
+    trainer = CompletionOnlyGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        train_dataset=Dataset.from_list([{"prompt": "a b c"}] * 2),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+        peft_config=LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, 100, (3, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0  # a left-padded prompt
+    attention_mask[2, -2:] = 0  # a completion that ended early
+    completion = 5
+    ours = trainer._get_per_token_logps_and_entropies(
+        trainer.model, input_ids, attention_mask, completion, compute_entropy=True)
+    trl = GRPOTrainer._get_per_token_logps_and_entropies(
+        trainer, trainer.model, input_ids, attention_mask, completion, compute_entropy=True)
+    scored = attention_mask[:, -completion:].bool()
+    assert ours[0].shape == trl[0].shape == (3, completion)
+    torch.testing.assert_close(ours[0][scored], trl[0][scored], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[1][scored], trl[1][scored], atol=1e-5, rtol=1e-5)
+    assert (ours[0][scored] < 0).all()
