@@ -27,6 +27,8 @@ def sft_cmd(
     lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 2e-4,
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
     limit: Annotated[int | None, typer.Option(min=1, help="Use the first N instances.")] = None,
+    groups: Annotated[str | None, typer.Option(
+        help="Train only on these comma-separated task groups (e.g. multiple_choice).")] = None,
     compress: Annotated[str | None, typer.Option(
         help="Compression-aware training, e.g. snapkv:0.5: score targets from the "
              "compressed prompt cache.")] = None,
@@ -42,7 +44,7 @@ def sft_cmd(
     from kvrag.data.loaders import load_dataset
     from kvrag.data.schema import DatasetError
     from kvrag.engines.models import ModelNotFoundError, resolve_model
-    from kvrag.train.examples import build_examples, demo_train_split
+    from kvrag.train.examples import build_examples, demo_train_split, select_groups
     from kvrag.train.formats import FORMATS, FormatError
     from kvrag.train.sft import LoraSettings, SFTConfig, train_sft
 
@@ -52,6 +54,7 @@ def sft_cmd(
         if compress:
             parse_spec(compress)
         instances = demo_train_split() if dataset == "demo" else load_dataset(dataset)
+        instances = select_groups(instances, groups.split(",")) if groups else instances
         instances = instances[:limit] if limit else instances
         model_path = resolve_model(model, console)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -95,6 +98,8 @@ def grpo_cmd(
     lr: Annotated[float, typer.Option(min=0.0, help="Learning rate.")] = 1e-5,
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
     limit: Annotated[int | None, typer.Option(min=1, help="Use the first N instances.")] = None,
+    groups: Annotated[str | None, typer.Option(
+        help="Train only on these comma-separated task groups (e.g. multiple_choice).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of document order and sampling.")] = 0,
     judge_url: Annotated[str | None, typer.Option(
         help="OpenAI-compatible API of the judge for --reward judge, e.g. "
@@ -111,7 +116,7 @@ def grpo_cmd(
     from kvrag.data.loaders import load_dataset
     from kvrag.data.schema import DatasetError
     from kvrag.engines.models import ModelNotFoundError, resolve_model
-    from kvrag.train.examples import build_examples, demo_train_split
+    from kvrag.train.examples import build_examples, demo_train_split, select_groups
     from kvrag.train.formats import FormatError
     from kvrag.train.grpo import GRPOSettings, train_grpo
     from kvrag.train.judge import JudgeUnavailableError, ServedJudge
@@ -130,6 +135,7 @@ def grpo_cmd(
             fail(str(e))
     try:
         instances = demo_train_split() if dataset == "demo" else load_dataset(dataset)
+        instances = select_groups(instances, groups.split(",")) if groups else instances
         instances = instances[:limit] if limit else instances
         model_path = resolve_model(model, console)
         tokenizer = AutoTokenizer.from_pretrained(model_path)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from kvrag.data.demo import DEMO_CONTEXT_TOKENS, DEMO_PATH, DEMO_PER_TASK, DEMO_SEED, make_demo
 from kvrag.data.prompt import Prompt, build_prompt
-from kvrag.data.schema import Instance, read_jsonl
+from kvrag.data.schema import DatasetError, Instance, read_jsonl
 from kvrag.train.formats import CountTokens, build_target
 
 DEMO_TRAIN_SEED = 1  # the frozen evaluation split is seed 0 (DEMO_SEED)
@@ -66,3 +66,13 @@ def demo_train_split(
         seen_questions.add(inst.question)
         split.append(inst)
     return split
+
+
+def select_groups(instances: Sequence[Instance], groups: Sequence[str]) -> list[Instance]:
+    """The instances of the named groups (task families, e.g. ``multiple_choice``)."""
+    present = sorted({inst.group for inst in instances})
+    unknown = [g for g in groups if g not in present]
+    if unknown:
+        raise DatasetError(f"no instances of group(s) {', '.join(unknown)}; this dataset has "
+                         f"{', '.join(present)}")
+    return [inst for inst in instances if inst.group in groups]

@@ -101,3 +101,17 @@ def test_grpo_writes_a_peft_adapter(tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.output
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
     assert "mean reward per step" in result.output
+
+
+def test_groups_select_task_families_and_an_unknown_one_is_named(tmp_path, tiny_model_dir):
+    from kvrag.train.examples import demo_train_split, select_groups
+
+    split = demo_train_split()
+    picked = select_groups(split, ["multiple_choice"])
+    assert picked and all(inst.task == "mc" for inst in picked)
+    assert len(picked) < len(split)
+    result = CliRunner().invoke(app, ["train", "grpo", "--groups", "trivia", "--model",
+                                      str(tiny_model_dir), "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2
+    assert "no instances of group(s) trivia" in result.output
+    assert "multiple_choice" in result.output
