@@ -101,6 +101,11 @@ def grpo_cmd(
     groups: Annotated[str | None, typer.Option(
         help="Train only on these comma-separated task groups (e.g. multiple_choice).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of document order and sampling.")] = 0,
+    init_adapter: Annotated[Path | None, typer.Option(
+        exists=True, file_okay=False,
+        help="Continue this LoRA adapter (e.g. an answer-format SFT one) instead of a new "
+             "one. The answer rewards need the 'The answer is' marker, which a base model "
+             "rarely writes: from scratch most groups score all 0 and give no gradient.")] = None,
     judge_url: Annotated[str | None, typer.Option(
         help="OpenAI-compatible API of the judge for --reward judge, e.g. "
              "http://127.0.0.1:30000/v1 from `kvrag serve`.")] = None,
@@ -147,9 +152,11 @@ def grpo_cmd(
         fail(str(e))
     cfg = GRPOSettings(reward=reward, steps=steps, num_generations=generations,
                        batch_size=batch_size, max_completion_tokens=max_completion_tokens,
-                       lr=lr, seed=seed, lora=LoraSettings(r=rank, alpha=2 * rank))
+                       lr=lr, seed=seed, lora=LoraSettings(r=rank, alpha=2 * rank),
+                       init_adapter=str(init_adapter) if init_adapter else None)
     console.print(f"GRPO of {model} on {len(examples)} {dataset} prompts, reward {reward}: "
-                  f"{steps} steps x {batch_size} completions ({generations} per prompt)")
+                  f"{steps} steps x {batch_size} completions ({generations} per prompt)"
+                  f"{f', from adapter {init_adapter}' if init_adapter else ''}")
     with StepProgress("step", steps, "reward") as progress:
         try:
             result = train_grpo(model_path, examples, cfg, out, judge=judge, count_tokens=count,

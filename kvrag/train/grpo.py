@@ -38,6 +38,9 @@ class GRPOSettings:
     # Re-runs each layer's forward in the backward. Without it, one step of 4 SmolLM2
     # completions over 2.5k-token prompts was killed for memory at 24 GB.
     gradient_checkpointing: bool = True
+    # continue training this LoRA adapter (e.g. an SFT one that learned the answer format)
+    # instead of a fresh one; the KL reference is then that adapter, as TRL does
+    init_adapter: str | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
 
 
@@ -65,7 +68,7 @@ def train_grpo(
 ) -> TrainResult:
     """Train a LoRA adapter with GRPO into ``out``; ``on_step(step, mean reward)``."""
     from datasets import Dataset
-    from peft import LoraConfig
+    from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOConfig
@@ -98,20 +101,24 @@ def train_grpo(
                 on_step(state.global_step, float(logs["reward"]))
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    peft_config = None
+    if cfg.init_adapter:
+        model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+    else:
+        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                 lora_dropout=cfg.lora.dropout,
+                                 target_modules=list(cfg.lora.target_modules),
+                                 task_type="CAUSAL_LM")
     trainer = CompletionOnlyGRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32),
-        reward_funcs=reward_for_trl(cfg.reward, examples, judge, count_tokens),
-        args=args, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                               lora_dropout=cfg.lora.dropout,
-                               target_modules=list(cfg.lora.target_modules),
-                               task_type="CAUSAL_LM"),
+        model=model, reward_funcs=reward_for_trl(cfg.reward, examples, judge, count_tokens),
+        args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
         callbacks=[Progress()],
     )
     resume = get_last_checkpoint(str(work)) if work.exists() else None
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
-    trainer.model.save_pretrained(out)
+    trainer.model.save_pretrained(out, selected_adapters=["default"])  # not TRL's "ref"
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     rewards = [float(log["reward"]) for log in trainer.state.log_history if "reward" in log]
     resumed = int(Path(resume).name.split("-")[-1]) if resume else 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -80,3 +81,31 @@ def test_completion_only_scoring_matches_trl(tiny_model_dir, tmp_path):
     torch.testing.assert_close(ours[0][scored], trl[0][scored], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours[1][scored], trl[1][scored], atol=1e-5, rtol=1e-5)
     assert (ours[0][scored] < 0).all()
+
+
+def test_grpo_continues_a_given_adapter(tiny_model_dir, tmp_path, small_instances, monkeypatch):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    init = tmp_path / "sft"
+    start = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                      init_lora_weights=False, task_type="CAUSAL_LM"))
+    start.save_pretrained(init)
+    before = {k: v.clone() for k, v in start.state_dict().items() if "lora_" in k}
+    examples = build_examples(small_instances(2), "answer", 0, count_words)
+    cfg = GRPOSettings(reward="ao", steps=1, num_generations=2, batch_size=2,
+                       max_completion_tokens=8, lr=1e-2, init_adapter=str(init))
+    # the tiny model never writes the answer marker, so every real reward is 0 and gives no
+    # gradient; this one differs between the two completions of a group
+    rewards = itertools.cycle([0.0, 1.0])
+    monkeypatch.setattr("kvrag.train.grpo.get_reward",
+                        lambda name, **kw: lambda completion, instance, prompt: next(rewards))
+    result = train_grpo(tiny_model_dir, examples, cfg, tmp_path / "grpo")
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["r"] == 2  # the given adapter's set-up, not GRPOSettings.lora's
+    assert not (result.adapter_dir / "ref").exists()
+    after = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                      result.adapter_dir).state_dict()
+    assert before.keys() == {k for k in after if "lora_" in k}
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # trained from there
