@@ -10,9 +10,12 @@ import typer
 from kvrag.cli.common import StepProgress, console, fail
 from kvrag.compression import queries_needed
 from kvrag.data.loaders import LOADERS, fingerprint, load_dataset
-from kvrag.data.schema import DatasetError
+from kvrag.data.prompt import prompt_version
+from kvrag.data.schema import DatasetError, Instance
 from kvrag.engines.models import ModelNotFoundError, kvrag_home, resolve_model
+from kvrag.evaluation.metrics import SCORING_VERSION
 from kvrag.evaluation.report import summarize, write_reports
+from kvrag.evaluation.run_lock import RunLock, RunLockedError
 from kvrag.evaluation.runner import pending, run_comparison
 from kvrag.evaluation.store import ResultStore, StoreMismatchError
 from kvrag.evaluation.systems import (
@@ -25,7 +28,7 @@ from kvrag.evaluation.systems import (
     parse_systems,
 )
 from kvrag.rag_stack.chroma import ChromaUnavailableError
-from kvrag.rag_stack.embeddings import EmbeddingModelNotFoundError
+from kvrag.rag_stack.embeddings import EmbeddingModelNotFoundError, embedding_model_id
 from kvrag.rag_stack.pipeline import RagConfig
 from kvrag.rag_stack.retrieve import ORDERS
 
@@ -111,14 +114,28 @@ def compare(
             EmbeddingModelNotFoundError, ValueError) as e:
         fail(str(e))
     instances = instances[:limit] if limit else instances
-    run_config = {"model": model, "engine": engine, "dataset": dataset,
-                  "dataset_sha256": fingerprint(dataset), "max_new_tokens": max_new_tokens}
-    if adapter is not None:
-        run_config["adapter"] = str(adapter.resolve())
+    run_config = {
+        "model": model, "engine": engine, "dataset": dataset,
+        "dataset_sha256": fingerprint(dataset), "max_new_tokens": max_new_tokens,
+        "adapter": str(adapter.resolve()) if adapter is not None else None,
+        "prompt_version": prompt_version(), "scoring_version": SCORING_VERSION,
+        "chunk_tokens": chunk_tokens, "rag_order": rag_order,
+        "embedding_model": embedding_model_id(),
+        "rag_index": chroma_url or str(rag.index_dir.resolve()),
+    }
     try:
-        store = ResultStore(out, run_config)
-    except StoreMismatchError as e:
+        with RunLock(out):
+            _run(out, run_config, instances, system_list, model_path, adapter, seed)
+    except (RunLockedError, StoreMismatchError) as e:
         fail(str(e))
+
+
+def _run(out: Path, run_config: dict, instances: list[Instance], system_list: list[System],
+         model_path: Path, adapter: Path | None, seed: int) -> None:
+    """Answer what ``out`` does not hold yet and write the summaries (under the run lock)."""
+    model, engine, dataset = run_config["model"], run_config["engine"], run_config["dataset"]
+    max_new_tokens = run_config["max_new_tokens"]
+    store = ResultStore(out, run_config)
     work = pending(instances, system_list, store)
     total = len(instances) * len(system_list)
     if work:
@@ -144,7 +161,8 @@ def compare(
     label = model if adapter is None else f"{model} + adapter {adapter}"
     summary = summarize(store.records, [s.name for s in system_list],
                         [i.id for i in instances],
-                        {"model": label, "engine": engine, "dataset": dataset}, seed=seed)
+                        {"model": label, "engine": engine, "dataset": dataset,
+                         "max_new_tokens": max_new_tokens}, seed=seed)
     write_reports(summary, out)
     console.print((out / "summary.md").read_text(), markup=False, highlight=False)
     console.print(f"Results in {out}/ (results.jsonl, summary.json, summary.md, "

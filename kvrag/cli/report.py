@@ -17,7 +17,8 @@ def report(
         help="Comma-separated systems to show (default: all that any run answered).")] = None,
     out: Annotated[Path | None, typer.Option(help="Also write the table to this file.")] = None,
     metric: Annotated[str, typer.Option(
-        help="subem (gold inside the answer), em (exact) or f1.")] = "subem",
+        help="subem (gold inside the extracted answer), subem_output (gold anywhere in the "
+             "output), em (exact) or f1.")] = "subem",
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
 ) -> None:
     """Compare runs of one dataset, e.g. the base model and its adapters, system by system.

@@ -7,6 +7,8 @@ tokens inside ``context``; the header and the query are always kept.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -69,3 +71,13 @@ def build_prompt(
     query += instructions(instance)
     return Prompt(header=HEADER, context=context, query=query,
                   doc_tags={n: d.id for n, d in docs})
+
+
+def prompt_version() -> str:
+    """A short hash of the prompt template (system turn, header, document and question
+    layout, instructions), so results made with another template are never mixed."""
+    docs = [Doc("a", "Title A", "Text a."), Doc("b", "Title B", "Text b.")]
+    probes = [Instance("v", "Question?", ["x"], docs, ["a"]),
+              Instance("v", "Question?", ["A"], docs, ["a"], task="mc", choices=["x", "y"])]
+    text = "\x00".join(json.dumps(build_prompt(p).messages()) for p in probes)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -42,8 +42,11 @@ class Cost:
 
 @dataclass(frozen=True)
 class Generation:
+    """``truncated``: generation stopped at the token limit, not at a stop token."""
+
     text: str
     cost: Cost
+    truncated: bool
 
 
 class Engine(Protocol):

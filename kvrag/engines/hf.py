@@ -180,4 +180,5 @@ class HFEngine:
             new_tokens=len(new), attended_tokens=attended,
             doc_tokens=enc.context_end - enc.context_start,
         )
-        return Generation(self.tokenizer.decode(new, skip_special_tokens=True), cost)
+        return Generation(self.tokenizer.decode(new, skip_special_tokens=True), cost,
+                          truncated=len(new) == max_new_tokens)

@@ -103,7 +103,11 @@ class SGLangEngine:
             new_tokens=len(ids), attended_tokens=kv_tokens,
             doc_tokens=enc.context_end - enc.context_start,
         )
-        return Generation(self.tokenizer.decode(ids, skip_special_tokens=True), cost)
+        finish = last["meta_info"].get("finish_reason") or {}
+        if finish.get("type") == "abort":
+            raise RuntimeError(f"SGLang aborted the request: {finish.get('message')}")
+        return Generation(self.tokenizer.decode(ids, skip_special_tokens=True), cost,
+                          truncated=finish.get("type") == "length")
 
     def close(self) -> None:
         self.engine.shutdown()

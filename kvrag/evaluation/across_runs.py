@@ -24,6 +24,7 @@ from kvrag.evaluation.store import read_results
 class Run:
     label: str
     by_system: dict[str, dict[str, dict]]  # system -> question id -> record
+    config: dict  # the run's run.json
 
 
 def load_run(path: Path) -> Run:
@@ -40,18 +41,32 @@ def load_run(path: Path) -> Run:
     by_system: dict[str, dict[str, dict]] = {}
     for record in read_results(results):
         by_system.setdefault(record["system"], {})[record["id"]] = record
-    return Run(label, by_system)
+    return Run(label, by_system, config)
 
 
 def load_runs(paths: Sequence[Path]) -> list[Run]:
-    """``load_run`` of each; labels that clash get their directory name appended."""
+    """``load_run`` of each; labels that clash get their directory name appended.
+
+    Answers are paired by question id, so runs made on different data (dataset
+    fingerprints differ) are refused.
+    """
     runs = [load_run(path) for path in paths]
+    for run, path in zip(runs[1:], paths[1:], strict=True):
+        first, other = runs[0].config, run.config
+        if first.get("dataset_sha256") != other.get("dataset_sha256"):
+            raise ValueError(
+                f"{paths[0]} and {path} were made on different data ({paths[0]}: dataset "
+                f"{first.get('dataset')!r}, sha256 {str(first.get('dataset_sha256'))[:12]}; "
+                f"{path}: dataset {other.get('dataset')!r}, sha256 "
+                f"{str(other.get('dataset_sha256'))[:12]}); report pairs answers by question "
+                "id, so it compares runs of one dataset only")
     labels = [run.label for run in runs]
-    return [Run(f"{run.label} ({path.name})", run.by_system) if labels.count(run.label) > 1
-            else run for run, path in zip(runs, paths, strict=True)]
+    return [Run(f"{run.label} ({path.name})", run.by_system, run.config)
+            if labels.count(run.label) > 1 else run
+            for run, path in zip(runs, paths, strict=True)]
 
 
-METRICS = ("subem", "em", "f1")
+METRICS = ("subem", "subem_output", "em", "f1")
 
 
 def _normalized(answer: str) -> str:
@@ -80,6 +95,10 @@ def compare_runs(runs: Sequence[Run], systems: Sequence[str] | None = None,
             raise ValueError(f"no run answered system {system!r}")
         ids = sorted(set.intersection(*(set(r.by_system[system]) for r in holders)))
         baseline = holders[0].by_system[system]
+        for run in holders:
+            if any(metric not in run.by_system[system][q]["scores"] for q in ids):
+                raise ValueError(f"run {run.label!r} has no {metric} scores for {system} "
+                                 "(made by an older kvrag); rerun it into a new directory")
         rows = {}
         for run in holders:
             recs = [run.by_system[system][q] for q in ids]
@@ -111,7 +130,8 @@ def compare_runs(runs: Sequence[Run], systems: Sequence[str] | None = None,
 def render_markdown(table: dict) -> str:
     groups = sorted({g for rows in table["systems"].values() for row in rows.values()
                      for g in row["by_group"]})
-    name = {"subem": "SubEM", "em": "EM", "f1": "F1"}[table["metric"]]
+    name = {"subem": "SubEM", "subem_output": "SubEM of the whole output", "em": "EM",
+            "f1": "F1"}[table["metric"]]
     lines = [f"{name} in % (multiple choice: accuracy); Δ is paired against "
              f"`{table['baseline']}` on the same questions; the last column is the change "
              "relative to the same model's `full`, and *same answer* is how often the "

@@ -10,10 +10,15 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from kvrag.data.prompt import ANSWER_MARKER, Prompt
 from kvrag.data.schema import LETTERS, Instance
+
+# Bumped whenever a rule below changes a score; a run records it so a resume cannot mix
+# records scored by two rules.
+SCORING_VERSION = 2
 
 _MARKER_RE = re.compile(re.escape(ANSWER_MARKER.rstrip(":")) + r"\s*:?", re.IGNORECASE)
 _CITE_RE = re.compile(r"\[\s*DOC\s*(\d+)\s*\]", re.IGNORECASE)
@@ -26,17 +31,66 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def extract_answer(output: str) -> str:
-    """The text after the last "The answer is:", up to the end of that line.
+ANSWER_SOURCES = ("marker", "earlier_marker", "before_marker", "no_marker")
 
-    Without the marker the whole output's first non-empty line is the answer.
+
+@dataclass(frozen=True)
+class Extraction:
+    """The answer read from an output and where it came from (``ANSWER_SOURCES``).
+
+    ``marker``: after the last "The answer is:"; ``earlier_marker``: the last marker's
+    answer was empty or cut by the token limit, so an earlier marker's answer was used;
+    ``before_marker``: the same, with no earlier marker, so the line before the marker;
+    ``no_marker``: no marker at all, the output's first non-empty line.
+    """
+
+    text: str
+    source: str
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _last_line(text: str) -> str:
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+
+
+def extract(
+    output: str, truncated: bool = False, whole: Callable[[str], bool] = lambda answer: False
+) -> Extraction:
+    """The answer in ``output``: the text after the last "The answer is:", to the line end.
+
+    An answer after the last marker that is empty, or that an output cut by the token
+    limit (``truncated``) ends inside, is not read: a model that answers and then repeats
+    the marker is cut there most often. The text before that marker is read instead, its
+    own last marker first. An answer counts as ended, not cut, at a line break or a
+    sentence's end, or when ``whole(answer)`` says so (a choice letter). A cut answer is
+    kept only when nothing stands before its marker.
     """
     matches = list(_MARKER_RE.finditer(output))
-    tail = output[matches[-1].end():] if matches else output
-    for line in tail.strip().splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
+    if not matches:
+        return Extraction(_first_line(output), "no_marker")
+    last = matches[-1]
+    tail = output[last.end():]
+    answer = _first_line(tail)
+    ended = tail.rstrip(" \t").endswith("\n") or answer.endswith((".", "!", "?"))
+    cut = truncated and tail.strip() == answer and not ended and not whole(answer)
+    if answer and not cut:
+        return Extraction(answer, "marker")
+    before = output[:last.start()]
+    if len(matches) > 1:
+        earlier = extract(before)  # the output went on past it, so it was not cut
+        if earlier.text:
+            source = "earlier_marker" if earlier.source == "marker" else earlier.source
+            return Extraction(earlier.text, source)
+    elif _last_line(before):
+        return Extraction(_last_line(before), "before_marker")
+    return Extraction(answer, "marker")
+
+
+def extract_answer(output: str, truncated: bool = False) -> str:
+    return extract(output, truncated).text
 
 
 def extract_letter(answer: str, n_choices: int) -> str | None:
@@ -100,7 +154,11 @@ def cited_doc_ids(output: str, prompt: Prompt) -> list[str]:
 
 @dataclass(frozen=True)
 class Scores:
+    """``subem`` reads the extracted answer (as the paper); ``subem_output`` any gold answer
+    anywhere in the whole output (as HELMET scores its RAG tasks)."""
+
     subem: float
+    subem_output: float
     em: float
     f1: float
     accuracy: float | None
@@ -111,24 +169,32 @@ class Scores:
         return asdict(self)
 
 
-def score(instance: Instance, output: str, prompt: Prompt) -> tuple[str, Scores]:
-    """(extracted answer, scores) for one model output."""
-    answer = extract_answer(output)
+def score(
+    instance: Instance, output: str, prompt: Prompt, truncated: bool = False
+) -> tuple[Extraction, Scores]:
+    """(extracted answer, scores) for one model output; ``truncated``: generation stopped
+    at the token limit. For multiple choice the extraction's text is the letter read, and
+    ``subem_output`` is its accuracy too (a letter found anywhere proves nothing)."""
     if instance.task == "mc":
-        letter = extract_letter(answer, len(instance.choices)) or match_choice(
-            answer, instance.choices)
+        n = len(instance.choices)
+        extraction = extract(output, truncated, lambda a: extract_letter(a, n) is not None)
+        letter = extract_letter(extraction.text, n) or match_choice(
+            extraction.text, instance.choices)
         correct = float(letter is not None and letter in instance.answers)
-        subem = em = f1 = correct
+        subem = subem_output = em = f1 = correct
         accuracy: float | None = correct
-        answer = letter or answer
+        if letter:
+            extraction = Extraction(letter, extraction.source)
     else:
-        subem = substring_exact_match(answer, instance.answers)
-        em = exact_match(answer, instance.answers)
-        f1 = token_f1(answer, instance.answers)
+        extraction = extract(output, truncated)
+        subem = substring_exact_match(extraction.text, instance.answers)
+        subem_output = substring_exact_match(output, instance.answers)
+        em = exact_match(extraction.text, instance.answers)
+        f1 = token_f1(extraction.text, instance.answers)
         accuracy = None
     cited = cited_doc_ids(output, prompt)
     precision = recall = None
     if cited and instance.gold_doc_ids:
         hits = len(set(cited) & set(instance.gold_doc_ids))
         precision, recall = hits / len(cited), hits / len(instance.gold_doc_ids)
-    return answer, Scores(subem, em, f1, accuracy, precision, recall)
+    return extraction, Scores(subem, subem_output, em, f1, accuracy, precision, recall)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-METRICS = ("subem", "em", "f1", "accuracy")
+METRICS = ("subem", "subem_output", "em", "f1", "accuracy")
 N_BOOTSTRAP = 2000
 
 
@@ -45,6 +45,7 @@ def _system_summary(records: list[dict], full: dict[str, dict] | None, seed: int
             ci[metric] = bootstrap_ci(values, seed)
     recalls = [r["doc_recall"] for r in records if r.get("doc_recall") is not None]
     out["doc_recall"] = _mean(recalls)
+    out["truncated"] = _mean([float(r["truncated"]) for r in records if "truncated" in r])
     for key in ("cite_precision", "cite_recall"):
         out[key] = _mean(_metric_values(records, key))
     for key in ("kv_tokens", "attended_tokens", "kv_bytes", "prompt_tokens", "latency_s",
@@ -100,6 +101,11 @@ def _ci(ci: list[float] | None) -> str:
     return f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
 
 
+def _delta(system: dict, metric: str) -> str:
+    delta = system.get("vs_full", {}).get(metric)
+    return f"{100 * delta['delta']:+.1f} {_ci(delta['ci95'])}" if delta else "–"
+
+
 def render_markdown(summary: dict) -> str:
     lines = [
         f"# kvrag comparison: {summary['dataset']}",
@@ -107,18 +113,21 @@ def render_markdown(summary: dict) -> str:
         f"Model `{summary['model']}`, engine `{summary['engine']}`. Scores in %, with 95% "
         "bootstrap intervals over questions; Δ is the paired difference against `full`. "
         "KV tokens: cache size at decode start; attended: what each decoded token reads "
-        "(less than KV tokens only for retrieval attention).",
+        "(less than KV tokens only for retrieval attention). SubEM reads the extracted "
+        "answer; SubEM out, a gold answer anywhere in the output. Cut: share of answers "
+        f"that hit the {summary.get('max_new_tokens', '?')}-token limit.",
         "",
-        "| system | n | SubEM | 95% CI | Δ SubEM vs full | EM | F1 | MC acc | doc recall "
-        "| KV tokens | attended | prompt tokens | latency s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| system | n | SubEM | 95% CI | Δ SubEM vs full | SubEM out | Δ SubEM out vs full "
+        "| EM | F1 | MC acc | cut | doc recall | KV tokens | attended | prompt tokens "
+        "| latency s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary["systems"].items():
-        delta = s.get("vs_full", {}).get("subem")
-        delta_txt = f"{100 * delta['delta']:+.1f} {_ci(delta['ci95'])}" if delta else "–"
         lines.append(
             f"| {name} | {s['n']} | {_fmt(s['subem'])} | {_ci(s['ci95'].get('subem'))} "
-            f"| {delta_txt} | {_fmt(s['em'])} | {_fmt(s['f1'])} | {_fmt(s['accuracy'])} "
+            f"| {_delta(s, 'subem')} | {_fmt(s['subem_output'])} | {_delta(s, 'subem_output')} "
+            f"| {_fmt(s['em'])} | {_fmt(s['f1'])} | {_fmt(s['accuracy'])} "
+            f"| {_fmt(s['truncated'])} "
             f"| {_fmt(s['doc_recall'])} | {_fmt(s['kv_tokens_mean'], False)} "
             f"| {_fmt(s['attended_tokens_mean'], False)} "
             f"| {_fmt(s['prompt_tokens_mean'], False)} | {_fmt(s['latency_s_mean'], False)} |"

@@ -28,10 +28,13 @@ def run_comparison(
 ) -> None:
     for instance, system in work:
         result = system.answer(instance, engine, max_new_tokens)
-        extracted, scores = score(instance, result.generation.text, result.prompt)
+        generation = result.generation
+        extracted, scores = score(instance, generation.text, result.prompt,
+                                  generation.truncated)
         record = {
             "id": instance.id, "group": instance.group, "task": instance.task,
-            "system": system.name, "output": result.generation.text, "answer": extracted,
+            "system": system.name, "output": generation.text, "answer": extracted.text,
+            "answer_from": extracted.source, "truncated": generation.truncated,
             "golds": instance.answers, "scores": scores.to_json(),
             "cost": result.generation.cost.to_json(), **result.extra,
         }

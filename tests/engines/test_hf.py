@@ -67,3 +67,18 @@ def test_kvrag_attention_masks_like_sdpa(engine: HFEngine) -> None:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         left = model(input_ids=padded, attention_mask=mask, position_ids=positions).logits[0]
         assert torch.allclose(left[5:], whole, atol=1e-4)
+
+
+def test_truncated_says_whether_the_limit_or_a_stop_token_ended_it(engine: HFEngine,
+                                                                   prompt) -> None:
+    cut = engine.generate(prompt, max_new_tokens=6)
+    assert cut.truncated and cut.cost.new_tokens == 6
+    first = int(engine.model(torch.tensor([engine.encode(prompt).input_ids])).logits[0, -1]
+                .argmax())
+    saved = engine.stop_ids
+    engine.stop_ids = saved | {first}  # the first answer token now ends the answer
+    try:
+        ended = engine.generate(prompt, max_new_tokens=6)
+    finally:
+        engine.stop_ids = saved
+    assert not ended.truncated and ended.cost.new_tokens == 0

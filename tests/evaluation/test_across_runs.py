@@ -77,7 +77,8 @@ def test_other_metrics_use_their_own_scores(runs):
 def test_unknown_system_and_missing_run_are_clear_errors(runs, tmp_path):
     with pytest.raises(ValueError, match="no run answered system 'rag:1024'"):
         compare_runs(runs, ["rag:1024"])
-    with pytest.raises(ValueError, match="unknown metric 'bleu'; use one of subem, em, f1"):
+    with pytest.raises(ValueError,
+                       match="unknown metric 'bleu'; use one of subem, subem_output, em, f1"):
         compare_runs(runs, metric="bleu")
     with pytest.raises(FileNotFoundError, match="not a kvrag compare output"):
         load_run(tmp_path)
@@ -105,3 +106,30 @@ def test_a_run_still_writing_is_read_to_its_last_complete_line(runs, tmp_path):
         f.write('{"id": "q4", "group": "b", "sys')
     assert set(load_run(tmp_path / "tuned").by_system["full"]) == {"q1", "q2", "q3"}
     assert path.stat().st_size > size  # the writer's partial line is left alone
+
+
+def test_runs_on_different_data_are_refused(tmp_path):
+    base = _write_run(tmp_path / "base", "smollm2", None, {("q1", "a", "full"): 1.0})
+    other = _write_run(tmp_path / "other", "smollm2", "/x/a", {("q1", "a", "full"): 1.0})
+    for path, sha in ((base, "a" * 64), (other, "b" * 64)):
+        config = json.loads((path / "run.json").read_text()) | {"dataset_sha256": sha}
+        (path / "run.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"{base} and {other} were made on different data.*"
+                                         rf"sha256 aaaaaaaaaaaa.*sha256 bbbbbbbbbbbb"):
+        load_runs([base, other])
+    assert len(load_runs([base, base])) == 2
+
+
+def test_subem_output_is_a_report_metric(tmp_path):
+    answers = {("q1", "a", "full"): 0.0, ("q2", "a", "full"): 1.0}
+    base = _write_run(tmp_path / "base", "m", None, answers)
+    lines = [json.loads(x) for x in (base / "results.jsonl").read_text().splitlines()]
+    for line in lines:
+        line["scores"]["subem_output"] = 1.0
+    (base / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    table = compare_runs([load_run(base)], metric="subem_output")
+    assert table["systems"]["full"]["m"]["score"] == 1.0
+    assert "SubEM of the whole output" in render_markdown(table)
+    old = _write_run(tmp_path / "old", "m", None, answers)  # no subem_output recorded
+    with pytest.raises(ValueError, match="no subem_output scores for full"):
+        compare_runs([load_run(old)], metric="subem_output")

@@ -3,8 +3,10 @@ import pytest
 from kvrag.data.prompt import build_prompt
 from kvrag.data.schema import Doc, Instance
 from kvrag.evaluation.metrics import (
+    Extraction,
     cited_doc_ids,
     exact_match,
+    extract,
     extract_answer,
     extract_letter,
     normalize,
@@ -27,6 +29,52 @@ from kvrag.evaluation.metrics import (
 )
 def test_extract_answer(output: str, expected: str) -> None:
     assert extract_answer(output) == expected
+
+
+# Outputs shaped like SmolLM2's on the demo and needle suites, with and without a cut at
+# the token limit (truncated=True).
+@pytest.mark.parametrize(
+    ("output", "truncated", "expected", "source"),
+    [
+        ("The answer is: Dolores Park.", False, "Dolores Park.", "marker"),
+        ("The answer is: Dolores Park.", True, "Dolores Park.", "marker"),  # nothing before
+        ("People sit in Dolores Park on a sunny day. The answer is:", True,
+         "People sit in Dolores Park on a sunny day.", "before_marker"),
+        ("People sit in Dolores Park on a sunny day.\n\nThe answer is:", False,
+         "People sit in Dolores Park on a sunny day.", "before_marker"),
+        ("... sit in Dolores Park on a sunny day. The answer is: The best thing to do", True,
+         "... sit in Dolores Park on a sunny day.", "before_marker"),
+        ("... sit in Dolores Park on a sunny day. The answer is: The best thing to do", False,
+         "The best thing to do", "marker"),
+        ("The answer is: Dolores Park.\nThe answer is: Dolores", True, "Dolores Park.",
+         "earlier_marker"),
+        ("The answer is: Dolores Park.\nThe answer is:", False, "Dolores Park.",
+         "earlier_marker"),
+        ("Intro.\nThe answer is:\nThe answer is: Dol", True, "Intro.", "before_marker"),
+        ("The answer is: Oslo\nBecause [DOC 2] says", True, "Oslo", "marker"),  # line ended
+        ("Not Bergen. The answer is: Oslo\n", True, "Oslo", "marker"),
+        ("Not Bergen. The answer is: Oslo.", True, "Oslo.", "marker"),  # sentence ended
+        ("Not Bergen. The answer is: Oslo", True, "Not Bergen.", "before_marker"),
+        ("It is in Oslo, I think, because [DOC", True, "It is in Oslo, I think, because [DOC",
+         "no_marker"),
+        ("Oslo\nThe answer i", True, "Oslo", "no_marker"),  # the marker itself was cut
+        ("", True, "", "no_marker"),
+    ],
+)
+def test_extraction_survives_a_cut(output: str, truncated: bool, expected: str,
+                                   source: str) -> None:
+    assert extract(output, truncated) == Extraction(expected, source)
+
+
+def test_cut_repetition_scores_the_answer_given_before_it() -> None:
+    inst = Instance(id="q", question="Where?", answers=["Dolores Park"],
+                    docs=[Doc("x", "X", "x")], gold_doc_ids=["x"])
+    output = "Sit in Dolores Park on a sunny day. The answer is: The best thing to do"
+    cut, scores = score(inst, output, build_prompt(inst), truncated=True)
+    assert cut.source == "before_marker" and scores.subem == 1.0
+    uncut, plain = score(inst, output, build_prompt(inst), truncated=False)
+    assert uncut.text == "The best thing to do" and plain.subem == 0.0
+    assert plain.subem_output == scores.subem_output == 1.0  # the whole output has it
 
 
 @pytest.mark.parametrize(
@@ -66,20 +114,32 @@ def test_cited_ids_map_through_prompt_numbers() -> None:
 def test_score_open_question_with_citations() -> None:
     inst = instance()
     answer, s = score(inst, "[DOC 2][DOC 1] The answer is: oslo", build_prompt(inst))
-    assert answer == "oslo"
-    assert (s.subem, s.em, s.f1, s.accuracy) == (1.0, 1.0, 1.0, None)
+    assert answer == Extraction("oslo", "marker")
+    assert (s.subem, s.subem_output, s.em, s.f1, s.accuracy) == (1.0, 1.0, 1.0, 1.0, None)
+    _, wrong = score(inst, "Oslo or Bergen? The answer is: Bergen", build_prompt(inst))
+    assert (wrong.subem, wrong.subem_output, wrong.em) == (0.0, 1.0, 0.0)
     assert (s.cite_precision, s.cite_recall) == (0.5, 0.5)
 
 
 def test_score_multiple_choice_scores_the_letter() -> None:
     inst = instance("mc")
     answer, s = score(inst, "The answer is: B. b", build_prompt(inst))
-    assert answer == "B" and (s.subem, s.em, s.f1, s.accuracy) == (1, 1, 1, 1)
+    assert answer.text == "B" and (s.subem, s.subem_output, s.em, s.f1, s.accuracy) == (
+        1, 1, 1, 1, 1)
     _, wrong = score(inst, "The answer is: A", build_prompt(inst))
     assert wrong.accuracy == 0.0 and wrong.subem == 0.0
     by_text, s = score(inst, "It eats b, mostly.", build_prompt(inst))
-    assert by_text == "B" and s.accuracy == 1.0
+    assert by_text == Extraction("B", "no_marker") and s.accuracy == 1.0
     _, ambiguous = score(inst, "b or c", build_prompt(inst))
     assert ambiguous.accuracy == 0.0
     _, none = score(inst, "I am not sure", build_prompt(inst))
     assert none.accuracy == 0.0 and none.cite_precision is None
+
+
+def test_a_letter_at_the_token_limit_is_whole() -> None:
+    inst = instance("mc")
+    prompt = build_prompt(inst)
+    letter, s = score(inst, "Not A, it eats b. The answer is: B", prompt, truncated=True)
+    assert letter == Extraction("B", "marker") and s.accuracy == 1.0
+    cut, s = score(inst, "It eats b, so B. The answer is: Option", prompt, truncated=True)
+    assert cut == Extraction("B", "before_marker") and s.accuracy == 1.0

@@ -47,3 +47,25 @@ def test_reports_written(tmp_path: Path) -> None:
     assert "| full | 6 | 50.0 |" in md
     png = (tmp_path / "accuracy_vs_kv.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_both_subem_views_and_truncation_are_summarised() -> None:
+    records = []
+    for i in range(8):
+        full = rec(f"q{i}", "full", 1.0, 100) | {"truncated": i == 0}
+        full["scores"]["subem_output"] = 1.0
+        cut = rec(f"q{i}", "rag:9", float(i < 4), 40) | {"truncated": i < 2}
+        cut["scores"]["subem_output"] = 1.0  # the gold is in every output
+        records += [full, cut]
+    summary = summarize(records, ["full", "rag:9"], [f"q{i}" for i in range(8)],
+                        {"model": "m", "engine": "hf", "dataset": "d", "max_new_tokens": 64})
+    rag = summary["systems"]["rag:9"]
+    assert rag["subem"] == 0.5 and rag["subem_output"] == 1.0
+    assert rag["ci95"]["subem_output"] == [1.0, 1.0]
+    assert rag["vs_full"]["subem_output"]["delta"] == 0.0
+    assert rag["vs_full"]["subem"]["delta"] == -0.5
+    assert rag["truncated"] == 0.25 and summary["systems"]["full"]["truncated"] == 0.125
+    md = render_markdown(summary)
+    assert "64-token limit" in md
+    assert "| rag:9 | 8 | 50.0 | [" in md and "| 100.0 | +0.0 [0.0, 0.0] |" in md
+    assert "| 25.0 |" in md

@@ -32,3 +32,11 @@ def test_other_settings_are_refused(tmp_path: Path) -> None:
     ResultStore(tmp_path, CONFIG)
     with pytest.raises(StoreMismatchError, match="model: 'm' -> 'other'"):
         ResultStore(tmp_path, CONFIG | {"model": "other"})
+
+
+def test_every_changed_setting_is_listed(tmp_path: Path) -> None:
+    ResultStore(tmp_path, CONFIG | {"chunk_tokens": 128, "rag_order": "score"})
+    with pytest.raises(StoreMismatchError, match="max_new_tokens: 8 -> 64; chunk_tokens: "
+                                                 "128 -> 64; rag_order: 'score' -> 'document'"):
+        ResultStore(tmp_path, CONFIG | {"max_new_tokens": 64, "chunk_tokens": 64,
+                                        "rag_order": "document"})
