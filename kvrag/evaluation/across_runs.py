@@ -44,22 +44,31 @@ def load_run(path: Path) -> Run:
     return Run(label, by_system, config)
 
 
+# What must match for two runs' answers to be paired question by question.
+PAIRED_SETTINGS = ("dataset_sha256", "max_new_tokens", "prompt_version", "scoring_version")
+
+
+def _short(value: object) -> str:
+    return repr(value[:12] if isinstance(value, str) and len(value) == 64 else value)
+
+
 def load_runs(paths: Sequence[Path]) -> list[Run]:
     """``load_run`` of each; labels that clash get their directory name appended.
 
-    Answers are paired by question id, so runs made on different data (dataset
-    fingerprints differ) are refused.
+    Answers are paired by question id, so runs that differ in data (dataset fingerprint),
+    token limit, prompt template or scoring rule are refused.
     """
     runs = [load_run(path) for path in paths]
+    first = runs[0].config
     for run, path in zip(runs[1:], paths[1:], strict=True):
-        first, other = runs[0].config, run.config
-        if first.get("dataset_sha256") != other.get("dataset_sha256"):
+        diffs = [f"{key} {_short(first.get(key))} vs {_short(run.config.get(key))}"
+                 for key in PAIRED_SETTINGS if first.get(key) != run.config.get(key)]
+        if diffs:
             raise ValueError(
-                f"{paths[0]} and {path} were made on different data ({paths[0]}: dataset "
-                f"{first.get('dataset')!r}, sha256 {str(first.get('dataset_sha256'))[:12]}; "
-                f"{path}: dataset {other.get('dataset')!r}, sha256 "
-                f"{str(other.get('dataset_sha256'))[:12]}); report pairs answers by question "
-                "id, so it compares runs of one dataset only")
+                f"{paths[0]} (dataset {first.get('dataset')!r}) and {path} (dataset "
+                f"{run.config.get('dataset')!r}) differ in {', '.join(diffs)}; report pairs "
+                "answers question by question, so it compares only runs of one dataset, "
+                "token limit, prompt and scoring")
     labels = [run.label for run in runs]
     return [Run(f"{run.label} ({path.name})", run.by_system, run.config)
             if labels.count(run.label) > 1 else run

@@ -35,7 +35,7 @@ def test_report_refuses_runs_of_different_datasets(tmp_path):
         (path / "run.json").write_text(json.dumps(config | {"dataset_sha256": sha}))
     result = CliRunner().invoke(app, ["report", str(base), str(other)])
     assert result.exit_code == 2
-    assert "were made on different data" in result.output
+    assert "differ in dataset_sha256" in result.output
     assert "111111111111" in result.output and "222222222222" in result.output
 
 

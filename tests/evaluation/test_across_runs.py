@@ -114,10 +114,22 @@ def test_runs_on_different_data_are_refused(tmp_path):
     for path, sha in ((base, "a" * 64), (other, "b" * 64)):
         config = json.loads((path / "run.json").read_text()) | {"dataset_sha256": sha}
         (path / "run.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=rf"{base} and {other} were made on different data.*"
-                                         rf"sha256 aaaaaaaaaaaa.*sha256 bbbbbbbbbbbb"):
+    with pytest.raises(ValueError, match=rf"{base} \(dataset 'demo'\) and {other} \(dataset "
+                                         "'demo'\) differ in dataset_sha256 'aaaaaaaaaaaa' "
+                                         "vs 'bbbbbbbbbbbb';"):
         load_runs([base, other])
     assert len(load_runs([base, base])) == 2
+
+
+def test_runs_with_another_token_limit_are_refused(tmp_path):
+    runs = []
+    for name, limit in (("a", 32), ("b", 128)):
+        path = _write_run(tmp_path / name, "smollm2", None, {("q1", "a", "full"): 1.0})
+        config = json.loads((path / "run.json").read_text()) | {"max_new_tokens": limit}
+        (path / "run.json").write_text(json.dumps(config))
+        runs.append(path)
+    with pytest.raises(ValueError, match="differ in max_new_tokens 32 vs 128"):
+        load_runs(runs)
 
 
 def test_subem_output_is_a_report_metric(tmp_path):
