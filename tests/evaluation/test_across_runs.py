@@ -115,7 +115,7 @@ def test_runs_on_different_data_are_refused(tmp_path):
         config = json.loads((path / "run.json").read_text()) | {"dataset_sha256": sha}
         (path / "run.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=rf"{base} \(dataset 'demo'\) and {other} \(dataset "
-                                         "'demo'\) differ in dataset_sha256 'aaaaaaaaaaaa' "
+                                         r"'demo'\) differ in dataset_sha256 'aaaaaaaaaaaa' "
                                          "vs 'bbbbbbbbbbbb';"):
         load_runs([base, other])
     assert len(load_runs([base, base])) == 2
