@@ -1,4 +1,4 @@
-"""kvrag's instance format (DESIGN.md) with strict, line-numbered validation.
+"""kvrag's instance format with strict, line-numbered validation.
 
 One JSON object per line:
 ``{"id", "question", "answers": [str], "docs": [{"id", "title", "text"}],

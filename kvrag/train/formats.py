@@ -1,4 +1,4 @@
-"""Training targets, one small function per output format (PAPER.md, "Training strategies").
+"""Training targets, one small function per output format (as in arXiv 2601.18527).
 
 Every target ends with the line ``The answer is: X`` that the evaluation's
 ``extract_answer`` reads, and cites documents with the ``[DOC i]`` tags that

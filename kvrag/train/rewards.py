@@ -1,4 +1,4 @@
-"""GRPO rewards, one small pure function per output format (PAPER.md, "Training strategies").
+"""GRPO rewards, one small pure function per output format (as in arXiv 2601.18527).
 
 A reward is ``reward(completion, instance, prompt) -> float`` in [0, 1]: ``prompt`` is the
 prompt the completion answered, whose ``doc_tags`` map its ``[DOC i]`` numbers to doc ids.
