@@ -14,6 +14,7 @@ from kvrag.data.prompt import prompt_version
 from kvrag.data.schema import DatasetError, Instance
 from kvrag.engines.models import ModelNotFoundError, kvrag_home, resolve_model
 from kvrag.evaluation.metrics import SCORING_VERSION
+from kvrag.evaluation.prompt_fit import Fitted, PromptTooLongError, fit_instances, prompt_limit
 from kvrag.evaluation.report import summarize, write_reports
 from kvrag.evaluation.run_lock import RunLock, RunLockedError
 from kvrag.evaluation.runner import pending, run_comparison
@@ -90,13 +91,21 @@ def compare(
         "context demo answers cut."))] = DEFAULT_MAX_NEW_TOKENS,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap intervals.")] = 0,
     index_dir: Annotated[Path | None, typer.Option(
-        help="rag systems: embedded Chroma folder [default: $KVRAG_HOME/index].")] = None,
+        help="rag systems: embedded Chroma folder (default: $KVRAG_HOME/index).")] = None,
     chroma_url: Annotated[str | None, typer.Option(
         help="rag systems: a Chroma server URL instead of the embedded store.")] = None,
     chunk_tokens: Annotated[int, typer.Option(
         min=16, help="rag systems: chunk size in model tokens.")] = 128,
     rag_order: Annotated[str, typer.Option(
         help=f"rag systems: chunk order in the prompt, {' or '.join(ORDERS)}.")] = "score",
+    max_prompt_tokens: Annotated[int | None, typer.Option(min=1, help=(
+        "Refuse (or, with --fit-context, trim) prompts longer than this, chat template "
+        "included (default: the model's context length less --max-new-tokens)."))] = None,
+    fit_context: Annotated[bool, typer.Option(
+        "--fit-context", help=(
+            "Trim prompts that do not fit by dropping non-gold documents, last first (never "
+            "a gold one), instead of refusing them; every system answers the trimmed one."
+        ))] = False,
 ) -> None:
     """Run each system on the same questions; resumes where an earlier run into OUT stopped.
 
@@ -120,6 +129,11 @@ def compare(
             EmbeddingModelNotFoundError, ValueError) as e:
         fail(str(e))
     instances = instances[:limit] if limit else instances
+    try:
+        fitted = _fit(instances, model, model_path, max_new_tokens, max_prompt_tokens,
+                      fit_context)
+    except PromptTooLongError as e:
+        fail(str(e))
     run_config = {
         "model": model, "engine": engine, "dataset": dataset,
         "dataset_sha256": fingerprint(dataset), "max_new_tokens": max_new_tokens,
@@ -128,17 +142,31 @@ def compare(
         "chunk_tokens": chunk_tokens, "rag_order": rag_order,
         "embedding_model": embedding_model_id(),
         "rag_index": chroma_url or str(rag.index_dir.resolve()),
+        "max_prompt_tokens": max_prompt_tokens, "fit_context": fit_context,
     }
     try:
         with RunLock(out):
-            _run(out, run_config, instances, system_list, model_path, adapter, seed)
+            _run(out, run_config, fitted, system_list, model_path, adapter, seed)
     except (RunLockedError, StoreMismatchError) as e:
         fail(str(e))
 
 
-def _run(out: Path, run_config: dict, instances: list[Instance], system_list: list[System],
+def _fit(instances: list[Instance], model: str, model_path: Path, max_new_tokens: int,
+         max_prompt_tokens: int | None, trim: bool) -> Fitted:
+    """Every prompt measured against the model's context and ``max_prompt_tokens``."""
+    from transformers import AutoTokenizer
+
+    limit = prompt_limit(model_path, model, max_new_tokens, max_prompt_tokens)
+    if limit is None:
+        return Fitted(list(instances), {})
+    with console.status(f"Measuring {len(instances)} prompts..."):
+        return fit_instances(instances, AutoTokenizer.from_pretrained(model_path), limit, trim)
+
+
+def _run(out: Path, run_config: dict, fitted: Fitted, system_list: list[System],
          model_path: Path, adapter: Path | None, seed: int) -> None:
     """Answer what ``out`` does not hold yet and write the summaries (under the run lock)."""
+    instances = fitted.instances
     model, engine, dataset = run_config["model"], run_config["engine"], run_config["dataset"]
     max_new_tokens = run_config["max_new_tokens"]
     store = ResultStore(out, run_config)
@@ -158,7 +186,8 @@ def _run(out: Path, run_config: dict, instances: list[Instance], system_list: li
                                 description=record["system"])
 
             try:
-                run_comparison(work, eng, store, max_new_tokens, on_answer)
+                run_comparison(work, eng, store, max_new_tokens, on_answer,
+                               fitted.docs_dropped)
             finally:
                 if hasattr(eng, "close"):
                     eng.close()

@@ -20,7 +20,7 @@ from kvrag.rag_stack.sources import read_docs
 app = typer.Typer(help="Ingest documents into Chroma and query them.", no_args_is_help=True)
 
 IndexDir = Annotated[Path | None, typer.Option(
-    help="Embedded Chroma folder [default: $KVRAG_HOME/index].")]
+    help="Embedded Chroma folder (default: $KVRAG_HOME/index).")]
 ChromaUrl = Annotated[str | None, typer.Option(
     help="Use a Chroma server (`chroma run`) at this URL instead of the embedded store.")]
 ChunkTokens = Annotated[int, typer.Option(min=16, help="Chunk size in model tokens.")]

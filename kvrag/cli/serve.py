@@ -50,7 +50,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 30000,
     max_total_tokens: Annotated[int | None, typer.Option(
-        min=64, help="KV pool size in tokens [default: SGLang's, from memory].")] = None,
+        min=64, help="KV pool size in tokens (default: SGLang's, from memory).")] = None,
 ) -> None:
     """Serve MODEL with compressed-KV attention and a cost-aware radix cache.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from kvrag.data.schema import Instance
 from kvrag.engines.base import Engine
@@ -25,7 +25,10 @@ def run_comparison(
     store: ResultStore,
     max_new_tokens: int,
     on_answer: Callable[[dict], None] = lambda record: None,
+    docs_dropped: Mapping[str, int] | None = None,
 ) -> None:
+    """Answer each pair and store it; ``docs_dropped``: documents trimmed per instance id,
+    recorded with its answers."""
     for instance, system in work:
         result = system.answer(instance, engine, max_new_tokens)
         generation = result.generation
@@ -36,7 +39,8 @@ def run_comparison(
             "system": system.name, "output": generation.text, "answer": extracted.text,
             "answer_from": extracted.source, "truncated": generation.truncated,
             "golds": instance.answers, "scores": scores.to_json(),
-            "cost": result.generation.cost.to_json(), **result.extra,
+            "cost": result.generation.cost.to_json(),
+            "docs_dropped": (docs_dropped or {}).get(instance.id, 0), **result.extra,
         }
         store.append(record)
         on_answer(record)

@@ -218,3 +218,29 @@ def test_a_second_compare_into_a_live_run_is_refused(tmp_path, tiny_model_dir) -
 
 def _read(path: Path) -> str:
     return path.read_text() if path.exists() else ""
+
+
+def test_prompts_over_the_limit_are_refused_before_any_work(tmp_path, tiny_model_dir) -> None:
+    result = compare(tmp_path / "out", tiny_model_dir, "--limit", "3",
+                     "--max-prompt-tokens", "1500")
+    assert result.exit_code == 2
+    assert "3 of 3 prompts do not fit in 1,500 tokens (--max-prompt-tokens)" in result.output
+    assert "single_hop-0-000 (" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_fit_context_trims_non_gold_documents_for_every_system(tmp_path,
+                                                               tiny_model_dir) -> None:
+    result = compare(tmp_path, tiny_model_dir, "--limit", "2", "--max-prompt-tokens", "1500",
+                     "--fit-context", "--systems", "full,snapkv:0.5")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 4
+    for r in records:
+        assert r["docs_dropped"] > 0 and r["cost"]["prompt_tokens"] <= 1500
+    by_id = {}
+    for r in records:
+        by_id.setdefault(r["id"], set()).add(r["cost"]["prompt_tokens"])
+    assert all(len(lengths) == 1 for lengths in by_id.values())  # the same trimmed prompt
+    config = json.loads((tmp_path / "run.json").read_text())
+    assert config["fit_context"] is True and config["max_prompt_tokens"] == 1500
