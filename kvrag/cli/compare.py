@@ -12,6 +12,8 @@ from kvrag.compression import queries_needed
 from kvrag.data.loaders import LOADERS, fingerprint, load_dataset
 from kvrag.data.prompt import prompt_version
 from kvrag.data.schema import DatasetError, Instance
+from kvrag.engines.device import DEVICES, DTYPES, DeviceError, Placement
+from kvrag.engines.device import resolve as resolve_placement
 from kvrag.engines.models import ModelNotFoundError, kvrag_home, resolve_model
 from kvrag.evaluation.metrics import SCORING_VERSION
 from kvrag.evaluation.prompt_fit import Fitted, PromptTooLongError, fit_instances, prompt_limit
@@ -40,12 +42,14 @@ DEFAULT_MAX_NEW_TOKENS = 64
 SYSTEMS_HELP = f"Comma-separated systems; known: {', '.join(SYSTEM_HELP.values())}."
 
 
-def _load_engine(name: str, model_path: Path, systems: list[System], adapter: Path | None):
+def _load_engine(name: str, model_path: Path, systems: list[System], adapter: Path | None,
+                 placement: Placement):
     if name == "hf":
         from kvrag.engines.hf import HFEngine
 
         specs = [s.spec for s in systems if isinstance(s, CompressedContext)]
-        return HFEngine(model_path, capture_queries=queries_needed(specs), adapter=adapter)
+        return HFEngine(model_path, capture_queries=queries_needed(specs), adapter=adapter,
+                        device=placement.device, dtype=placement.dtype)
     if adapter is not None:
         fail("--adapter runs on the hf engine; for sglang, merge it first with `kvrag train "
              "merge --adapter DIR --out CKPT` and pass --model CKPT")
@@ -59,7 +63,8 @@ def _load_engine(name: str, model_path: Path, systems: list[System], adapter: Pa
                 check_servable(spec)
         except ValueError as e:
             fail(str(e))
-        return SGLangEngine(model_path, capture_all=queries_needed(specs) is None)
+        return SGLangEngine(model_path, capture_all=queries_needed(specs) is None,
+                            device=placement.device, dtype=placement.dtype)
     fail(f"unknown engine {name!r}; available: {', '.join(ENGINES)}")
 
 
@@ -79,6 +84,12 @@ def compare(
     engine: Annotated[str, typer.Option(help=(
         "Engine: hf (transformers), or sglang (the real SGLang engine with the kvrag plugin, "
         "started once for the run)."))] = "hf",
+    device: Annotated[str, typer.Option(help=(
+        f"Where the model runs: {DEVICES}; auto is the first CUDA device if one is visible, "
+        "else the CPU."))] = "auto",
+    dtype: Annotated[str, typer.Option(help=(
+        f"Model and KV-cache precision: auto, {', '.join(DTYPES)}; auto is bfloat16 on a "
+        "CUDA device that supports it, float32 on a CPU."))] = "auto",
     limit: Annotated[
         int | None, typer.Option(min=1, help="Use only the first N questions.")
     ] = None,
@@ -117,6 +128,7 @@ def compare(
     if adapter is not None and not (adapter / "adapter_config.json").exists():
         fail(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
     try:
+        placement = resolve_placement(device, dtype)
         rag = RagConfig(index_dir=index_dir or kvrag_home() / "index", chroma_url=chroma_url,
                         chunk_tokens=chunk_tokens, order=rag_order)
         options = SystemOptions(rag=rag)
@@ -126,7 +138,7 @@ def compare(
         if any(isinstance(s, RagSystem) for s in system_list):
             options.rag_pipeline()  # a bad --chroma-url fails now, before any work
     except (SystemSpecError, DatasetError, ModelNotFoundError, ChromaUnavailableError,
-            EmbeddingModelNotFoundError, ValueError) as e:
+            EmbeddingModelNotFoundError, DeviceError, ValueError) as e:
         fail(str(e))
     instances = instances[:limit] if limit else instances
     try:
@@ -143,10 +155,11 @@ def compare(
         "embedding_model": embedding_model_id(),
         "rag_index": chroma_url or str(rag.index_dir.resolve()),
         "max_prompt_tokens": max_prompt_tokens, "fit_context": fit_context,
+        **placement.to_json(),
     }
     try:
         with RunLock(out):
-            _run(out, run_config, fitted, system_list, model_path, adapter, seed)
+            _run(out, run_config, fitted, system_list, model_path, adapter, placement, seed)
     except (RunLockedError, StoreMismatchError) as e:
         fail(str(e))
 
@@ -164,7 +177,7 @@ def _fit(instances: list[Instance], model: str, model_path: Path, max_new_tokens
 
 
 def _run(out: Path, run_config: dict, fitted: Fitted, system_list: list[System],
-         model_path: Path, adapter: Path | None, seed: int) -> None:
+         model_path: Path, adapter: Path | None, placement: Placement, seed: int) -> None:
     """Answer what ``out`` does not hold yet and write the summaries (under the run lock)."""
     instances = fitted.instances
     model, engine, dataset = run_config["model"], run_config["engine"], run_config["dataset"]
@@ -176,7 +189,7 @@ def _run(out: Path, run_config: dict, fitted: Fitted, system_list: list[System],
         console.print(f"{total - len(work)}/{total} answers already in {store.path}; "
                       f"running {len(work)} more with {model} on {engine}.")
         with console.status("Loading model..."):
-            eng = _load_engine(engine, model_path, system_list, adapter)
+            eng = _load_engine(engine, model_path, system_list, adapter, placement)
         with StepProgress("answering", len(work), "SubEM") as progress:
             correct: list[float] = []
 
@@ -197,7 +210,7 @@ def _run(out: Path, run_config: dict, fitted: Fitted, system_list: list[System],
     summary = summarize(store.records, [s.name for s in system_list],
                         [i.id for i in instances],
                         {"model": label, "engine": engine, "dataset": dataset,
-                         "max_new_tokens": max_new_tokens}, seed=seed)
+                         "max_new_tokens": max_new_tokens, **placement.to_json()}, seed=seed)
     write_reports(summary, out)
     console.print((out / "summary.md").read_text(), markup=False, highlight=False)
     console.print(f"Results in {out}/ (results.jsonl, summary.json, summary.md, "

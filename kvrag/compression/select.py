@@ -42,7 +42,8 @@ def kept_positions(
     """Per layer, [kv_heads, kept] positions to keep, by the shared scoring code.
 
     keys[layer]: [kv_heads, n, d]; queries[layer]: [q_heads, m, d] (the prompt's last m).
-    Scores only choose indices, so no gradient flows through them.
+    Scores only choose indices, so no gradient flows through them; they are computed in
+    float32 whatever the cache's dtype, so bfloat16 rounding does not decide ties.
     """
     method = spec.build()
     n_layers = len(keys)
@@ -50,7 +51,8 @@ def kept_positions(
     budgets = layer_budgets(method, spec.kept(n_doc), n_layers, n_doc)
     with torch.no_grad():
         return [
-            select_kept(method.score(ScoringInput(k.detach(), q.detach(), layer, n_layers)),
+            select_kept(method.score(ScoringInput(k.detach().float(), q.detach().float(),
+                                                  layer, n_layers)),
                         span, budgets[layer])
             for layer, (k, q) in enumerate(zip(keys, queries, strict=True))
         ]

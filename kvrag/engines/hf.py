@@ -62,17 +62,21 @@ class HFEngine:
     def __init__(
         self, model_path: str | Path, dtype: torch.dtype = torch.float32,
         capture_queries: int | None = 64, adapter: str | Path | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         """``capture_queries``: how many of the prompt's last queries each prefill keeps for
         the scoring methods (64 serves snapkv, pyramidkv and tova; None keeps all, for h2o).
         ``adapter``: a PEFT LoRA directory, merged into the weights for decoding speed.
+        ``device``, ``dtype``: where the weights, the cache and every input live.
         """
+        self.device = torch.device(device)
+        self.dtype = dtype
         self.model_path = Path(model_path)
         self.model_name = self.model_path.name
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.model = AutoModelForCausalLM.from_pretrained(
             self.model_path, dtype=dtype, attn_implementation=hf_attention.NAME
-        )
+        ).to(self.device)
         if adapter is not None:
             from peft import PeftModel
 
@@ -105,7 +109,8 @@ class HFEngine:
         hooks = hf_attention.AttentionHooks(captured={}, capture_last=self.capture_queries)
         t0 = time.perf_counter()
         with hf_attention.attention_hooks(hooks):
-            out = self.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True,
+                             logits_to_keep=1)
         seconds = time.perf_counter() - t0
         assert hooks.captured is not None
         self._last = Prefill(key, out.past_key_values, hooks.captured, out.logits[0, -1],
@@ -124,7 +129,7 @@ class HFEngine:
         method = spec.build() if spec is not None else None
         if method is None or method.dynamic:
             kv_heads = pre.cache.layers[0].keys.shape[1]
-            kept = [torch.arange(n).expand(kv_heads, -1)] * self.n_layers
+            kept = [torch.arange(n, device=self.device).expand(kv_heads, -1)] * self.n_layers
         else:
             needed = method.queries_needed()
             have = pre.queries[0].shape[1]
@@ -167,8 +172,8 @@ class HFEngine:
                 new.append(next_id)
                 if len(new) == max_new_tokens:
                     break
-                out = self.model(input_ids=torch.tensor([[next_id]]),
-                                 position_ids=torch.tensor([[position]]),
+                out = self.model(input_ids=torch.tensor([[next_id]], device=self.device),
+                                 position_ids=torch.tensor([[position]], device=self.device),
                                  past_key_values=cache, use_cache=True)
                 position += 1
                 next_id = int(out.logits[0, -1].argmax())

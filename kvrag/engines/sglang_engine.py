@@ -30,8 +30,11 @@ class SGLangEngine:
     name = "sglang"
 
     def __init__(self, model_path: str | Path, capture_all: bool = False,
-                 max_total_tokens: int = 16384, **engine_args) -> None:
-        """``capture_all``: keep every prompt query at prefill (h2o needs them)."""
+                 max_total_tokens: int = 16384, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, **engine_args) -> None:
+        """``capture_all``: keep every prompt query at prefill (h2o needs them).
+        ``device`` (``cuda:N`` becomes SGLang's ``base_gpu_id``) and ``dtype`` are the
+        model's; the KV cache has the model's dtype."""
         import sglang
 
         self.model_path = Path(model_path)
@@ -46,19 +49,21 @@ class SGLangEngine:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.n_layers = cfg.num_hidden_layers
-        self.kv_bytes_per_token = 2 * kv_heads * head_dim * 4 * self.n_layers  # fp32
+        self.kv_bytes_per_token = 2 * kv_heads * head_dim * dtype.itemsize * self.n_layers
         self._stats = Path(tempfile.mkstemp(prefix="kvrag-plugin-", suffix=".jsonl")[1])
         self._stats_log = StatsLog(self._stats)
         env = {plugin_config.ENV_STATS: str(self._stats),
                plugin_config.ENV_COMPRESSION: "none",
                plugin_config.ENV_CAPTURE: "all" if capture_all else ""}
-        cuda = torch.cuda.is_available()
+        where = torch.device(device)
+        cuda = where.type == "cuda"
+        placement = {"base_gpu_id": where.index or 0} if cuda else {}
         args = dict(
             model_path=str(self.model_path), attention_backend="kvrag",
-            device="cuda" if cuda else "cpu", dtype="float32", disable_cuda_graph=True,
+            device=where.type, dtype=str(dtype).removeprefix("torch."), disable_cuda_graph=True,
             disable_overlap_schedule=True, max_total_tokens=max_total_tokens,
             mem_fraction_static=0.3 if not cuda else 0.8, skip_tokenizer_init=True,
-            random_seed=0,
+            random_seed=0, **placement,
         ) | engine_args
         with plugin_config.engine_environ(env):
             self.engine = sglang.Engine(**args)

@@ -244,3 +244,26 @@ def test_fit_context_trims_non_gold_documents_for_every_system(tmp_path,
     assert all(len(lengths) == 1 for lengths in by_id.values())  # the same trimmed prompt
     config = json.loads((tmp_path / "run.json").read_text())
     assert config["fit_context"] is True and config["max_prompt_tokens"] == 1500
+
+
+def test_bfloat16_on_the_cpu_halves_the_kv_bytes_and_is_recorded(tmp_path,
+                                                                 tiny_model_dir) -> None:
+    result = compare(tmp_path, tiny_model_dir, "--limit", "1", "--device", "cpu",
+                     "--dtype", "bfloat16", "--systems", "full,snapkv:0.5")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run.json").read_text())
+    assert (config["device"], config["dtype"]) == ("cpu", "bfloat16")
+    full, snap = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    # 2 (K and V) x 2 layers x 2 KV heads x head_dim 16 x 2 bytes per token
+    assert full["cost"]["kv_bytes"] == full["cost"]["kv_tokens"] * 2 * 2 * 2 * 16 * 2
+    assert snap["cost"]["kv_tokens"] < full["cost"]["kv_tokens"]
+
+
+def test_cuda_where_there_is_none_is_refused(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = compare(tmp_path / "out", tiny_model_dir, "--device", "cuda")
+    assert result.exit_code == 2
+    assert "--device cuda: no CUDA device is visible here" in result.output
+    assert not (tmp_path / "out").exists()

@@ -33,6 +33,8 @@ def test_an_answer_cut_at_the_limit_is_marked_truncated(engine, prompt) -> None:
     assert gen.truncated and gen.cost.new_tokens == 5
     squeezed = engine.generate(prompt, max_new_tokens=5, compression=parse_spec("snapkv:0.5"))
     assert squeezed.truncated and squeezed.cost.kv_tokens < gen.cost.kv_tokens
+    # 2 (K and V) x 2 KV heads x head_dim 16 x 4 bytes (float32) x 2 layers
+    assert gen.cost.kv_bytes == gen.cost.kv_tokens * 2 * 2 * 16 * 4 * 2
 
 
 def test_an_answer_ended_by_a_stop_token_is_not(engine, prompt) -> None:
