@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -13,28 +16,72 @@ import typer
 from kvrag.cli.common import console, fail
 from kvrag.compression import SpecError, parse_spec
 from kvrag.engine_plugin import config
+from kvrag.engines.device import DEVICES, DTYPES, DeviceError, Placement
+from kvrag.engines.device import resolve as resolve_placement
 from kvrag.engines.models import ModelNotFoundError, resolve_model
 
 EVICTION_POLICIES = ("lru", "lfu", "fifo", "mru", "filo", "priority", "slru", "tlru",
                      "kvrag-cost")
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class SGLangOptions:
+    """SGLang's own settings that ``serve`` and ``compare --engine sglang`` expose; None keeps
+    SGLang's default (the CPU ones here where SGLang has none that works on a CPU)."""
+
+    context_length: int | None = None
+    max_total_tokens: int | None = None
+    mem_fraction_static: float | None = None
+    tp_size: int | None = None
+    extra: tuple[tuple[str, str], ...] = ()  # --sglang-arg KEY=VALUE, passed unchanged
+
+    def flags(self) -> list[str]:
+        cmd: list[str] = []
+        for name in ("context_length", "max_total_tokens", "mem_fraction_static", "tp_size"):
+            value = getattr(self, name)
+            if value is not None:
+                cmd += [f"--{name.replace('_', '-')}", str(value)]
+        for key, value in self.extra:
+            cmd += [f"--{key}"] + ([value] if value != "" else [])
+        return cmd
+
+
+def parse_sglang_args(items: list[str]) -> tuple[tuple[str, str], ...]:
+    """``KEY=VALUE`` (or ``KEY=`` for a bare flag) items; KEY without its leading dashes."""
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key:
+            raise ValueError(f"--sglang-arg {item!r}: use KEY=VALUE, e.g. "
+                             "--sglang-arg chunked-prefill-size=4096 (KEY= for a bare flag)")
+        out.append((key, value))
+    return tuple(out)
+
+
 def server_command(model_path: Path, host: str, port: int, eviction_policy: str,
-                   eviction_config: str | None, max_total_tokens: int | None,
-                   device: str) -> list[str]:
-    """The ``sglang.launch_server`` command line for the plugin's backend on ``device``."""
+                   eviction_config: str | None, placement: Placement,
+                   options: SGLangOptions, api_key: str | None = None) -> list[str]:
+    """The ``sglang.launch_server`` command line for the plugin's backend."""
+    device = placement.device
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_path),
-           "--host", host, "--port", str(port), "--device", device,
+           "--host", host, "--port", str(port), "--device", device.type,
+           "--dtype", placement.dtype_name,
            "--attention-backend", "kvrag", "--radix-eviction-policy", eviction_policy,
            # compaction runs between batches and outside CUDA graphs (see engine_plugin)
            "--disable-overlap-schedule", "--disable-cuda-graph"]
-    if device == "cpu":
-        cmd += ["--dtype", "float32", "--mem-fraction-static", "0.3"]
+    if device.type == "cuda" and device.index:
+        cmd += ["--base-gpu-id", str(device.index)]
+    if device.type == "cpu" and options.mem_fraction_static is None:
+        cmd += ["--mem-fraction-static", "0.3"]
     if eviction_config:
         cmd += ["--radix-eviction-policy-config", eviction_config]
-    if max_total_tokens:
-        cmd += ["--max-total-tokens", str(max_total_tokens)]
-    return cmd
+    if api_key:
+        cmd += ["--api-key", api_key]
+    return cmd + options.flags()
 
 
 def serve(
@@ -43,41 +90,111 @@ def serve(
     compression: Annotated[str | None, typer.Option(
         help="Server default, e.g. snapkv:0.5; requests may override it with "
              "custom_params.kvrag_compression (or 'none').")] = None,
+    allow_request_specs: Annotated[str | None, typer.Option(help=(
+        "Comma-separated specs requests may ask for, or 'any' (default: the server's own "
+        "--compression and none). A request asking for another is refused with the list."
+    ))] = None,
     eviction_policy: Annotated[str, typer.Option(
         help=f"Radix-cache eviction: {', '.join(EVICTION_POLICIES)}.")] = "kvrag-cost",
     eviction_config: Annotated[str | None, typer.Option(
         help='JSON options of the policy, e.g. \'{"frequency_exponent": 0.5}\'.')] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 30000,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="KVRAG_API_KEY", help="Key clients must send (Authorization: Bearer KEY).")
+    ] = None,
+    allow_unauthenticated: Annotated[bool, typer.Option(
+        "--allow-unauthenticated",
+        help="Listen on a non-loopback address without --api-key.")] = False,
+    device: Annotated[str, typer.Option(help=f"{DEVICES}; auto: CUDA if visible.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        help=f"auto, {', '.join(DTYPES)}; auto: bfloat16 on CUDA, float32 on a CPU.")] = "auto",
+    context_length: Annotated[int | None, typer.Option(
+        min=1, help="SGLang --context-length (default: the model's).")] = None,
     max_total_tokens: Annotated[int | None, typer.Option(
         min=64, help="KV pool size in tokens (default: SGLang's, from memory).")] = None,
+    mem_fraction_static: Annotated[float | None, typer.Option(
+        min=0.01, max=0.99, help="SGLang --mem-fraction-static (default: 0.3 on a CPU, "
+                                 "SGLang's on a GPU).")] = None,
+    tp_size: Annotated[int | None, typer.Option(
+        min=1, help="SGLang tensor-parallel size (GPUs per model copy).")] = None,
+    sglang_arg: Annotated[list[str] | None, typer.Option(help=(
+        "Any other SGLang server option as KEY=VALUE, passed unchanged; repeatable."))] = None,
 ) -> None:
     """Serve MODEL with compressed-KV attention and a cost-aware radix cache.
 
     The OpenAI-compatible API is at http://HOST:PORT/v1. Each request's compression can
     be set with extra_body={"custom_params": {"kvrag_compression": "snapkv:0.75"}}.
+    SIGTERM or Ctrl-C stops the SGLang server and its worker processes.
     """
     if eviction_policy not in EVICTION_POLICIES:
         fail(f"unknown eviction policy {eviction_policy!r}; use one of "
              f"{', '.join(EVICTION_POLICIES)}")
+    if host not in LOOPBACK and not api_key and not allow_unauthenticated:
+        fail(f"--host {host} accepts requests from other machines: set --api-key (or "
+             "KVRAG_API_KEY), or pass --allow-unauthenticated to serve without one")
     try:
+        allowed = _allowed_specs(allow_request_specs, compression)
         if compression:
             config.check_servable(parse_spec(compression))
+        placement = resolve_placement(device, dtype)
+        options = SGLangOptions(context_length, max_total_tokens, mem_fraction_static,
+                                tp_size, parse_sglang_args(sglang_arg or []))
         model_path = resolve_model(model, console)
-    except (SpecError, ModelNotFoundError) as e:
+    except (SpecError, ModelNotFoundError, DeviceError, ValueError) as e:
         fail(str(e))
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     cmd = server_command(model_path, host, port, eviction_policy, eviction_config,
-                         max_total_tokens, device)
-    env = os.environ | {config.ENV_COMPRESSION: compression or "none"}
-    console.print(f"Serving {model} on http://{host}:{port}/v1 ({device}; compression "
-                  f"{compression or 'none'}; eviction {eviction_policy})")
-    process = subprocess.Popen(cmd, env=env)
+                         placement, options, api_key)
+    env = os.environ | {config.ENV_COMPRESSION: compression or "none",
+                        config.ENV_ALLOWED: allowed}
+    console.print(f"Serving {model} on http://{host}:{port}/v1 ({placement.device}, "
+                  f"{placement.dtype_name}; compression {compression or 'none'}; requests may "
+                  f"ask for {allowed or 'any spec'}; eviction {eviction_policy})")
+    raise typer.Exit(_run_server(cmd, env))
+
+
+def _allowed_specs(allow: str | None, compression: str | None) -> str:
+    """The ``KVRAG_ALLOWED_REQUEST_SPECS`` value: '' for any, else checked spec names."""
+    if allow is not None and allow.strip().lower() == "any":
+        return ""
+    items = [x.strip() for x in allow.split(",")] if allow else [compression or "none", "none"]
+    names = []
+    for item in items:
+        if item.lower() == "none":
+            names.append("none")
+            continue
+        spec = parse_spec(item)
+        config.check_servable(spec)
+        names.append(spec.name)
+    return ",".join(dict.fromkeys(names))
+
+
+def _run_server(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the server in its own process group until it exits or this process is told to
+    stop; then stop the whole group (SGLang's scheduler and detokenizer are its children)."""
+    process = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        code = process.wait()
+        return process.wait()
     except KeyboardInterrupt:
-        process.terminate()
-        code = process.wait()
-    raise typer.Exit(code)
+        _stop_group(process)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_group(process: subprocess.Popen, grace_s: float = 30) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # workers left behind by the server

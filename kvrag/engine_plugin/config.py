@@ -28,6 +28,8 @@ ENV_RECORD_KEPT = "KVRAG_PLUGIN_RECORD_KEPT"  # "1": the stats lines list kept t
 # "all", or how many of each prompt's last queries prefill keeps (default: what the server
 # spec's method reads, at least 64). "all" lets requests ask for h2o.
 ENV_CAPTURE = "KVRAG_CAPTURE_QUERIES"
+# Comma-separated specs (and "none") that requests may ask for; unset: any servable one.
+ENV_ALLOWED = "KVRAG_ALLOWED_REQUEST_SPECS"
 PARAM_SPEC = "kvrag_compression"
 PARAM_SPAN = "kvrag_span"
 # SnapKV's observation window is 64 tokens and is always kept; this tail is the same.
@@ -65,6 +67,18 @@ def server_spec() -> CompressionSpec | None:
         raise SpecError(f"{ENV_COMPRESSION}={text!r}: {err}") from None
     check_servable(spec)
     return spec
+
+
+def allowed_request_specs() -> set[str] | None:
+    """The spec names requests may choose from ``KVRAG_ALLOWED_REQUEST_SPECS`` (None: any)."""
+    text = os.environ.get(ENV_ALLOWED, "").strip()
+    if not text:
+        return None
+    names = set()
+    for item in text.split(","):
+        item = item.strip()
+        names.add("none" if item.lower() == "none" else parse_spec(item).name)
+    return names
 
 
 def check_servable(spec: CompressionSpec) -> None:
@@ -114,6 +128,10 @@ def for_request(custom_params: dict | None, n_prompt: int) -> RequestCompression
         except SpecError as err:
             raise SpecError(f"custom_params.{PARAM_SPEC}={text!r}: {err}") from None
         check_servable(spec)
+    allowed = allowed_request_specs() if text is not None else None
+    if allowed is not None and (spec.name if spec else "none") not in allowed:
+        raise SpecError(f"custom_params.{PARAM_SPEC}={text!r} is not allowed on this server; "
+                        f"allowed: {', '.join(sorted(allowed))}")
     if spec is None:
         return None
     if PARAM_SPAN in params:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +19,9 @@ import pytest
 from typer.testing import CliRunner
 
 from kvrag.cli.main import app
+from kvrag.cli.serve import SGLangOptions, parse_sglang_args, server_command
 from kvrag.data.schema import Doc, Instance, write_jsonl
+from kvrag.engines.device import resolve as resolve_placement
 from kvrag.train.judge import ServedJudge
 
 
@@ -33,10 +36,62 @@ def test_unknown_eviction_policy_is_refused():
     assert result.exit_code == 2 and "kvrag-cost" in result.output
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--host", "0.0.0.0"], "--host 0.0.0.0 accepts requests from other machines: set "
+                            "--api-key"),
+    (["--sglang-arg", "chunked-prefill-size"], "use KEY=VALUE"),
+    (["--allow-request-specs", "retrieval:0.5"], "the SGLang plugin serves only methods"),
+    (["--allow-request-specs", "snapkv:2"], "0 <= RATIO < 1"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+])
+def test_serve_refusals_come_before_start(args, message):
+    result = CliRunner().invoke(app, ["serve", *args])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_server_command_passes_sglang_options_through(tmp_path):
+    placement = resolve_placement("cpu", "bfloat16")
+    options = SGLangOptions(context_length=32768, tp_size=2, mem_fraction_static=0.5,
+                            extra=parse_sglang_args(["chunked-prefill-size=4096",
+                                                     "--enable-metrics="]))
+    cmd = server_command(tmp_path, "0.0.0.0", 8000, "lru", None, placement, options, "k3y")
+    text = " ".join(cmd)
+    assert "--device cpu --dtype bfloat16" in text and "--api-key k3y" in text
+    assert "--context-length 32768 --mem-fraction-static 0.5 --tp-size 2" in text
+    assert text.endswith("--chunked-prefill-size 4096 --enable-metrics")
+    assert "0.3" not in cmd  # the CPU default only when none is given
+    bare = server_command(tmp_path, "127.0.0.1", 8000, "lru", None, placement,
+                          SGLangOptions())
+    assert "--mem-fraction-static 0.3" in " ".join(bare) and "--api-key" not in bare
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _post(url: str, payload: dict) -> str:
+    request = urllib.request.Request(url, json.dumps(payload).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.read().decode()
+    except urllib.error.HTTPError as e:  # an aborted request may come back as an error
+        return e.read().decode()
+
+
+def _server_processes(port: int) -> list[str]:
+    """Command lines of live processes started for an SGLang server on ``port``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "sglang.launch_server" in args and str(port) in args:
+            found.append(" ".join(args))
+    return found
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -102,6 +157,18 @@ def test_sixteen_concurrent_openai_requests_with_compression(tiny_model_dir, tmp
         judge = ServedJudge(f"{url}/v1")
         assert 0.0 <= judge("Where was Ana 1 born?", "[DOC 2] The answer is: Town 1") <= 1.0
         assert judge.calls == 1
+
+        # by default requests may ask only for the server's own spec or none
+        body = _post(f"{url}/generate", {"text": "hello there", "sampling_params": {
+            "max_new_tokens": 2, "custom_params": {"kvrag_compression": "h2o:0.5"}}})
+        assert "is not allowed on this server; allowed: none, snapkv:0.5" in body
+
+        # SIGTERM to `kvrag serve` alone stops the SGLang server and its workers
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+            s.connect(("127.0.0.1", port))
+        assert not _server_processes(port)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)

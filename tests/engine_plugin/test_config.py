@@ -12,6 +12,7 @@ from kvrag.engine_plugin import config
 def no_server_spec(monkeypatch):
     monkeypatch.delenv(config.ENV_COMPRESSION, raising=False)
     monkeypatch.delenv(config.ENV_CAPTURE, raising=False)
+    monkeypatch.delenv(config.ENV_ALLOWED, raising=False)
 
 
 def test_request_spec_and_default_span():
@@ -83,3 +84,17 @@ def test_engine_environ_restores_what_was_there(monkeypatch):
         assert os.environ[ENV_STATS] == "/tmp/s.jsonl"
     assert os.environ[ENV_COMPRESSION] == "snapkv:0.5"
     assert ENV_STATS not in os.environ
+
+
+def test_the_operator_limits_what_requests_may_ask_for(monkeypatch):
+    monkeypatch.setenv(config.ENV_COMPRESSION, "snapkv:0.5")
+    monkeypatch.setenv(config.ENV_ALLOWED, "snapkv:0.50, none")
+    assert config.for_request({"kvrag_compression": "snapkv:0.5"}, 1000) is not None
+    assert config.for_request({"kvrag_compression": "none"}, 1000) is None
+    assert config.for_request({}, 1000) is not None  # the server's own spec
+    with pytest.raises(SpecError, match=r"kvrag_compression='h2o:0.5' is not allowed on this "
+                                        r"server; allowed: none, snapkv:0.5"):
+        config.for_request({"kvrag_compression": "h2o:0.5"}, 1000)
+    monkeypatch.setenv(config.ENV_ALLOWED, "snapkv:0.5")
+    with pytest.raises(SpecError, match="'none' is not allowed"):
+        config.for_request({"kvrag_compression": "none"}, 1000)
