@@ -15,6 +15,7 @@ from kvrag.data.schema import DatasetError, Instance
 from kvrag.engines.device import DEVICES, DTYPES, DeviceError, Placement
 from kvrag.engines.device import resolve as resolve_placement
 from kvrag.engines.models import ModelNotFoundError, kvrag_home, resolve_model
+from kvrag.engines.sglang_options import SGLangOptions, parse_sglang_args
 from kvrag.evaluation.metrics import SCORING_VERSION
 from kvrag.evaluation.prompt_fit import Fitted, PromptTooLongError, fit_instances, prompt_limit
 from kvrag.evaluation.report import summarize, write_reports
@@ -43,7 +44,7 @@ SYSTEMS_HELP = f"Comma-separated systems; known: {', '.join(SYSTEM_HELP.values()
 
 
 def _load_engine(name: str, model_path: Path, systems: list[System], adapter: Path | None,
-                 placement: Placement):
+                 placement: Placement, sglang: SGLangOptions):
     if name == "hf":
         from kvrag.engines.hf import HFEngine
 
@@ -64,7 +65,8 @@ def _load_engine(name: str, model_path: Path, systems: list[System], adapter: Pa
         except ValueError as e:
             fail(str(e))
         return SGLangEngine(model_path, capture_all=queries_needed(specs) is None,
-                            device=placement.device, dtype=placement.dtype)
+                            device=placement.device, dtype=placement.dtype,
+                            **sglang.engine_kwargs())
     fail(f"unknown engine {name!r}; available: {', '.join(ENGINES)}")
 
 
@@ -112,6 +114,22 @@ def compare(
     max_prompt_tokens: Annotated[int | None, typer.Option(min=1, help=(
         "Refuse (or, with --fit-context, trim) prompts longer than this, chat template "
         "included (default: the model's context length less --max-new-tokens)."))] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help=(
+        "sglang engine: requests kept in flight, each answer stored as it lands (the hf "
+        "engine answers one at a time)."))] = 16,
+    context_length: Annotated[int | None, typer.Option(
+        min=1, help="sglang engine: SGLang --context-length (default: the model's).")] = None,
+    max_total_tokens: Annotated[int | None, typer.Option(min=64, help=(
+        "sglang engine: KV pool size in tokens (default: 16,384 on a CPU, SGLang's from "
+        "memory on a GPU)."))] = None,
+    mem_fraction_static: Annotated[float | None, typer.Option(min=0.01, max=0.99, help=(
+        "sglang engine: SGLang --mem-fraction-static (default: 0.3 on a CPU, SGLang's on a "
+        "GPU)."))] = None,
+    tp_size: Annotated[int | None, typer.Option(
+        min=1, help="sglang engine: tensor-parallel size (GPUs per model copy).")] = None,
+    sglang_arg: Annotated[list[str] | None, typer.Option(help=(
+        "sglang engine: any other SGLang option as KEY=VALUE (VALUE read as JSON where it "
+        "parses), passed unchanged; repeatable."))] = None,
     fit_context: Annotated[bool, typer.Option(
         "--fit-context", help=(
             "Trim prompts that do not fit by dropping non-gold documents, last first (never "
@@ -129,6 +147,14 @@ def compare(
         fail(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
     try:
         placement = resolve_placement(device, dtype)
+        sglang = SGLangOptions(context_length, max_total_tokens, mem_fraction_static, tp_size,
+                               parse_sglang_args(sglang_arg or []))
+        if engine == "sglang":
+            sglang.engine_kwargs()  # an unknown --sglang-arg fails now
+        elif sglang != SGLangOptions():
+            raise ValueError("SGLang options (--context-length, --max-total-tokens, "
+                             "--mem-fraction-static, --tp-size, --sglang-arg) need "
+                             "--engine sglang")
         rag = RagConfig(index_dir=index_dir or kvrag_home() / "index", chroma_url=chroma_url,
                         chunk_tokens=chunk_tokens, order=rag_order)
         options = SystemOptions(rag=rag)
@@ -159,7 +185,8 @@ def compare(
     }
     try:
         with RunLock(out):
-            _run(out, run_config, fitted, system_list, model_path, adapter, placement, seed)
+            _run(out, run_config, fitted, system_list, model_path, adapter, placement, sglang,
+                 concurrency, seed)
     except (RunLockedError, StoreMismatchError) as e:
         fail(str(e))
 
@@ -177,7 +204,8 @@ def _fit(instances: list[Instance], model: str, model_path: Path, max_new_tokens
 
 
 def _run(out: Path, run_config: dict, fitted: Fitted, system_list: list[System],
-         model_path: Path, adapter: Path | None, placement: Placement, seed: int) -> None:
+         model_path: Path, adapter: Path | None, placement: Placement, sglang: SGLangOptions,
+         concurrency: int, seed: int) -> None:
     """Answer what ``out`` does not hold yet and write the summaries (under the run lock)."""
     instances = fitted.instances
     model, engine, dataset = run_config["model"], run_config["engine"], run_config["dataset"]
@@ -189,7 +217,7 @@ def _run(out: Path, run_config: dict, fitted: Fitted, system_list: list[System],
         console.print(f"{total - len(work)}/{total} answers already in {store.path}; "
                       f"running {len(work)} more with {model} on {engine}.")
         with console.status("Loading model..."):
-            eng = _load_engine(engine, model_path, system_list, adapter, placement)
+            eng = _load_engine(engine, model_path, system_list, adapter, placement, sglang)
         with StepProgress("answering", len(work), "SubEM") as progress:
             correct: list[float] = []
 
@@ -200,7 +228,7 @@ def _run(out: Path, run_config: dict, fitted: Fitted, system_list: list[System],
 
             try:
                 run_comparison(work, eng, store, max_new_tokens, on_answer,
-                               fitted.docs_dropped)
+                               fitted.docs_dropped, concurrency)
             finally:
                 if hasattr(eng, "close"):
                     eng.close()

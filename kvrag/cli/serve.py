@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -19,47 +18,13 @@ from kvrag.engine_plugin import config
 from kvrag.engines.device import DEVICES, DTYPES, DeviceError, Placement
 from kvrag.engines.device import resolve as resolve_placement
 from kvrag.engines.models import ModelNotFoundError, resolve_model
+from kvrag.engines.sglang_options import SGLangOptions, parse_sglang_args
 
 EVICTION_POLICIES = ("lru", "lfu", "fifo", "mru", "filo", "priority", "slru", "tlru",
                      "kvrag-cost")
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-@dataclass(frozen=True)
-class SGLangOptions:
-    """SGLang's own settings that ``serve`` and ``compare --engine sglang`` expose; None keeps
-    SGLang's default (the CPU ones here where SGLang has none that works on a CPU)."""
-
-    context_length: int | None = None
-    max_total_tokens: int | None = None
-    mem_fraction_static: float | None = None
-    tp_size: int | None = None
-    extra: tuple[tuple[str, str], ...] = ()  # --sglang-arg KEY=VALUE, passed unchanged
-
-    def flags(self) -> list[str]:
-        cmd: list[str] = []
-        for name in ("context_length", "max_total_tokens", "mem_fraction_static", "tp_size"):
-            value = getattr(self, name)
-            if value is not None:
-                cmd += [f"--{name.replace('_', '-')}", str(value)]
-        for key, value in self.extra:
-            cmd += [f"--{key}"] + ([value] if value != "" else [])
-        return cmd
-
-
-def parse_sglang_args(items: list[str]) -> tuple[tuple[str, str], ...]:
-    """``KEY=VALUE`` (or ``KEY=`` for a bare flag) items; KEY without its leading dashes."""
-    out = []
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip().lstrip("-")
-        if not sep or not key:
-            raise ValueError(f"--sglang-arg {item!r}: use KEY=VALUE, e.g. "
-                             "--sglang-arg chunked-prefill-size=4096 (KEY= for a bare flag)")
-        out.append((key, value))
-    return tuple(out)
 
 
 def server_command(model_path: Path, host: str, port: int, eviction_policy: str,

@@ -11,9 +11,12 @@ The KV tokens a compressed request kept come from the plugin's stats file.
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -25,16 +28,20 @@ from kvrag.engine_plugin.stats import StatsLog
 from kvrag.engines.base import Cost, Generation
 from kvrag.engines.chat import EncodedPrompt, encode_prompt, stop_ids
 
+K = TypeVar("K")
+
 
 class SGLangEngine:
     name = "sglang"
 
     def __init__(self, model_path: str | Path, capture_all: bool = False,
-                 max_total_tokens: int = 16384, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, **engine_args) -> None:
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 **engine_args) -> None:
         """``capture_all``: keep every prompt query at prefill (h2o needs them).
         ``device`` (``cuda:N`` becomes SGLang's ``base_gpu_id``) and ``dtype`` are the
-        model's; the KV cache has the model's dtype."""
+        model's; the KV cache has the model's dtype. ``engine_args`` go to
+        ``sglang.Engine`` over kvrag's defaults (on a CPU a 16,384-token pool in 30% of
+        memory; on a GPU SGLang's own sizing)."""
         import sglang
 
         self.model_path = Path(model_path)
@@ -57,13 +64,13 @@ class SGLangEngine:
                plugin_config.ENV_CAPTURE: "all" if capture_all else ""}
         where = torch.device(device)
         cuda = where.type == "cuda"
-        placement = {"base_gpu_id": where.index or 0} if cuda else {}
+        placement = ({"base_gpu_id": where.index or 0} if cuda
+                     else {"max_total_tokens": 16384, "mem_fraction_static": 0.3})
         args = dict(
             model_path=str(self.model_path), attention_backend="kvrag",
             device=where.type, dtype=str(dtype).removeprefix("torch."), disable_cuda_graph=True,
-            disable_overlap_schedule=True, max_total_tokens=max_total_tokens,
-            mem_fraction_static=0.3 if not cuda else 0.8, skip_tokenizer_init=True,
-            random_seed=0, **placement,
+            disable_overlap_schedule=True, skip_tokenizer_init=True, random_seed=0,
+            **placement,
         ) | engine_args
         with plugin_config.engine_environ(env):
             self.engine = sglang.Engine(**args)
@@ -78,6 +85,48 @@ class SGLangEngine:
         self, prompt: Prompt, max_new_tokens: int, compression: CompressionSpec | None = None,
         ignore_eos: bool = False,
     ) -> Generation:
+        return self.engine.loop.run_until_complete(
+            self._agenerate(prompt, max_new_tokens, compression, ignore_eos))
+
+    def generate_many(
+        self, jobs: Iterable[tuple[K, Prompt, CompressionSpec | None]], max_new_tokens: int,
+        concurrency: int,
+    ) -> Iterator[tuple[K, Generation]]:
+        """Keep up to ``concurrency`` requests in flight and yield each (key, answer) as it
+        lands, in completion order. ``jobs`` is read lazily, one job per free place.
+
+        Seconds are per request under that load: time to first token includes queueing.
+        """
+        loop = self.engine.loop
+        jobs = iter(jobs)
+        in_flight: dict[asyncio.Task, K] = {}
+
+        def top_up() -> None:
+            while len(in_flight) < concurrency:
+                job = next(jobs, None)
+                if job is None:
+                    return
+                key, prompt, compression = job
+                task = loop.create_task(self._agenerate(prompt, max_new_tokens, compression))
+                in_flight[task] = key
+
+        top_up()
+        try:
+            while in_flight:
+                done, _ = loop.run_until_complete(
+                    asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED))
+                for task in done:
+                    yield in_flight.pop(task), task.result()
+                top_up()
+        finally:
+            for task in in_flight:  # an error or a consumer that stopped early
+                task.cancel()
+            if in_flight:
+                loop.run_until_complete(asyncio.gather(*in_flight, return_exceptions=True))
+
+    async def _agenerate(self, prompt: Prompt, max_new_tokens: int,
+                         compression: CompressionSpec | None,
+                         ignore_eos: bool = False) -> Generation:
         enc = self.encode(prompt)
         custom = {plugin_config.PARAM_SPEC: compression.name if compression else "none",
                   plugin_config.PARAM_SPAN: list(enc.span)}
@@ -87,11 +136,15 @@ class SGLangEngine:
         t0 = time.perf_counter()
         first = None
         last: dict = {}
-        for chunk in self.engine.generate(input_ids=enc.input_ids, sampling_params=params,
-                                          stream=True):
+        stream = await self.engine.async_generate(input_ids=enc.input_ids,
+                                                  sampling_params=params, stream=True)
+        async for chunk in stream:
             first = first or time.perf_counter()
             last = chunk
         t1 = time.perf_counter()
+        finish = last["meta_info"].get("finish_reason") or {}
+        if finish.get("type") == "abort":
+            raise RuntimeError(f"SGLang aborted the request: {finish.get('message')}")
         ids = [i for i in last.get("output_ids", []) if i not in self.stop_ids]
         stats = self._stats_log.pop(last["meta_info"]["id"])
         if compression is not None and stats is None:
@@ -108,9 +161,6 @@ class SGLangEngine:
             new_tokens=len(ids), attended_tokens=kv_tokens,
             doc_tokens=enc.context_end - enc.context_start,
         )
-        finish = last["meta_info"].get("finish_reason") or {}
-        if finish.get("type") == "abort":
-            raise RuntimeError(f"SGLang aborted the request: {finish.get('message')}")
         return Generation(self.tokenizer.decode(ids, skip_special_tokens=True), cost,
                           truncated=finish.get("type") == "length")
 

@@ -26,21 +26,32 @@ def run_comparison(
     max_new_tokens: int,
     on_answer: Callable[[dict], None] = lambda record: None,
     docs_dropped: Mapping[str, int] | None = None,
+    concurrency: int = 1,
 ) -> None:
-    """Answer each pair and store it; ``docs_dropped``: documents trimmed per instance id,
-    recorded with its answers."""
-    for instance, system in work:
-        result = system.answer(instance, engine, max_new_tokens)
-        generation = result.generation
-        extracted, scores = score(instance, generation.text, result.prompt,
+    """Answer each pair and store it the moment it lands.
+
+    ``concurrency`` > 1 keeps that many requests in flight on an engine that batches
+    (``generate_many``); answers then land in completion order. ``docs_dropped``:
+    documents trimmed per instance id, recorded with its answers.
+    """
+    jobs = ((instance, system, system.request(instance, engine)) for instance, system in work)
+    many = getattr(engine, "generate_many", None)
+    if concurrency > 1 and many is not None:
+        results = many(((job, job[2].prompt, job[2].compression) for job in jobs),
+                       max_new_tokens, concurrency)
+    else:
+        results = ((job, engine.generate(job[2].prompt, max_new_tokens,
+                                         compression=job[2].compression)) for job in jobs)
+    for (instance, system, request), generation in results:
+        extracted, scores = score(instance, generation.text, request.prompt,
                                   generation.truncated)
         record = {
             "id": instance.id, "group": instance.group, "task": instance.task,
             "system": system.name, "output": generation.text, "answer": extracted.text,
             "answer_from": extracted.source, "truncated": generation.truncated,
             "golds": instance.answers, "scores": scores.to_json(),
-            "cost": result.generation.cost.to_json(),
-            "docs_dropped": (docs_dropped or {}).get(instance.id, 0), **result.extra,
+            "cost": generation.cost.to_json(),
+            "docs_dropped": (docs_dropped or {}).get(instance.id, 0), **request.extra,
         }
         store.append(record)
         on_answer(record)

@@ -15,14 +15,16 @@ from typing import Protocol
 from kvrag.compression import METHODS, CompressionSpec, SpecError, parse_spec
 from kvrag.data.prompt import Prompt, build_prompt
 from kvrag.data.schema import Instance
-from kvrag.engines.base import Engine, Generation
+from kvrag.engines.base import Engine
 from kvrag.rag_stack.pipeline import RagConfig, RagPipeline
 
 
 @dataclass(frozen=True)
-class Answer:
+class Request:
+    """What a system asks the engine for one question: the prompt and its compression."""
+
     prompt: Prompt
-    generation: Generation
+    compression: CompressionSpec | None = None
     extra: dict = field(default_factory=dict)  # system-specific fields for the record
 
 
@@ -43,7 +45,7 @@ class SystemOptions:
 class System(Protocol):
     name: str
 
-    def answer(self, instance: Instance, engine: Engine, max_new_tokens: int) -> Answer: ...
+    def request(self, instance: Instance, engine: Engine) -> Request: ...
 
 
 class SystemSpecError(ValueError):
@@ -72,9 +74,8 @@ class FullContext:
 
     name: str = "full"
 
-    def answer(self, instance: Instance, engine: Engine, max_new_tokens: int) -> Answer:
-        prompt = build_prompt(instance)
-        return Answer(prompt, engine.generate(prompt, max_new_tokens))
+    def request(self, instance: Instance, engine: Engine) -> Request:
+        return Request(build_prompt(instance))
 
 
 @register_system("full", "full")
@@ -94,9 +95,8 @@ class CompressedContext:
     def name(self) -> str:
         return self.spec.name
 
-    def answer(self, instance: Instance, engine: Engine, max_new_tokens: int) -> Answer:
-        prompt = build_prompt(instance)
-        return Answer(prompt, engine.generate(prompt, max_new_tokens, compression=self.spec))
+    def request(self, instance: Instance, engine: Engine) -> Request:
+        return Request(build_prompt(instance), self.spec)
 
 
 def _compressed(spec: str, options: SystemOptions) -> System:
@@ -121,12 +121,11 @@ class RagSystem:
     def name(self) -> str:
         return f"rag:{self.budget}"
 
-    def answer(self, instance: Instance, engine: Engine, max_new_tokens: int) -> Answer:
+    def request(self, instance: Instance, engine: Engine) -> Request:
         ctx = self.options.rag_pipeline().context(instance, self.budget, engine.tokenize)
-        prompt = build_prompt(instance, docs=ctx.docs)
         extra = {"doc_recall": ctx.doc_recall, "ingest_s": ctx.ingest_s,
                  "retrieval_s": ctx.retrieval_s}
-        return Answer(prompt, engine.generate(prompt, max_new_tokens), extra)
+        return Request(build_prompt(instance, docs=ctx.docs), extra=extra)
 
 
 @register_system("rag", "rag:BUDGET")

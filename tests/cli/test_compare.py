@@ -267,3 +267,27 @@ def test_cuda_where_there_is_none_is_refused(tmp_path, tiny_model_dir, monkeypat
     assert result.exit_code == 2
     assert "--device cuda: no CUDA device is visible here" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_sglang_options_need_the_sglang_engine(tmp_path, tiny_model_dir) -> None:
+    result = compare(tmp_path / "out", tiny_model_dir, "--tp-size", "2")
+    assert result.exit_code == 2 and "need --engine sglang" in result.output
+    result = compare(tmp_path / "out", tiny_model_dir, "--engine", "sglang",
+                     "--sglang-arg", "no-such-flag=1")
+    assert result.exit_code == 2 and "SGLang has no option --no-such-flag" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_sglang_requests_in_flight_answer_as_one_at_a_time(tmp_path, tiny_model_dir) -> None:
+    answers = {}
+    for concurrency in ("1", "4"):
+        out = tmp_path / concurrency
+        result = compare(out, tiny_model_dir, "--engine", "sglang", "--limit", "3",
+                         "--systems", "full,snapkv:0.5", "--concurrency", concurrency,
+                         "--sglang-arg", "max-total-tokens=12000")
+        assert result.exit_code == 0, result.output
+        records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+        answers[concurrency] = {(r["id"], r["system"]): r["output"] for r in records}
+        assert len(records) == len(answers[concurrency]) == 6
+    assert answers["4"] == answers["1"]

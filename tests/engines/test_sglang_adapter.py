@@ -47,3 +47,20 @@ def test_an_answer_ended_by_a_stop_token_is_not(engine, prompt) -> None:
     finally:
         engine.stop_ids = saved
     assert not gen.truncated and gen.cost.new_tokens == 0
+
+
+def test_requests_in_flight_give_the_answers_one_at_a_time_gives(engine) -> None:
+    prompts = []
+    for q in range(6):
+        docs = [Doc(f"d{i}", f"Doc {i}", f"Person {i} lives in town {i * q}. " * (3 + q))
+                for i in range(6)]
+        prompts.append(build_prompt(Instance(id=f"q{q}", question=f"Where does {q} live?",
+                                             answers=["x"], docs=docs, gold_doc_ids=["d0"])))
+    specs = [None, parse_spec("snapkv:0.5")]
+    jobs = [((p, s), prompts[p], specs[s]) for p in range(6) for s in range(2)]
+    one_by_one = {key: engine.generate(prompt, 6, spec) for key, prompt, spec in jobs}
+    landed = list(engine.generate_many(iter(jobs), 6, concurrency=4))
+    assert sorted(key for key, _ in landed) == sorted(one_by_one)
+    for key, gen in landed:
+        assert gen.text == one_by_one[key].text, key
+        assert gen.cost.kv_tokens == one_by_one[key].cost.kv_tokens
