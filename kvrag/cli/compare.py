@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -183,10 +184,11 @@ def compare(
         "max_prompt_tokens": max_prompt_tokens, "fit_context": fit_context,
         **placement.to_json(),
     }
+    plan = _Plan(out, run_config, fitted, system_list, model_path, adapter, placement, sglang,
+                 concurrency, seed)
     try:
         with RunLock(out):
-            _run(out, run_config, fitted, system_list, model_path, adapter, placement, sglang,
-                 concurrency, seed)
+            _run(plan)
     except (RunLockedError, StoreMismatchError) as e:
         fail(str(e))
 
@@ -203,21 +205,36 @@ def _fit(instances: list[Instance], model: str, model_path: Path, max_new_tokens
         return fit_instances(instances, AutoTokenizer.from_pretrained(model_path), limit, trim)
 
 
-def _run(out: Path, run_config: dict, fitted: Fitted, system_list: list[System],
-         model_path: Path, adapter: Path | None, placement: Placement, sglang: SGLangOptions,
-         concurrency: int, seed: int) -> None:
+@dataclass(frozen=True)
+class _Plan:
+    """A checked compare run, ready to start."""
+
+    out: Path
+    config: dict  # what run.json records
+    fitted: Fitted  # the instances, trimmed where --fit-context had to
+    systems: list[System]
+    model_path: Path
+    adapter: Path | None
+    placement: Placement
+    sglang: SGLangOptions
+    concurrency: int
+    seed: int
+
+
+def _run(plan: _Plan) -> None:
     """Answer what ``out`` does not hold yet and write the summaries (under the run lock)."""
-    instances = fitted.instances
-    model, engine, dataset = run_config["model"], run_config["engine"], run_config["dataset"]
-    max_new_tokens = run_config["max_new_tokens"]
-    store = ResultStore(out, run_config)
+    out, instances, system_list = plan.out, plan.fitted.instances, plan.systems
+    model, engine, dataset = (plan.config[k] for k in ("model", "engine", "dataset"))
+    max_new_tokens, adapter = plan.config["max_new_tokens"], plan.adapter
+    store = ResultStore(out, plan.config)
     work = pending(instances, system_list, store)
     total = len(instances) * len(system_list)
     if work:
         console.print(f"{total - len(work)}/{total} answers already in {store.path}; "
                       f"running {len(work)} more with {model} on {engine}.")
         with console.status("Loading model..."):
-            eng = _load_engine(engine, model_path, system_list, adapter, placement, sglang)
+            eng = _load_engine(engine, plan.model_path, system_list, adapter, plan.placement,
+                               plan.sglang)
         with StepProgress("answering", len(work), "SubEM") as progress:
             correct: list[float] = []
 
@@ -228,7 +245,7 @@ def _run(out: Path, run_config: dict, fitted: Fitted, system_list: list[System],
 
             try:
                 run_comparison(work, eng, store, max_new_tokens, on_answer,
-                               fitted.docs_dropped, concurrency)
+                               plan.fitted.docs_dropped, plan.concurrency)
             finally:
                 if hasattr(eng, "close"):
                     eng.close()
@@ -238,7 +255,8 @@ def _run(out: Path, run_config: dict, fitted: Fitted, system_list: list[System],
     summary = summarize(store.records, [s.name for s in system_list],
                         [i.id for i in instances],
                         {"model": label, "engine": engine, "dataset": dataset,
-                         "max_new_tokens": max_new_tokens, **placement.to_json()}, seed=seed)
+                         "max_new_tokens": max_new_tokens, **plan.placement.to_json()},
+                        seed=plan.seed)
     write_reports(summary, out)
     console.print((out / "summary.md").read_text(), markup=False, highlight=False)
     console.print(f"Results in {out}/ (results.jsonl, summary.json, summary.md, "
