@@ -17,6 +17,7 @@ from kvrag.engines.device import DEVICES, DTYPES, DeviceError, Placement
 from kvrag.engines.device import resolve as resolve_placement
 from kvrag.engines.models import ModelNotFoundError, kvrag_home, resolve_model
 from kvrag.engines.sglang_options import SGLangOptions, parse_sglang_args
+from kvrag.engines.sglang_url import ServerUnavailableError
 from kvrag.evaluation.metrics import SCORING_VERSION
 from kvrag.evaluation.prompt_fit import Fitted, PromptTooLongError, fit_instances, prompt_limit
 from kvrag.evaluation.report import summarize, write_reports
@@ -37,7 +38,7 @@ from kvrag.rag_stack.embeddings import EmbeddingModelNotFoundError, embedding_mo
 from kvrag.rag_stack.pipeline import RagConfig
 from kvrag.rag_stack.retrieve import ORDERS
 
-ENGINES = ("hf", "sglang")
+ENGINES = ("hf", "sglang", "sglang-url")
 # Measured on the 200 demo questions with SmolLM2 (README): its full-context answers end
 # within 43 tokens or loop until any limit (4%).
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -45,7 +46,8 @@ SYSTEMS_HELP = f"Comma-separated systems; known: {', '.join(SYSTEM_HELP.values()
 
 
 def _load_engine(name: str, model_path: Path, systems: list[System], adapter: Path | None,
-                 placement: Placement, sglang: SGLangOptions):
+                 placement: Placement, sglang: SGLangOptions, url: str | None,
+                 api_key: str | None):
     if name == "hf":
         from kvrag.engines.hf import HFEngine
 
@@ -55,6 +57,11 @@ def _load_engine(name: str, model_path: Path, systems: list[System], adapter: Pa
     if adapter is not None:
         fail("--adapter runs on the hf engine; for sglang, merge it first with `kvrag train "
              "merge --adapter DIR --out CKPT` and pass --model CKPT")
+    if name == "sglang-url":
+        from kvrag.engines.sglang_url import SGLangURLEngine
+
+        assert url is not None
+        return SGLangURLEngine(url, model_path, api_key)
     if name == "sglang":
         from kvrag.engine_plugin.config import check_servable
         from kvrag.engines.sglang_engine import SGLangEngine
@@ -85,8 +92,14 @@ def compare(
     adapter: Annotated[Path | None, typer.Option(
         help="A PEFT LoRA adapter directory (kvrag train) applied to the model.")] = None,
     engine: Annotated[str, typer.Option(help=(
-        "Engine: hf (transformers), or sglang (the real SGLang engine with the kvrag plugin, "
-        "started once for the run)."))] = "hf",
+        "Engine: hf (transformers), sglang (the real SGLang engine with the kvrag plugin, "
+        "started once for the run), or sglang-url (a running SGLang deployment, --url)."
+    ))] = "hf",
+    url: Annotated[str | None, typer.Option(help=(
+        "sglang-url engine: the server or sglang-router, e.g. http://HOST:30000; --model "
+        "names its tokenizer (a local checkpoint dir)."))] = None,
+    api_key: Annotated[str | None, typer.Option(
+        envvar="KVRAG_API_KEY", help="sglang-url engine: the server's API key.")] = None,
     device: Annotated[str, typer.Option(help=(
         f"Where the model runs: {DEVICES}; auto is the first CUDA device if one is visible, "
         "else the CPU."))] = "auto",
@@ -152,6 +165,8 @@ def compare(
                                parse_sglang_args(sglang_arg or []))
         if engine == "sglang":
             sglang.engine_kwargs()  # an unknown --sglang-arg fails now
+        elif engine == "sglang-url" and sglang != SGLangOptions():
+            raise ValueError("SGLang options are the server's: set them where it starts")
         elif sglang != SGLangOptions():
             raise ValueError("SGLang options (--context-length, --max-total-tokens, "
                              "--mem-fraction-static, --tp-size, --sglang-arg) need "
@@ -164,8 +179,17 @@ def compare(
         model_path = resolve_model(model, console)
         if any(isinstance(s, RagSystem) for s in system_list):
             options.rag_pipeline()  # a bad --chroma-url fails now, before any work
+        if (engine == "sglang-url") != (url is not None):
+            raise ValueError("--url goes with --engine sglang-url, and it needs one")
+        if url is not None:
+            from kvrag.engines.sglang_url import check_servable, server_info
+
+            info = server_info(url, api_key)
+            for s in system_list:
+                if isinstance(s, CompressedContext):
+                    check_servable(url, info, s.spec)
     except (SystemSpecError, DatasetError, ModelNotFoundError, ChromaUnavailableError,
-            EmbeddingModelNotFoundError, DeviceError, ValueError) as e:
+            EmbeddingModelNotFoundError, DeviceError, ServerUnavailableError, ValueError) as e:
         fail(str(e))
     instances = instances[:limit] if limit else instances
     try:
@@ -182,10 +206,10 @@ def compare(
         "embedding_model": embedding_model_id(),
         "rag_index": chroma_url or str(rag.index_dir.resolve()),
         "max_prompt_tokens": max_prompt_tokens, "fit_context": fit_context,
-        **placement.to_json(),
+        **placement.to_json(), "url": url,
     }
     plan = _Plan(out, run_config, fitted, system_list, model_path, adapter, placement, sglang,
-                 concurrency, seed)
+                 concurrency, seed, api_key)
     try:
         with RunLock(out):
             _run(plan)
@@ -219,6 +243,7 @@ class _Plan:
     sglang: SGLangOptions
     concurrency: int
     seed: int
+    api_key: str | None
 
 
 def _run(plan: _Plan) -> None:
@@ -234,7 +259,7 @@ def _run(plan: _Plan) -> None:
                       f"running {len(work)} more with {model} on {engine}.")
         with console.status("Loading model..."):
             eng = _load_engine(engine, plan.model_path, system_list, adapter, plan.placement,
-                               plan.sglang)
+                               plan.sglang, plan.config["url"], plan.api_key)
         with StepProgress("answering", len(work), "SubEM") as progress:
             correct: list[float] = []
 

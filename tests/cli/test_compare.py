@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from http_helpers import free_port, wait_healthy
 from typer.testing import CliRunner
 
 from kvrag.cli.main import app
@@ -291,3 +292,38 @@ def test_sglang_requests_in_flight_answer_as_one_at_a_time(tmp_path, tiny_model_
         answers[concurrency] = {(r["id"], r["system"]): r["output"] for r in records}
         assert len(records) == len(answers[concurrency]) == 6
     assert answers["4"] == answers["1"]
+
+    # the same systems against a running `kvrag serve`, by URL
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("kvrag")), "serve", "--model", str(tiny_model_dir),
+         "--compression", "snapkv:0.5", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, server)
+        out = tmp_path / "url"
+        result = compare(out, tiny_model_dir, "--engine", "sglang-url", "--url", url,
+                         "--limit", "3", "--systems", "full,snapkv:0.5", "--concurrency", "4")
+        assert result.exit_code == 0, result.output
+        records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+        assert {(r["id"], r["system"]): r["output"] for r in records} == answers["1"]
+        assert json.loads((out / "run.json").read_text())["url"] == url
+        refused = compare(tmp_path / "h2o", tiny_model_dir, "--engine", "sglang-url", "--url",
+                          url, "--limit", "1", "--systems", "h2o:0.5")
+        assert refused.exit_code != 0 and "not allowed on this server" in refused.output
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+
+
+def test_a_url_that_is_no_sglang_server_is_refused_before_any_work(tmp_path,
+                                                                   tiny_model_dir) -> None:
+    result = compare(tmp_path / "out", tiny_model_dir, "--engine", "sglang-url", "--url",
+                     "http://127.0.0.1:9")
+    assert result.exit_code == 2
+    assert "cannot reach an SGLang server at http://127.0.0.1:9" in result.output
+    assert not (tmp_path / "out").exists()
+    result = compare(tmp_path / "out", tiny_model_dir, "--url", "http://127.0.0.1:9")
+    assert result.exit_code == 2 and "--url goes with --engine sglang-url" in result.output
+

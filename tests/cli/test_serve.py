@@ -9,13 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from http_helpers import free_port, wait_healthy
 from typer.testing import CliRunner
 
 from kvrag.cli.main import app
@@ -65,12 +65,6 @@ def test_server_command_passes_sglang_options_through(tmp_path):
     assert "--mem-fraction-static 0.3" in " ".join(bare) and "--api-key" not in bare
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, payload: dict) -> str:
     request = urllib.request.Request(url, json.dumps(payload).encode(),
                                      {"Content-Type": "application/json"})
@@ -94,26 +88,11 @@ def _server_processes(port: int) -> list[str]:
     return found
 
 
-def _wait_healthy(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode} before serving")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(2)
-    raise AssertionError(f"server at {url} not healthy after {timeout} s")
-
-
 @pytest.mark.slow
 def test_sixteen_concurrent_openai_requests_with_compression(tiny_model_dir, tmp_path):
     from openai import OpenAI
 
-    port = _free_port()
+    port = free_port()
     stats = tmp_path / "stats.jsonl"
     env = os.environ | {"KVRAG_PLUGIN_STATS": str(stats)}
     process = subprocess.Popen(
@@ -123,7 +102,7 @@ def test_sixteen_concurrent_openai_requests_with_compression(tiny_model_dir, tmp
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, process)
+        wait_healthy(url, process)
         client = OpenAI(base_url=f"{url}/v1", api_key="none")
         prompts = [" ".join(f"fact {i} number {j} is {i * j}." for j in range(40))
                    for i in range(16)]

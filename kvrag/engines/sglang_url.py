@@ -1,0 +1,189 @@
+"""Greedy generation against an SGLang deployment that is already running, by URL.
+
+The deployment may be a ``kvrag serve``, a plain SGLang server, or sglang-router in front
+of many. Prompts are encoded here with the local tokenizer of ``--model`` (the same chat
+template and document span as the other engines) and sent as token ids to ``/generate``.
+Compressed systems need the kvrag plugin there: ``/server_info`` says which attention
+backend the server runs, and a server without it gets only full-cache requests.
+
+What a remote server does not report is computed: the KV tokens a compressed request
+keeps are the spec's budget over the documents plus the rest of the prompt (the count
+the plugin keeps), and the seconds are the client's, streaming (time to first token,
+then the rest), network included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from kvrag.compression import CompressionSpec
+from kvrag.data.prompt import Prompt
+from kvrag.engine_plugin import config as plugin_config
+from kvrag.engines.base import Cost, Generation
+from kvrag.engines.chat import EncodedPrompt, encode_prompt, stop_ids
+
+K = TypeVar("K")
+
+
+class ServerUnavailableError(RuntimeError):
+    """The URL does not answer as an SGLang server."""
+
+
+class SGLangURLEngine:
+    name = "sglang-url"
+
+    def __init__(self, url: str, model_path: str | Path, api_key: str | None = None,
+                 timeout_s: float = 3600) -> None:
+        self.url = url.rstrip("/")
+        self.model_path = Path(model_path)
+        self.model_name = self.model_path.name
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        try:
+            eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id
+        except OSError:
+            eos = None
+        self.stop_ids = stop_ids(self.tokenizer, eos)
+        self.info = server_info(self.url, api_key)
+        self.plugin = self.info.get("attention_backend") == "kvrag"
+        cfg = AutoConfig.from_pretrained(self.model_path)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        dtype = _dtype(self.info.get("dtype"), getattr(cfg, "torch_dtype", None))
+        self.kv_bytes_per_token = 2 * kv_heads * head_dim * dtype.itemsize * cfg.num_hidden_layers
+
+    def _headers(self) -> dict[str, str]:
+        return _headers(self.api_key)
+
+    def check_servable(self, spec: CompressionSpec) -> None:
+        check_servable(self.url, self.info, spec)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, prompt: Prompt) -> EncodedPrompt:
+        return encode_prompt(self.tokenizer, prompt)
+
+    def generate(
+        self, prompt: Prompt, max_new_tokens: int, compression: CompressionSpec | None = None,
+    ) -> Generation:
+        enc = self.encode(prompt)
+        params: dict = {"max_new_tokens": max_new_tokens, "temperature": 0.0,
+                        "stop_token_ids": sorted(self.stop_ids)}
+        if compression is not None:
+            self.check_servable(compression)
+        if self.plugin:
+            params["custom_params"] = {
+                plugin_config.PARAM_SPEC: compression.name if compression else "none",
+                plugin_config.PARAM_SPAN: list(enc.span)}
+        body = json.dumps({"input_ids": enc.input_ids, "sampling_params": params,
+                           "stream": True}).encode()
+        request = urllib.request.Request(self.url + "/generate", body, self._headers())
+        t0 = time.perf_counter()
+        first, last = None, {}
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                for raw in response:
+                    line = raw.decode().strip()
+                    if not line.startswith("data:") or line == "data: [DONE]":
+                        continue
+                    first = first or time.perf_counter()
+                    last = json.loads(line[len("data:"):])
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"{self.url} refused the request ({e.code}): "
+                               f"{e.read().decode(errors='replace')[:500]}") from None
+        t1 = time.perf_counter()
+        if "error" in last:
+            raise RuntimeError(f"{self.url}: {last['error']}")
+        finish = last.get("meta_info", {}).get("finish_reason") or {}
+        if finish.get("type") == "abort":
+            raise RuntimeError(f"{self.url} aborted the request: {finish.get('message')}")
+        ids = [i for i in last.get("output_ids", []) if i not in self.stop_ids]
+        n, n_doc = len(enc.input_ids), enc.context_end - enc.context_start
+        kv_tokens = float(n if compression is None else n - n_doc + compression.kept(n_doc))
+        cost = Cost(prompt_tokens=n, kv_tokens=kv_tokens,
+                    kv_bytes=int(kv_tokens * self.kv_bytes_per_token),
+                    prefill_s=(first or t1) - t0, decode_s=t1 - (first or t1),
+                    new_tokens=len(ids), attended_tokens=kv_tokens, doc_tokens=n_doc)
+        return Generation(self.tokenizer.decode(ids, skip_special_tokens=True), cost,
+                          truncated=finish.get("type") == "length")
+
+    def generate_many(
+        self, jobs: Iterable[tuple[K, Prompt, CompressionSpec | None]], max_new_tokens: int,
+        concurrency: int,
+    ) -> Iterator[tuple[K, Generation]]:
+        """Up to ``concurrency`` requests in flight; each (key, answer) as it lands."""
+        jobs = iter(jobs)
+        with ThreadPoolExecutor(concurrency) as pool:
+            in_flight: dict[Future, K] = {}
+
+            def top_up() -> None:
+                while len(in_flight) < concurrency:
+                    job = next(jobs, None)
+                    if job is None:
+                        return
+                    key, prompt, compression = job
+                    in_flight[pool.submit(self.generate, prompt, max_new_tokens,
+                                          compression)] = key
+
+            top_up()
+            while in_flight:
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield in_flight.pop(future), future.result()
+                top_up()
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def server_info(url: str, api_key: str | None = None) -> dict:
+    """The server's ``/server_info`` (older servers: ``/get_server_info``)."""
+    url = url.rstrip("/")
+    for path in ("/server_info", "/get_server_info"):
+        request = urllib.request.Request(url + path, headers=_headers(api_key))
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise ServerUnavailableError(
+                    f"{url} refused the request ({e.code}): pass its --api-key") from None
+        except (OSError, ValueError) as e:
+            raise ServerUnavailableError(
+                f"cannot reach an SGLang server at {url}: {e}") from None
+    raise ServerUnavailableError(f"{url} has no /server_info: is it an SGLang server?")
+
+
+def check_servable(url: str, info: dict, spec: CompressionSpec) -> None:
+    """Refuse a compressed system where the server does not run the kvrag plugin."""
+    if info.get("attention_backend") != "kvrag":
+        raise ValueError(
+            f"{url} does not run the kvrag plugin (attention backend "
+            f"{info.get('attention_backend')!r}), so it cannot serve {spec.name}; full and "
+            "rag:* systems work there, or start the server with kvrag serve")
+    plugin_config.check_servable(spec)
+
+
+def _dtype(server: object, config: object) -> torch.dtype:
+    """The server's model dtype where it names one, else the checkpoint's, else float32."""
+    for name in (server, config):
+        name = str(name).removeprefix("torch.") if name is not None else ""
+        if name in ("float32", "bfloat16", "float16"):
+            return getattr(torch, name)
+    return torch.float32
