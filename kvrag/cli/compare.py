@@ -274,6 +274,10 @@ def _run(plan: _Plan) -> None:
             finally:
                 if hasattr(eng, "close"):
                     eng.close()
+        if getattr(eng, "retried_alone", 0):
+            console.print(f"{eng.retried_alone} compressed requests found the KV pool too full "
+                          "to compact and were asked again one at a time; a larger "
+                          "--max-total-tokens or a lower --concurrency avoids that.")
     else:
         console.print(f"All {total} answers are already in {store.path}; nothing to run.")
     label = model if adapter is None else f"{model} + adapter {adapter}"

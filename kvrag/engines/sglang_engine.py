@@ -31,6 +31,10 @@ from kvrag.engines.chat import EncodedPrompt, encode_prompt, stop_ids
 K = TypeVar("K")
 
 
+class UncompressedError(RuntimeError):
+    """The plugin could not compress a request that asked for it (it logs why)."""
+
+
 class SGLangEngine:
     name = "sglang"
 
@@ -59,6 +63,7 @@ class SGLangEngine:
         self.kv_bytes_per_token = 2 * kv_heads * head_dim * dtype.itemsize * self.n_layers
         self._stats = Path(tempfile.mkstemp(prefix="kvrag-plugin-", suffix=".jsonl")[1])
         self._stats_log = StatsLog(self._stats)
+        self.retried_alone = 0
         env = {plugin_config.ENV_STATS: str(self._stats),
                plugin_config.ENV_COMPRESSION: "none",
                plugin_config.ENV_CAPTURE: "all" if capture_all else ""}
@@ -96,19 +101,21 @@ class SGLangEngine:
         lands, in completion order. ``jobs`` is read lazily, one job per free place.
 
         Seconds are per request under that load: time to first token includes queueing.
+        A compressed request the plugin could not compact while the KV pool was full is
+        asked again alone once the others are done (counted in ``retried_alone``).
         """
         loop = self.engine.loop
         jobs = iter(jobs)
-        in_flight: dict[asyncio.Task, K] = {}
+        in_flight: dict[asyncio.Task, tuple[K, Prompt, CompressionSpec | None]] = {}
+        again: list[tuple[K, Prompt, CompressionSpec | None]] = []
 
         def top_up() -> None:
             while len(in_flight) < concurrency:
                 job = next(jobs, None)
                 if job is None:
                     return
-                key, prompt, compression = job
-                task = loop.create_task(self._agenerate(prompt, max_new_tokens, compression))
-                in_flight[task] = key
+                task = loop.create_task(self._agenerate(job[1], max_new_tokens, job[2]))
+                in_flight[task] = job
 
         top_up()
         try:
@@ -116,8 +123,15 @@ class SGLangEngine:
                 done, _ = loop.run_until_complete(
                     asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED))
                 for task in done:
-                    yield in_flight.pop(task), task.result()
+                    job = in_flight.pop(task)
+                    if isinstance(task.exception(), UncompressedError):
+                        again.append(job)
+                        continue
+                    yield job[0], task.result()
                 top_up()
+            for key, prompt, compression in again:
+                self.retried_alone += 1
+                yield key, self.generate(prompt, max_new_tokens, compression)
         finally:
             for task in in_flight:  # an error or a consumer that stopped early
                 task.cancel()
@@ -148,8 +162,8 @@ class SGLangEngine:
         ids = [i for i in last.get("output_ids", []) if i not in self.stop_ids]
         stats = self._stats_log.pop(last["meta_info"]["id"])
         if compression is not None and stats is None:
-            raise RuntimeError(f"SGLang left the {compression.name} request uncompressed "
-                               "(its log says why); its answer would be a full-cache one")
+            raise UncompressedError(f"SGLang left the {compression.name} request uncompressed "
+                                    "(its log says why); its answer would be a full-cache one")
         n = len(enc.input_ids)
         kv_tokens = stats["kv_tokens"] if stats else float(n)
         prefill = (first or t1) - t0
