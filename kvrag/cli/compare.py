@@ -271,6 +271,9 @@ def _run(plan: _Plan) -> None:
             try:
                 run_comparison(work, eng, store, max_new_tokens, on_answer,
                                plan.fitted.docs_dropped, plan.concurrency)
+            except RuntimeError as e:  # the engine refused or lost a request
+                fail(f"{e}; the {len(store.records)} answers stored in {store.path} are kept "
+                     "and a rerun resumes after them")
             finally:
                 if hasattr(eng, "close"):
                     eng.close()

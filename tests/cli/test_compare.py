@@ -311,7 +311,7 @@ def test_sglang_requests_in_flight_answer_as_one_at_a_time(tmp_path, tiny_model_
         assert json.loads((out / "run.json").read_text())["url"] == url
         refused = compare(tmp_path / "h2o", tiny_model_dir, "--engine", "sglang-url", "--url",
                           url, "--limit", "1", "--systems", "h2o:0.5")
-        assert refused.exit_code != 0 and "not allowed on this server" in refused.output
+        assert refused.exit_code == 2 and "not allowed on this server" in refused.output
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
