@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+# The names are listed here, not imported from kvrag.engines.device, so that `--help`
+# does not import torch.
+DeviceOption = Annotated[str, typer.Option(help=(
+    "Where the model runs: auto, cpu, cuda, cuda:N; auto is the first CUDA device if one "
+    "is visible, else the CPU."))]
+DtypeOption = Annotated[str, typer.Option(help=(
+    "Model (and KV-cache) precision: auto, float32, bfloat16, float16; auto is bfloat16 on "
+    "a CUDA device that supports it, float32 on a CPU."))]
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)

@@ -8,12 +8,12 @@ from typing import Annotated
 
 import typer
 
-from kvrag.cli.common import StepProgress, console, fail
+from kvrag.cli.common import DeviceOption, DtypeOption, StepProgress, console, fail
 from kvrag.compression import queries_needed
 from kvrag.data.loaders import LOADERS, fingerprint, load_dataset
 from kvrag.data.prompt import prompt_version
 from kvrag.data.schema import DatasetError, Instance
-from kvrag.engines.device import DEVICES, DTYPES, DeviceError, Placement
+from kvrag.engines.device import DeviceError, Placement
 from kvrag.engines.device import resolve as resolve_placement
 from kvrag.engines.models import ModelNotFoundError, kvrag_home, resolve_model
 from kvrag.engines.sglang_options import SGLangOptions, parse_sglang_args
@@ -100,12 +100,8 @@ def compare(
         "names its tokenizer (a local checkpoint dir)."))] = None,
     api_key: Annotated[str | None, typer.Option(
         envvar="KVRAG_API_KEY", help="sglang-url engine: the server's API key.")] = None,
-    device: Annotated[str, typer.Option(help=(
-        f"Where the model runs: {DEVICES}; auto is the first CUDA device if one is visible, "
-        "else the CPU."))] = "auto",
-    dtype: Annotated[str, typer.Option(help=(
-        f"Model and KV-cache precision: auto, {', '.join(DTYPES)}; auto is bfloat16 on a "
-        "CUDA device that supports it, float32 on a CPU."))] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     limit: Annotated[
         int | None, typer.Option(min=1, help="Use only the first N questions.")
     ] = None,
@@ -251,7 +247,9 @@ def _run(plan: _Plan) -> None:
     out, instances, system_list = plan.out, plan.fitted.instances, plan.systems
     model, engine, dataset = (plan.config[k] for k in ("model", "engine", "dataset"))
     max_new_tokens, adapter = plan.config["max_new_tokens"], plan.adapter
-    store = ResultStore(out, plan.config)
+    attempt = {"concurrency": plan.concurrency} | (
+        {"sglang": plan.sglang.to_json()} if engine == "sglang" else {})
+    store = ResultStore(out, plan.config, attempt)
     work = pending(instances, system_list, store)
     total = len(instances) * len(system_list)
     if work:

@@ -12,10 +12,10 @@ from typing import Annotated
 
 import typer
 
-from kvrag.cli.common import console, fail
+from kvrag.cli.common import DeviceOption, DtypeOption, console, fail
 from kvrag.compression import SpecError, parse_spec
 from kvrag.engine_plugin import config
-from kvrag.engines.device import DEVICES, DTYPES, DeviceError, Placement
+from kvrag.engines.device import DeviceError, Placement
 from kvrag.engines.device import resolve as resolve_placement
 from kvrag.engines.models import ModelNotFoundError, resolve_model
 from kvrag.engines.sglang_options import SGLangOptions, parse_sglang_args
@@ -71,9 +71,8 @@ def serve(
     allow_unauthenticated: Annotated[bool, typer.Option(
         "--allow-unauthenticated",
         help="Listen on a non-loopback address without --api-key.")] = False,
-    device: Annotated[str, typer.Option(help=f"{DEVICES}; auto: CUDA if visible.")] = "auto",
-    dtype: Annotated[str, typer.Option(
-        help=f"auto, {', '.join(DTYPES)}; auto: bfloat16 on CUDA, float32 on a CPU.")] = "auto",
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
     context_length: Annotated[int | None, typer.Option(
         min=1, help="SGLang --context-length (default: the model's).")] = None,
     max_total_tokens: Annotated[int | None, typer.Option(

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kvrag.cli.common import StepProgress, console, fail
+from kvrag.cli.common import DeviceOption, DtypeOption, StepProgress, console, fail
 
 app = typer.Typer(help="Fine-tune LoRA adapters (PEFT) for in-context retrieval.",
                   no_args_is_help=True)
@@ -33,6 +33,13 @@ def sft_cmd(
         help="Compression-aware training, e.g. snapkv:0.5: score targets from the "
              "compressed prompt cache.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of document order and sampling.")] = 0,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    gradient_checkpointing: Annotated[bool | None, typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute activations in the backward to fit long prompts (default: on when "
+             "a prompt is over 4096 tokens, except with --compress, which needs the KV "
+             "cache that checkpointed layers drop).")] = None,
 ) -> None:
     """Supervised LoRA fine-tuning on the target only (prompt tokens masked).
 
@@ -43,14 +50,16 @@ def sft_cmd(
     from kvrag.compression import SpecError, parse_spec
     from kvrag.data.loaders import load_dataset
     from kvrag.data.schema import DatasetError
+    from kvrag.engines.device import DeviceError, resolve
     from kvrag.engines.models import ModelNotFoundError, resolve_model
     from kvrag.train.examples import build_examples, demo_train_split, select_groups
     from kvrag.train.formats import FORMATS, FormatError
-    from kvrag.train.sft import LoraSettings, SFTConfig, train_sft
+    from kvrag.train.sft import CHECKPOINTING_FROM_TOKENS, LoraSettings, SFTConfig, train_sft
 
     if fmt not in FORMATS:
         fail(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     try:
+        placement = resolve(device, dtype)
         if compress:
             parse_spec(compress)
         instances = demo_train_split() if dataset == "demo" else load_dataset(dataset)
@@ -58,20 +67,26 @@ def sft_cmd(
         instances = instances[:limit] if limit else instances
         model_path = resolve_model(model, console)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        examples = build_examples(
-            instances, fmt, seed,
-            lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
-    except (SpecError, DatasetError, ModelNotFoundError, FormatError) as e:
+        count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        examples = build_examples(instances, fmt, seed, count)
+        if gradient_checkpointing is None:
+            longest = max((count(ex.prompt.text) for ex in examples), default=0)
+            gradient_checkpointing = not compress and longest > CHECKPOINTING_FROM_TOKENS
+        cfg = SFTConfig(fmt=fmt, steps=steps, grad_accum=grad_accum, lr=lr, seed=seed,
+                        compress=compress, dtype=placement.dtype_name,
+                        gradient_checkpointing=gradient_checkpointing,
+                        lora=LoraSettings(r=rank, alpha=2 * rank))
+    except (SpecError, DatasetError, ModelNotFoundError, FormatError, DeviceError,
+            ValueError) as e:
         fail(str(e))
-    cfg = SFTConfig(fmt=fmt, steps=steps, grad_accum=grad_accum, lr=lr, seed=seed,
-                    compress=compress, lora=LoraSettings(r=rank, alpha=2 * rank))
     console.print(f"SFT of {model} on {len(examples)} {dataset} examples, format {fmt}"
                   f"{f', compression-aware ({compress})' if compress else ''}: {steps} steps x "
-                  f"{grad_accum} examples")
+                  f"{grad_accum} examples on {placement.device} in {placement.dtype_name}"
+                  f"{', gradient checkpointing' if gradient_checkpointing else ''}")
     with StepProgress("step", steps, "loss") as progress:
         try:
-            result = train_sft(model_path, examples, cfg, out, on_step=lambda step, loss:
-                               progress.update(step, f"{loss:.3f}"))
+            result = train_sft(model_path, examples, cfg, out, device=placement.device,
+                               on_step=lambda step, loss: progress.update(step, f"{loss:.3f}"))
         except ValueError as e:
             fail(str(e))
     console.print(f"Adapter in {result.adapter_dir} ({result.steps} steps"
@@ -111,6 +126,8 @@ def grpo_cmd(
              "http://127.0.0.1:30000/v1 from `kvrag serve`.")] = None,
     judge_model: Annotated[str | None, typer.Option(
         help="Model name to ask the judge server for (default: the first it lists).")] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """GRPO (TRL) with a LoRA adapter and a reward on the completion.
 
@@ -120,6 +137,7 @@ def grpo_cmd(
 
     from kvrag.data.loaders import load_dataset
     from kvrag.data.schema import DatasetError
+    from kvrag.engines.device import DeviceError, resolve
     from kvrag.engines.models import ModelNotFoundError, resolve_model
     from kvrag.train.examples import build_examples, demo_train_split, select_groups
     from kvrag.train.formats import FormatError
@@ -132,6 +150,10 @@ def grpo_cmd(
         fail(f"unknown reward {reward!r}; use one of {', '.join(REWARDS)}, judge")
     if (reward == "judge") != (judge_url is not None):
         fail("--reward judge needs --judge-url, and --judge-url is only for --reward judge")
+    try:
+        placement = resolve(device, dtype)
+    except DeviceError as e:
+        fail(str(e))
     judge = None
     if judge_url is not None:
         try:
@@ -152,14 +174,17 @@ def grpo_cmd(
         fail(str(e))
     cfg = GRPOSettings(reward=reward, steps=steps, num_generations=generations,
                        batch_size=batch_size, max_completion_tokens=max_completion_tokens,
-                       lr=lr, seed=seed, lora=LoraSettings(r=rank, alpha=2 * rank),
+                       lr=lr, seed=seed, dtype=placement.dtype_name,
+                       lora=LoraSettings(r=rank, alpha=2 * rank),
                        init_adapter=str(init_adapter) if init_adapter else None)
     console.print(f"GRPO of {model} on {len(examples)} {dataset} prompts, reward {reward}: "
                   f"{steps} steps x {batch_size} completions ({generations} per prompt)"
-                  f"{f', from adapter {init_adapter}' if init_adapter else ''}")
+                  f"{f', from adapter {init_adapter}' if init_adapter else ''} on "
+                  f"{placement.device} in {placement.dtype_name}")
     with StepProgress("step", steps, "reward") as progress:
         try:
             result = train_grpo(model_path, examples, cfg, out, judge=judge, count_tokens=count,
+                                device=placement.device,
                                 on_step=lambda step, r: progress.update(step, f"{r:.3f}"))
         except (ValueError, JudgeUnavailableError) as e:
             fail(str(e))

@@ -22,6 +22,11 @@ class SGLangOptions:
     tp_size: int | None = None
     extra: tuple[tuple[str, str], ...] = ()  # --sglang-arg KEY=VALUE, passed unchanged
 
+    def to_json(self) -> dict:
+        """The options set, as ``run.json`` records them (SGLang's defaults left out)."""
+        named = {name: getattr(self, name) for name in NAMED if getattr(self, name) is not None}
+        return named | ({"sglang_args": dict(self.extra)} if self.extra else {})
+
     def flags(self) -> list[str]:
         """Command-line flags of ``sglang.launch_server``."""
         cmd: list[str] = []

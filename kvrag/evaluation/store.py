@@ -3,14 +3,20 @@
 A run interrupted mid-line leaves a partial last line; opening the store drops it, so
 the rerun redoes only that answer. ``run.json`` records what the results were made
 with, so a rerun into the same directory with another model or dataset is refused
-instead of silently mixing results.
+instead of silently mixing results. How each attempt ran (concurrency, SGLang's memory
+options, the host), which cannot change a greedy answer, is appended under ``attempts``
+instead of compared, so a resume may use other resources.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from pathlib import Path
+
+ATTEMPTS = "attempts"
 
 
 class StoreMismatchError(ValueError):
@@ -18,13 +24,14 @@ class StoreMismatchError(ValueError):
 
 
 class ResultStore:
-    def __init__(self, out_dir: str | Path, run_config: dict) -> None:
+    def __init__(self, out_dir: str | Path, run_config: dict,
+                 attempt: dict | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / "results.jsonl"
-        self._check_config(run_config)
+        self._check_config(run_config, attempt)
         self.records: list[dict] = self._load()
 
-    def _check_config(self, run_config: dict) -> None:
+    def _check_config(self, run_config: dict, attempt: dict | None) -> None:
         config_path = self.out_dir / "run.json"
         if config_path.is_file():
             old = json.loads(config_path.read_text())
@@ -37,7 +44,13 @@ class ResultStore:
                 )
         else:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            config_path.write_text(json.dumps(run_config, indent=2) + "\n")
+            old = dict(run_config)
+        if attempt is not None or not config_path.is_file():
+            stamp = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname()}
+            attempts = old.get(ATTEMPTS, []) + ([stamp | attempt] if attempt is not None else [])
+            tmp = config_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(old | {ATTEMPTS: attempts}, indent=2) + "\n")
+            tmp.replace(config_path)
 
     def _load(self) -> list[dict]:
         if not self.path.is_file():

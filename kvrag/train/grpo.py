@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from kvrag.engines.device import DTYPES
 from kvrag.train.examples import Example
 from kvrag.train.formats import CountTokens, count_words
 from kvrag.train.rewards import JudgeFn, get_reward
@@ -35,6 +36,7 @@ class GRPOSettings:
     temperature: float = 1.0
     seed: int = 0
     save_every: int = 10
+    dtype: str = "float32"  # of the base model; bfloat16/float16 also switch on TRL's autocast
     # Re-runs each layer's forward in the backward. Without it, one step of 4 SmolLM2
     # completions over 2.5k-token prompts was killed for memory at 24 GB.
     gradient_checkpointing: bool = True
@@ -65,6 +67,7 @@ def train_grpo(
     model_path: Path, examples: Sequence[Example], cfg: GRPOSettings, out: Path,
     judge: JudgeFn | None = None, count_tokens: CountTokens = count_words,
     on_step: Callable[[int, float], None] = lambda step, reward: None,
+    device: str | torch.device = "cpu",
 ) -> TrainResult:
     """Train a LoRA adapter with GRPO into ``out``; ``on_step(step, mean reward)``."""
     from datasets import Dataset
@@ -78,6 +81,10 @@ def train_grpo(
     if cfg.batch_size % cfg.num_generations:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of num_generations "
                          f"{cfg.num_generations}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        # the Trainer (through Accelerate) trains on the current CUDA device
+        torch.cuda.set_device(device)
     dataset = Dataset.from_list([{"prompt": ex.prompt.messages(), "example": i}
                                  for i, ex in enumerate(examples)])
     work = out / "trainer"
@@ -88,11 +95,11 @@ def train_grpo(
         num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_tokens,
         learning_rate=cfg.lr, beta=cfg.beta, temperature=cfg.temperature, seed=cfg.seed,
         save_strategy="steps", save_steps=cfg.save_every, logging_steps=1, report_to="none",
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
+        use_cpu=device.type == "cpu", disable_tqdm=True,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        # TRL defaults to bf16 autocast; a CPU without bf16 instructions then runs every
-        # matmul through a slow fallback kernel
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        # stated either way: TRL's default is bf16 autocast, and a CPU without bf16
+        # instructions runs every matmul of it through a slow fallback kernel
+        bf16=cfg.dtype == "bfloat16", fp16=cfg.dtype == "float16",
     )
 
     class Progress(TrainerCallback):
@@ -101,7 +108,7 @@ def train_grpo(
                 on_step(state.global_step, float(logs["reward"]))
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[cfg.dtype])
     peft_config = None
     if cfg.init_adapter:
         model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)

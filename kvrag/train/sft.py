@@ -2,7 +2,9 @@
 
 Reads top to bottom: encode examples (prompt tokens masked out of the loss), wrap the
 model with a PEFT LoRA adapter, then a plain loop of gradient-accumulated AdamW steps,
-checkpointing so an interrupted run resumes at its last saved step. With ``compress``,
+checkpointing so an interrupted run resumes at its last saved step. The base model is
+loaded in ``dtype`` on the given device; PEFT keeps the adapter's own weights in float32,
+and the loss is taken in float32. With ``compress``,
 every example's prompt cache is compressed by the shared method code before the target
 is scored (compression-aware training): the adapter learns to answer from what a
 compressed server keeps, and gradients reach the prompt through the kept entries.
@@ -22,6 +24,7 @@ import torch
 
 from kvrag.compression import CompressionSpec, parse_spec
 from kvrag.engines.chat import END_OF_TURN, encode_prompt
+from kvrag.engines.device import DTYPES
 from kvrag.train.examples import Example
 
 IGNORE = -100  # label of tokens left out of the loss
@@ -46,7 +49,22 @@ class SFTConfig:
     seed: int = 0
     save_every: int = 10  # steps between checkpoints
     compress: str | None = None  # e.g. "snapkv:0.5": compression-aware training
+    dtype: str = "float32"  # of the base model (kvrag.engines.device.DTYPES)
+    # Re-run each layer's forward in the backward instead of keeping its activations: what
+    # lets a 32k-token prompt train on one GPU. Not with ``compress``: the compressed
+    # prefill needs the layers' KV cache, which checkpointed layers do not return.
+    gradient_checkpointing: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        if self.compress and self.gradient_checkpointing:
+            raise ValueError("gradient checkpointing does not go with compression-aware "
+                             "training (its prefill needs the KV cache checkpointed layers "
+                             "drop); train without --compress, or without checkpointing")
+
+
+# prompts longer than this train with gradient checkpointing unless told otherwise
+CHECKPOINTING_FROM_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -69,14 +87,15 @@ def encode_example(tokenizer, example: Example) -> Encoded:
 
 def target_loss(model, item: Encoded, spec: CompressionSpec | None) -> torch.Tensor:
     """Mean cross-entropy of the target tokens, from a full or a compressed prompt cache."""
-    ids = torch.tensor([item.input_ids])
-    labels = torch.tensor([item.labels])
+    device = model.device
+    ids = torch.tensor([item.input_ids], device=device)
+    labels = torch.tensor([item.labels], device=device)
     cut = item.prompt_len
     if spec is None:
         # logits of the last prompt position and the target only: a long prompt's full
         # [tokens, vocab] logits would dominate memory and time
         out = model(input_ids=ids, logits_to_keep=ids.shape[1] - cut + 1)
-        return torch.nn.functional.cross_entropy(out.logits[0, :-1], labels[0, cut:])
+        return torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), labels[0, cut:])
     from kvrag.compression import kept_positions
     from kvrag.engines import hf_attention
     from kvrag.engines.hf import gather_cache
@@ -89,11 +108,11 @@ def target_loss(model, item: Encoded, spec: CompressionSpec | None) -> torch.Ten
     kept = kept_positions(spec, [layer.keys[0] for layer in layers],
                           [hooks.captured[i] for i in range(len(layers))], item.span)
     cache = gather_cache(out.past_key_values, kept)
-    positions = torch.arange(cut, ids.shape[1])[None]
+    positions = torch.arange(cut, ids.shape[1], device=device)[None]
     rest = model(input_ids=ids[:, cut:], position_ids=positions, past_key_values=cache)
     # the first target token is predicted by the prompt's last position
     logits = torch.cat([out.logits[:, -1:], rest.logits[:, :-1]], dim=1)
-    return torch.nn.functional.cross_entropy(logits[0], labels[0, cut:])
+    return torch.nn.functional.cross_entropy(logits[0].float(), labels[0, cut:])
 
 
 @dataclass(frozen=True)
@@ -108,9 +127,11 @@ class TrainResult:
 def train_sft(
     model_path: Path, examples: Sequence[Example], cfg: SFTConfig, out: Path,
     on_step: Callable[[int, float], None] = lambda step, loss: None,
+    device: str | torch.device = "cpu",
 ) -> TrainResult:
     """Train a LoRA adapter into ``out`` (a standard PEFT directory); resumes from
-    ``out/checkpoint`` when an earlier run with the same config was interrupted."""
+    ``out/checkpoint`` when an earlier run with the same config was interrupted (on any
+    device: only ``cfg`` has to match)."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,8 +142,12 @@ def train_sft(
     items = [encode_example(tokenizer, ex) for ex in examples]
     if not items:
         raise ValueError("no training examples")
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[cfg.dtype],
                                                 attn_implementation=hf_attention.NAME)
+    base.to(device)
+    if cfg.gradient_checkpointing:
+        # non-reentrant: the frozen embeddings' output needs no requires_grad for it
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     checkpoint = out / "checkpoint"
     state = _load_state(checkpoint, cfg)
     if state is not None:
@@ -137,7 +162,7 @@ def train_sft(
                                   lr=cfg.lr)
     start, losses = 0, []
     if state is not None:
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt"))
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device))
         start, losses = state["step"], state["losses"]
     # one fixed order per epoch, the same on a resumed run
     order = [i for epoch in range(cfg.steps * cfg.grad_accum // len(items) + 1)

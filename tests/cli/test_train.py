@@ -115,3 +115,41 @@ def test_groups_select_task_families_and_an_unknown_one_is_named(tmp_path, tiny_
     assert result.exit_code == 2
     assert "no instances of group(s) trivia" in result.output
     assert "multiple_choice" in result.output
+
+
+@pytest.mark.parametrize("command", ["sft", "grpo"])
+def test_cuda_without_a_cuda_device_is_refused(command, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(app, ["train", command, "--device", "cuda", "--out",
+                                      str(tmp_path / "a")])
+    assert result.exit_code == 2
+    assert "--device cuda: no CUDA device is visible here" in result.output
+    assert not (tmp_path / "a").exists()
+
+
+def test_sft_says_where_it_trains_and_checkpoints_long_prompts(tmp_path, tiny_model_dir,
+                                                               monkeypatch):
+    import kvrag.train.sft as sft
+
+    seen = {}
+
+    def fake_train(model_path, examples, cfg, out, on_step, device):  # records the call only
+        seen.update(cfg=cfg, device=device)
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(sft, "train_sft", fake_train)
+    monkeypatch.setattr(sft, "CHECKPOINTING_FROM_TOKENS", 10)
+    data = _dataset(tmp_path / "gold.jsonl", gold=True)
+    result = CliRunner().invoke(app, ["train", "sft", "--dataset", str(data), "--model",
+                                      str(tiny_model_dir), "--out", str(tmp_path / "a"),
+                                      "--device", "cpu", "--dtype", "bfloat16"])
+    assert result.exit_code == 2 and "stopped before training" in result.output
+    assert "on cpu in bfloat16, gradient checkpointing" in result.output
+    assert seen["cfg"].dtype == "bfloat16" and seen["cfg"].gradient_checkpointing
+    assert str(seen["device"]) == "cpu"
+    result = CliRunner().invoke(app, ["train", "sft", "--dataset", str(data), "--model",
+                                      str(tiny_model_dir), "--out", str(tmp_path / "a"),
+                                      "--compress", "snapkv:0.5"])
+    assert not seen["cfg"].gradient_checkpointing  # compression-aware: never by default

@@ -40,3 +40,13 @@ def test_every_changed_setting_is_listed(tmp_path: Path) -> None:
                                                  "128 -> 64; rag_order: 'score' -> 'document'"):
         ResultStore(tmp_path, CONFIG | {"max_new_tokens": 64, "chunk_tokens": 64,
                                         "rag_order": "document"})
+
+
+def test_each_attempt_is_recorded_and_may_differ(tmp_path: Path) -> None:
+    ResultStore(tmp_path, CONFIG, {"concurrency": 16})
+    ResultStore(tmp_path, CONFIG, {"concurrency": 1, "sglang": {"max_total_tokens": 8192}})
+    saved = json.loads((tmp_path / "run.json").read_text())
+    assert {k: saved[k] for k in CONFIG} == CONFIG
+    assert [a["concurrency"] for a in saved["attempts"]] == [16, 1]
+    assert saved["attempts"][1]["sglang"] == {"max_total_tokens": 8192}
+    assert all(a["started"] and a["host"] for a in saved["attempts"])

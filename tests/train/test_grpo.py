@@ -109,3 +109,27 @@ def test_grpo_continues_a_given_adapter(tiny_model_dir, tmp_path, small_instance
                                       result.adapter_dir).state_dict()
     assert before.keys() == {k for k in after if "lora_" in k}
     assert any(not torch.equal(before[k], after[k]) for k in before)  # trained from there
+
+
+def test_grpo_trains_a_bfloat16_base_with_autocast(tiny_model_dir, tmp_path, small_instances,
+                                                   monkeypatch):
+    from safetensors.torch import load_file
+    from trl import GRPOTrainer
+
+    seen = {}
+    real_train = GRPOTrainer.train
+
+    def train(self, *args, **kwargs):
+        seen.update(bf16=self.args.bf16, base=self.model.get_base_model().dtype,
+                    cpu=self.args.use_cpu)
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "train", train)
+    examples = build_examples(small_instances(2), "answer", 0, count_words)
+    cfg = GRPOSettings(reward="ao", steps=1, num_generations=2, batch_size=2,
+                       max_completion_tokens=8, dtype="bfloat16", lora=LoraSettings(r=4, alpha=8))
+    result = train_grpo(tiny_model_dir, examples, cfg, tmp_path / "grpo", device="cpu")
+    assert seen == {"bf16": True, "base": torch.bfloat16, "cpu": True}
+    assert len(result.per_step) == 1
+    weights = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert weights and all(w.dtype == torch.float32 for w in weights.values())

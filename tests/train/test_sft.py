@@ -128,3 +128,47 @@ def test_adapter_round_trip_gives_identical_logits(tiny_model_dir, tokenizer, ex
         a, b, c = (m(input_ids=ids).logits for m in (first, second, base))
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)  # the adapter does change the model
+
+
+def _lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir, tokenizer,
+                                                                  examples):
+    item = encode_example(tokenizer, examples[0])
+    plain, checkpointed = _model(tiny_model_dir), _model(tiny_model_dir)
+    checkpointed.base_model.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+    results = []
+    for model in (plain, checkpointed):
+        model.train()
+        loss = target_loss(model, item, None)
+        loss.backward()
+        results.append((loss.item(), _lora_grads(model)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert checkpointed.base_model.model.is_gradient_checkpointing
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        assert torch.allclose(grads_a[name], grads_b[name], atol=1e-6), name
+
+
+def test_checkpointing_with_compression_aware_training_is_refused():
+    with pytest.raises(ValueError, match="compression-aware"):
+        SFTConfig(compress="snapkv:0.5", gradient_checkpointing=True)
+
+
+def test_bfloat16_base_trains_a_float32_adapter(tiny_model_dir, examples, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg32 = SFTConfig(steps=1, grad_accum=1, lr=1e-3)
+    cfg16 = SFTConfig(steps=1, grad_accum=1, lr=1e-3, dtype="bfloat16",
+                      gradient_checkpointing=True)
+    full = train_sft(tiny_model_dir, examples, cfg32, tmp_path / "fp32")
+    half = train_sft(tiny_model_dir, examples, cfg16, tmp_path / "bf16", device="cpu")
+    # the same first batch, scored by a bfloat16 model: close, not equal
+    assert half.per_step[0] == pytest.approx(full.per_step[0], rel=0.05)
+    assert half.per_step[0] != full.per_step[0]
+    weights = load_file(tmp_path / "bf16" / "adapter_model.safetensors")
+    assert weights and all(w.dtype == torch.float32 for w in weights.values())
