@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from kvrag.cli.common import console, fail
+from kvrag.cli.common import DeviceOption, DtypeOption, console, fail
 from kvrag.compression import METHODS, SpecError, queries_needed
 from kvrag.engines.models import ModelNotFoundError, resolve_model
 
@@ -39,28 +39,34 @@ def compression_cmd(
     new_tokens: Annotated[int, typer.Option(min=2, help="Tokens decoded per run.")] = 32,
     repeats: Annotated[int, typer.Option(min=1, help="Runs per system; medians reported.")] = 3,
     out: Annotated[Path | None, typer.Option(help="Also write the rows as JSON here.")] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
     """KV bytes, decode tokens/s and one-off compression time of each method vs `full`.
 
     One prefill of a long prompt is shared by every system; each system then decodes
     NEW_TOKENS tokens (EOS ignored) from its own cache, interleaved across REPEATS.
     """
-    from kvrag.engines.benchmark import bench_compression, default_specs
+    from kvrag.bench.compression import bench_compression, default_specs
+    from kvrag.engines.device import resolve
     from kvrag.engines.hf import HFEngine
 
     try:
+        placement = resolve(device, dtype)
         specs = default_specs([m.strip() for m in methods.split(",")],
                               [float(r) for r in ratios.split(",")])
         model_path = resolve_model(model, console)
-    except (SpecError, ModelNotFoundError, ValueError) as e:
+    except (SpecError, ModelNotFoundError, ValueError) as e:  # DeviceError is a ValueError
         fail(str(e))
-    engine = HFEngine(model_path, capture_queries=queries_needed(specs))
+    engine = HFEngine(model_path, capture_queries=queries_needed(specs),
+                      device=placement.device, dtype=placement.dtype)
     with console.status("benchmarking") as status:
         n, prefill_s, rows = bench_compression(
             engine, specs, context_tokens, new_tokens, repeats,
             on_step=lambda label: status.update(f"benchmarking: {label}"))
-    console.print(f"{model}: {n}-token prompt, prefill {prefill_s:.1f} s, {new_tokens} decoded "
-                  f"tokens, median of {repeats} interleaved repeats", markup=False)
+    console.print(f"{model} on {placement.device} in {placement.dtype_name}: {n}-token prompt, "
+                  f"prefill {prefill_s:.1f} s, {new_tokens} decoded tokens, median of "
+                  f"{repeats} interleaved repeats", markup=False)
     _print_table(
         ("system", "KV tokens", "KV MB", "KV/full", "decode tok/s", "speed/full",
          "compress s", "compress/prefill"),
@@ -88,9 +94,9 @@ def rag_cmd(
     """
     from transformers import AutoTokenizer
 
+    from kvrag.bench.rag import bench_rag
     from kvrag.data.loaders import load_dataset
     from kvrag.data.schema import DatasetError
-    from kvrag.rag_stack.benchmark import bench_rag
     from kvrag.rag_stack.embeddings import load_embedding
 
     try:
@@ -125,36 +131,115 @@ def serving_cmd(
     new_tokens: Annotated[int, typer.Option(min=2, help="Tokens decoded per request.")] = 32,
     repeats: Annotated[int, typer.Option(min=1, help="Requests per system; medians.")] = 3,
     out: Annotated[Path | None, typer.Option(help="Also write the rows as JSON here.")] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
 ) -> None:
-    """SGLang torch_native vs the kvrag backend: KV slots, prefill s, decode tokens/s.
+    """SGLang's own backend vs the kvrag backend over it: KV slots, prefill s, decode tok/s.
 
-    Starts a torch_native engine, then a kvrag engine (one after the other, on the CPU),
-    and sends the same long prompt to each; ratios are to torch_native in the same run.
+    The baseline is the backend kvrag wraps there: torch_native on a CPU, triton on CUDA
+    (CUDA graphs off for both). Starts a baseline engine, then a kvrag engine, one after
+    the other, and sends the same long prompt to each; ratios are to the baseline in the
+    same run, and 'same tokens' says whether greedy tokens equal the baseline's.
     """
+    from kvrag.bench.serving import base_backend, bench_serving
     from kvrag.compression import parse_spec
-    from kvrag.engine_plugin.serving_bench import bench_serving
+    from kvrag.engines.device import resolve
 
     try:
+        placement = resolve(device, dtype)
         ratio_list = [float(r) for r in ratios.split(",")]
         for ratio in ratio_list:
             parse_spec(f"{method}:{ratio}")
         model_path = resolve_model(model, console)
-    except (SpecError, ModelNotFoundError, ValueError) as e:
+    except (SpecError, ModelNotFoundError, ValueError) as e:  # DeviceError is a ValueError
         fail(str(e))
     with console.status("benchmarking") as status:
         n, rows = bench_serving(model_path, method, ratio_list, context_tokens, new_tokens,
-                                repeats, on_step=lambda label: status.update(label))
-    console.print(f"{model}: {n}-token prompt, {new_tokens} decoded tokens, median of "
-                  f"{repeats} repeats; ratios to torch_native", markup=False)
-    _print_table(
-        ("system", "KV slots", "KV/base", "prefill s", "prefill/base", "decode tok/s",
-         "speed/base", "compress s"),
-        [(r.system, f"{r.kv_slots:,.0f}", f"{r.kv_vs_base:.2f}", f"{r.prefill_s:.1f}",
-          f"{r.prefill_vs_base:.2f}", f"{r.decode_tok_s:.2f}", f"{r.decode_speed_vs_base:.2f}",
-          f"{r.compress_s:.3f}") for r in rows])
+                                repeats, on_step=lambda label: status.update(label),
+                                placement=placement)
+    console.print(f"{model} on {placement.device} in {placement.dtype_name}: {n}-token "
+                  f"prompt, {new_tokens} decoded tokens, median of {repeats} repeats; ratios "
+                  f"to {base_backend(placement)}", markup=False)
+    _print_serving(rows)
     if out is not None:
         out.write_text(json.dumps({"prompt_tokens": n, "rows": [r.to_json() for r in rows]},
                                   indent=2) + "\n")
+
+
+def _print_serving(rows) -> None:
+    _print_table(
+        ("system", "same tokens", "KV slots", "KV/base", "prefill s", "prefill/base",
+         "decode tok/s", "speed/base", "compress s"),
+        [(r.system, "yes" if r.same_tokens_as_base else "no", f"{r.kv_slots:,.0f}",
+          f"{r.kv_vs_base:.2f}", f"{r.prefill_s:.1f}", f"{r.prefill_vs_base:.2f}",
+          f"{r.decode_tok_s:.2f}", f"{r.decode_speed_vs_base:.2f}", f"{r.compress_s:.3f}")
+         for r in rows])
+
+
+@app.command("gpu")
+def gpu_cmd(
+    out: Annotated[Path, typer.Option(help="Report folder (gpu_check.json, the compare run).")
+                   ] = Path("gpu_check"),
+    device: Annotated[str, typer.Option(help=(
+        "cuda or cuda:N; cpu rehearses every step (with --shape tiny) where there is no "
+        "GPU."))] = "cuda",
+    dtype: DtypeOption = "auto",
+    shape: Annotated[str, typer.Option(help=(
+        "Architecture of the random-weight model: llama3.1-8b, or tiny (same family, 2 "
+        "layers, for a CPU)."))] = "llama3.1-8b",
+    prompt_tokens: Annotated[int, typer.Option(
+        min=200, help="Approximate document tokens of the long prompt.")] = 32000,
+    new_tokens: Annotated[int, typer.Option(min=2, help="Tokens decoded per request.")] = 64,
+    repeats: Annotated[int, typer.Option(min=1, help="Requests per system; medians.")] = 3,
+    compare_model: Annotated[str, typer.Option(
+        help="Model (real weights) of the compare step: a packaged name or a dir.")
+    ] = "smollm2",
+    questions: Annotated[int, typer.Option(min=1, help="Demo questions of the compare step.")
+                         ] = 8,
+) -> None:
+    """The plugin at scale on one CUDA device: a random-weight Llama-3.1-8B-shaped model.
+
+    Nothing is downloaded: the checkpoint is a config plus tokenizer, and SGLang fills
+    seeded random weights (load format 'dummy'). On a PROMPT_TOKENS prompt it checks that
+    the kvrag backend over triton at ratio 0 gives triton's greedy tokens, and measures
+    KV slots freed and decode tokens/s at snapkv 0.5 and 0.9 against triton; then runs
+    `kvrag compare --engine sglang` (full, snapkv:0.5) on QUESTIONS demo questions there.
+    """
+    from kvrag.bench.gpu_check import SHAPES, GpuCheckSettings, run_gpu_check
+    from kvrag.engines.device import resolve
+
+    try:
+        placement = resolve(device, dtype)
+        if shape not in SHAPES:
+            raise ValueError(f"unknown --shape {shape!r}; use one of {', '.join(SHAPES)}")
+        resolve_model(compare_model, console)
+        tokenizer_dir = resolve_model("smollm2", console)
+    except (ModelNotFoundError, ValueError) as e:
+        fail(str(e))
+    settings = GpuCheckSettings(placement, shape, prompt_tokens, new_tokens, repeats,
+                                compare_model, questions)
+    with console.status("GPU check") as status:
+        try:
+            report = run_gpu_check(settings, out, tokenizer_dir,
+                                   on_step=lambda label: status.update(f"GPU check: {label}"))
+        except RuntimeError as e:
+            fail(str(e))
+    from kvrag.bench.serving import ServingRow
+
+    console.print(f"{report['device']} ({report['dtype']}), SGLang {report['sglang']}: "
+                  f"random {shape}, {report['prompt_tokens']}-token prompt, {new_tokens} "
+                  f"decoded tokens, median of {repeats}; ratios to {report['base_backend']}",
+                  markup=False)
+    _print_serving([ServingRow(**row) for row in report["serving_rows"]])
+    compare = report["compare"]
+    console.print(f"compare ({compare['wall_s']:.0f} s): " + "; ".join(
+        f"{name} SubEM {s['subem']:.2f}, KV tokens {s['kv_tokens_mean']:,.0f}"
+        for name, s in compare["systems"].items()), markup=False)
+    ok = report["checks"]["ratio0_same_tokens_as_base"]
+    console.print(f"ratio 0 gives the baseline's tokens: {'yes' if ok else 'NO'}; report in "
+                  f"{out / 'gpu_check.json'}", markup=False)
+    if not ok:
+        raise typer.Exit(1)
 
 
 @app.command("eviction")
@@ -170,7 +255,7 @@ def eviction_cmd(
     long-context QA: six 2-4k-token corpora, 300 skewed, interleaved questions, a cache of
     2.5 corpora; once with stationary popularity, once redrawn in three phases.
     """
-    from kvrag.engine_plugin.eviction_sim import Workload, run_eviction_benchmark
+    from kvrag.bench.eviction import Workload, run_eviction_benchmark
 
     names = [p.strip() for p in policies.split(",") if p.strip()]
     results = {}

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from kvrag.engine_plugin.eviction_sim import (
+from kvrag.bench.eviction import (
     POLICIES,
     Workload,
     make_trace,

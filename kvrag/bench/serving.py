@@ -1,11 +1,15 @@
-"""Serving benchmark: SGLang's torch_native backend vs the kvrag backend on one long prompt.
+"""Serving benchmark: SGLang's own backend vs the kvrag backend over it, on one long prompt.
 
-Phase 1 runs a torch_native engine; phase 2 one kvrag engine, where each repeat sends the
-prompt uncompressed (the plugin's own baseline) and at every ratio, interleaved so a
-noisy machine's drift hits them alike. Each request streams NEW_TOKENS tokens (EOS
+The baseline is the backend the plugin wraps on that device: torch_native on a CPU,
+triton on CUDA (CUDA graphs off for both, as the plugin runs without them). Phase 1 runs
+a baseline engine; phase 2 one kvrag engine, where each repeat sends the prompt
+uncompressed (the plugin's own baseline) and at every ratio, interleaved so a noisy
+machine's drift hits them alike. Each request streams NEW_TOKENS tokens (EOS
 ignored): prefill is the time to the first token, decode speed is the rest. KV slots
 held after prefill come from the plugin's stats (the prompt's slots minus those freed).
 The radix cache is flushed before every request, so no run reuses another's prefix.
+``same_tokens_as_base`` says whether a system's greedy tokens equal the baseline's (at
+ratio 0 they must; a compressed cache may change them).
 """
 
 from __future__ import annotations
@@ -17,13 +21,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from kvrag.engine_plugin import config as plugin_config
 from kvrag.engine_plugin.stats import StatsLog
+from kvrag.engines.device import Placement
+
+CPU = Placement(torch.device("cpu"), torch.float32)
 
 
 @dataclass(frozen=True)
 class ServingRow:
     system: str
+    same_tokens_as_base: bool
     kv_slots: float  # held after prefill (and compression)
     prefill_s: float  # medians over repeats
     decode_tok_s: float
@@ -42,16 +52,29 @@ class _Run:
     prefill_s: float
     decode_tok_s: float
     compress_s: float
+    tokens: tuple[int, ...] = ()
 
 
-def _engine(model_path: Path, backend: str, max_total_tokens: int):
+def base_backend(placement: Placement) -> str:
+    """The SGLang backend kvrag wraps on this device, and so the fair baseline."""
+    return "torch_native" if placement.device.type == "cpu" else "triton"
+
+
+def _engine(model_path: Path, backend: str, max_total_tokens: int, placement: Placement,
+            load_format: str | None):
     import sglang
 
+    where = {"device": placement.device.type, "dtype": placement.dtype_name}
+    if placement.device.type == "cpu":
+        where["mem_fraction_static"] = 0.3  # SGLang's default is sized for accelerators
+    elif placement.device.index:
+        where["base_gpu_id"] = placement.device.index
+    if load_format is not None:
+        where["load_format"] = load_format
     return sglang.Engine(
-        model_path=str(model_path), device="cpu", attention_backend=backend, dtype="float32",
-        disable_cuda_graph=True, disable_overlap_schedule=True,
-        max_total_tokens=max_total_tokens, mem_fraction_static=0.3, skip_tokenizer_init=True,
-        random_seed=0)
+        model_path=str(model_path), attention_backend=backend, disable_cuda_graph=True,
+        disable_overlap_schedule=True, max_total_tokens=max_total_tokens,
+        skip_tokenizer_init=True, random_seed=0, **where)
 
 
 def _run(engine, ids: list[int], new_tokens: int, custom: dict | None,
@@ -71,15 +94,20 @@ def _run(engine, ids: list[int], new_tokens: int, custom: dict | None,
     record = stats.pop(last["meta_info"]["id"]) if stats is not None else None
     slots = len(ids) - record["freed"] + record["allocated"] if record else len(ids)
     return _Run(slots, first - t0, (new_tokens - 1) / (t1 - first),
-                record["seconds"] if record else 0.0)
+                record["seconds"] if record else 0.0, tuple(last["output_ids"]))
 
 
 def bench_serving(
     model_path: Path, method: str = "snapkv", ratios: Sequence[float] = (0.0, 0.5, 0.9),
     context_tokens: int = 6000, new_tokens: int = 32, repeats: int = 3,
     on_step: Callable[[str], None] = lambda label: None,
+    placement: Placement = CPU, load_format: str | None = None,
 ) -> tuple[int, list[ServingRow]]:
-    """(prompt tokens, rows: torch_native first, then kvrag none and each ratio)."""
+    """(prompt tokens, rows: the baseline first, then kvrag none and each ratio).
+
+    ``load_format="dummy"`` lets SGLang fill the weights with seeded random values: a
+    checkpoint directory then needs only its config and tokenizer.
+    """
     from transformers import AutoTokenizer
 
     from kvrag.data.demo import make_demo
@@ -93,14 +121,15 @@ def bench_serving(
         make_demo(seed=1, context_tokens=context_tokens, per_task=1)[0]))
     ids = enc.input_ids
     pool = len(ids) + new_tokens + 1024
-    runs: dict[str, list[_Run]] = {"torch_native": []}
+    base_name = base_backend(placement)
+    runs: dict[str, list[_Run]] = {base_name: []}
 
-    on_step("starting torch_native engine")
-    engine = _engine(model_path, "torch_native", pool)
+    on_step(f"starting {base_name} engine")
+    engine = _engine(model_path, base_name, pool, placement, load_format)
     try:
         for r in range(repeats):
-            on_step(f"torch_native (repeat {r + 1}/{repeats})")
-            runs["torch_native"].append(_run(engine, ids, new_tokens, None, None))
+            on_step(f"{base_name} (repeat {r + 1}/{repeats})")
+            runs[base_name].append(_run(engine, ids, new_tokens, None, None))
     finally:
         engine.shutdown()
 
@@ -112,7 +141,7 @@ def bench_serving(
     runs |= {name: [] for name, _ in systems}
     on_step("starting kvrag engine")
     with plugin_config.engine_environ({plugin_config.ENV_STATS: str(stats)}):
-        engine = _engine(model_path, "kvrag", pool)
+        engine = _engine(model_path, "kvrag", pool, placement, load_format)
     log = StatsLog(stats)
     try:
         for r in range(repeats):
@@ -126,8 +155,10 @@ def bench_serving(
     medians = {name: _Run(*(statistics.median(getattr(r, f) for r in rs)
                             for f in ("kv_slots", "prefill_s", "decode_tok_s", "compress_s")))
                for name, rs in runs.items()}
-    base = medians["torch_native"]
-    rows = [ServingRow(name, m.kv_slots, m.prefill_s, m.decode_tok_s, m.compress_s,
+    base = medians[base_name]
+    base_tokens = runs[base_name][0].tokens
+    rows = [ServingRow(name, all(r.tokens == base_tokens for r in runs[name]), m.kv_slots,
+                       m.prefill_s, m.decode_tok_s, m.compress_s,
                        m.kv_slots / base.kv_slots, m.prefill_s / base.prefill_s,
                        m.decode_tok_s / base.decode_tok_s) for name, m in medians.items()]
     return len(ids), rows

@@ -3,9 +3,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from kvrag.bench.compression import bench_compression
 from kvrag.cli.main import app
 from kvrag.compression import parse_spec
-from kvrag.engines.benchmark import bench_compression
 from kvrag.engines.hf import HFEngine
 
 
