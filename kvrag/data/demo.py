@@ -75,29 +75,37 @@ class _Names:
         self.rng = rng
         self.used: set[str] = set()
 
-    def _unique(self, make: Callable[[], str]) -> str:
-        while True:
-            name = make()
+    def _unique(self, make: Callable[[], str], wider: Callable[[], str] | None = None) -> str:
+        """A fresh name from ``make``; once ``make`` keeps repeating (a long context has
+        used up its small space), from ``wider``."""
+        for tries in range(1_000_000):
+            name = make() if tries < 50 or wider is None else wider()
             if name not in self.used:
                 self.used.add(name)
                 return name
+        raise RuntimeError("no unused invented name left")
 
     def word(self) -> str:
         r = self.rng
         return r.choice(_ONSETS) + r.choice(_MIDDLES) + r.choice(_CODAS)
 
     def person(self) -> str:
-        return self._unique(lambda: f"{self.word()} {self.word()}")
+        return self._unique(lambda: f"{self.word()} {self.word()}",
+                            lambda: f"{self.word()} {self.word()}-{self.word()}")
 
     def town(self) -> str:
-        return self._unique(lambda: self.rng.choice(_TOWN_A) + self.rng.choice(_TOWN_B))
+        return self._unique(lambda: self.rng.choice(_TOWN_A) + self.rng.choice(_TOWN_B),
+                            lambda: self.word() + self.rng.choice(_TOWN_B))
 
     def firm(self) -> str:
         suffix = ["Works", "Company", "Holdings", "Guild", "Brothers", "Industries"]
-        return self._unique(lambda: f"{self.word()} {self.rng.choice(suffix)}")
+        return self._unique(lambda: f"{self.word()} {self.rng.choice(suffix)}",
+                            lambda: f"{self.word()} {self.word()} {self.rng.choice(suffix)}")
 
     def creature(self) -> str:
-        return self._unique(lambda: f"{self.word().lower()} {self.rng.choice(_CREATURES)}")
+        return self._unique(lambda: f"{self.word().lower()} {self.rng.choice(_CREATURES)}",
+                            lambda: f"{self.word().lower()}-{self.word().lower()} "
+                                    f"{self.rng.choice(_CREATURES)}")
 
 
 def _filler(rng: random.Random, n: int) -> str:

@@ -64,3 +64,11 @@ def test_seed_changes_questions() -> None:
 def test_rejects_impossible_sizes() -> None:
     with pytest.raises(ValueError, match="context_tokens must be at least 200"):
         make_demo(context_tokens=10)
+
+
+def test_long_contexts_outgrow_the_small_name_spaces_without_repeating_a_name() -> None:
+    # 128k tokens need more towns than the short town-name space holds
+    for inst in make_demo(seed=3, context_tokens=128_000, per_task=1):
+        titles = [d.title for d in inst.docs]
+        assert len(titles) == len(set(titles)) > 1000, inst.id
+        assert set(inst.gold_doc_ids) <= {d.id for d in inst.docs}
