@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,6 +25,7 @@ from kvrag.compression import CompressionSpec
 from kvrag.data.prompt import Prompt
 from kvrag.engine_plugin import config as plugin_config
 from kvrag.engine_plugin.stats import StatsLog
+from kvrag.engines.admission import PrefixAdmission
 from kvrag.engines.base import Cost, Generation
 from kvrag.engines.chat import EncodedPrompt, encode_prompt, stop_ids
 
@@ -98,23 +99,27 @@ class SGLangEngine:
         concurrency: int,
     ) -> Iterator[tuple[K, Generation]]:
         """Keep up to ``concurrency`` requests in flight and yield each (key, answer) as it
-        lands, in completion order. ``jobs`` is read lazily, one job per free place.
+        lands, in completion order. ``jobs`` is read lazily, a prompt's jobs at a time.
 
+        Jobs with one prompt share its prefill through the radix cache: the others wait
+        for the first uncompressed one's first token (``admission.PrefixAdmission``).
         Seconds are per request under that load: time to first token includes queueing.
         A compressed request the plugin could not compact while the KV pool was full is
         asked again alone once the others are done (counted in ``retried_alone``).
         """
         loop = self.engine.loop
-        jobs = iter(jobs)
+        admission = PrefixAdmission(jobs)
         in_flight: dict[asyncio.Task, tuple[K, Prompt, CompressionSpec | None]] = {}
         again: list[tuple[K, Prompt, CompressionSpec | None]] = []
 
         def top_up() -> None:
-            while len(in_flight) < concurrency:
-                job = next(jobs, None)
-                if job is None:
-                    return
-                task = loop.create_task(self._agenerate(job[1], max_new_tokens, job[2]))
+            while len(in_flight) < concurrency and (job := admission.next()) is not None:
+                def on_first(job=job) -> None:
+                    admission.prefilled(job)
+                    top_up()
+
+                task = loop.create_task(self._agenerate(job[1], max_new_tokens, job[2],
+                                                        on_first=on_first))
                 in_flight[task] = job
 
         top_up()
@@ -124,6 +129,7 @@ class SGLangEngine:
                     asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED))
                 for task in done:
                     job = in_flight.pop(task)
+                    admission.prefilled(job)  # a failed leader lets its followers go
                     if isinstance(task.exception(), UncompressedError):
                         again.append(job)
                         continue
@@ -139,8 +145,8 @@ class SGLangEngine:
                 loop.run_until_complete(asyncio.gather(*in_flight, return_exceptions=True))
 
     async def _agenerate(self, prompt: Prompt, max_new_tokens: int,
-                         compression: CompressionSpec | None,
-                         ignore_eos: bool = False) -> Generation:
+                         compression: CompressionSpec | None, ignore_eos: bool = False,
+                         on_first: Callable[[], None] = lambda: None) -> Generation:
         enc = self.encode(prompt)
         custom = {plugin_config.PARAM_SPEC: compression.name if compression else "none",
                   plugin_config.PARAM_SPAN: list(enc.span)}
@@ -153,7 +159,9 @@ class SGLangEngine:
         stream = await self.engine.async_generate(input_ids=enc.input_ids,
                                                   sampling_params=params, stream=True)
         async for chunk in stream:
-            first = first or time.perf_counter()
+            if first is None:
+                first = time.perf_counter()
+                on_first()
             last = chunk
         t1 = time.perf_counter()
         finish = last["meta_info"].get("finish_reason") or {}

@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from kvrag.compression import CompressionSpec
 from kvrag.data.prompt import Prompt
 from kvrag.engine_plugin import config as plugin_config
+from kvrag.engines.admission import PrefixAdmission
 from kvrag.engines.base import Cost, Generation
 from kvrag.engines.chat import EncodedPrompt, encode_prompt, stop_ids
 
@@ -123,25 +124,24 @@ class SGLangURLEngine:
         self, jobs: Iterable[tuple[K, Prompt, CompressionSpec | None]], max_new_tokens: int,
         concurrency: int,
     ) -> Iterator[tuple[K, Generation]]:
-        """Up to ``concurrency`` requests in flight; each (key, answer) as it lands."""
-        jobs = iter(jobs)
+        """Up to ``concurrency`` requests in flight; each (key, answer) as it lands. Jobs
+        with one prompt wait for its first uncompressed one (``PrefixAdmission``), so a
+        server (or sglang-router's cache-aware routing) can reuse its prefill."""
+        admission = PrefixAdmission(jobs)
         with ThreadPoolExecutor(concurrency) as pool:
-            in_flight: dict[Future, K] = {}
+            in_flight: dict[Future, tuple[K, Prompt, CompressionSpec | None]] = {}
 
             def top_up() -> None:
-                while len(in_flight) < concurrency:
-                    job = next(jobs, None)
-                    if job is None:
-                        return
-                    key, prompt, compression = job
-                    in_flight[pool.submit(self.generate, prompt, max_new_tokens,
-                                          compression)] = key
+                while len(in_flight) < concurrency and (job := admission.next()) is not None:
+                    in_flight[pool.submit(self.generate, job[1], max_new_tokens, job[2])] = job
 
             top_up()
             while in_flight:
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
-                    yield in_flight.pop(future), future.result()
+                    job = in_flight.pop(future)
+                    admission.prefilled(job)  # without streaming, done is the first sign
+                    yield job[0], future.result()
                 top_up()
 
 
