@@ -90,6 +90,10 @@ def replay(trace: Sequence[Request], policy: str, capacity: int,
     from sglang.srt.mem_cache.unified_cache.component_type import ComponentType
     from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
+    from kvrag.engine_plugin.eviction import register_eviction_policy
+
+    register_eviction_policy()  # kvrag-cost, wherever the replay is called from
+
     cache = UnifiedRadixCache(CacheInitParams(
         disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=_NoPool(),
         page_size=1, eviction_policy=policy,
@@ -124,9 +128,6 @@ def run_eviction_benchmark(policies: Sequence[str] = POLICIES,
     without an lru row, or if lru recomputed nothing). ``configs`` maps a policy to its
     ``--radix-eviction-policy-config`` options.
     """
-    from kvrag.engine_plugin.eviction import register_eviction_policy
-
-    register_eviction_policy()
     traces = [make_trace(workload, seed) for seed in seeds]
     prompt_tokens = sum(len(prompt) for trace in traces for prompt, _ in trace)
     rows = []
