@@ -26,6 +26,7 @@ from kvrag.data.prompt import Prompt
 from kvrag.engines import hf_attention
 from kvrag.engines.base import Cost, Generation
 from kvrag.engines.chat import EncodedPrompt, encode_prompt, stop_ids
+from kvrag.engines.checkpoint import KVGeometry
 
 
 @dataclass
@@ -84,12 +85,9 @@ class HFEngine:
             self.model_name = f"{self.model_name}+{Path(adapter).name}"
         self.model.eval()
         self.stop_ids = stop_ids(self.tokenizer, self.model.generation_config.eos_token_id)
-        cfg = self.model.config
-        self.n_layers = cfg.num_hidden_layers
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        # keys + values of one layer, every KV head
-        self.kv_bytes_per_token_layer = 2 * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        kv = KVGeometry.of(self.model.config)
+        self.n_layers = kv.layers
+        self.kv_bytes_per_token_layer = kv.bytes_per_token_layer(dtype)
         self.capture_queries = capture_queries
         self._last: Prefill | None = None
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from kvrag.compression import CompressionSpec
 from kvrag.data.prompt import Prompt
@@ -27,7 +26,8 @@ from kvrag.engine_plugin import config as plugin_config
 from kvrag.engine_plugin.stats import StatsLog
 from kvrag.engines.admission import PrefixAdmission
 from kvrag.engines.base import Cost, Generation
-from kvrag.engines.chat import EncodedPrompt, encode_prompt, stop_ids
+from kvrag.engines.chat import EncodedPrompt, encode_prompt
+from kvrag.engines.checkpoint import CheckpointSide
 
 K = TypeVar("K")
 
@@ -51,17 +51,10 @@ class SGLangEngine:
 
         self.model_path = Path(model_path)
         self.model_name = self.model_path.name
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        try:
-            eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id
-        except OSError:
-            eos = None
-        self.stop_ids = stop_ids(self.tokenizer, eos)
-        cfg = AutoConfig.from_pretrained(self.model_path)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.n_layers = cfg.num_hidden_layers
-        self.kv_bytes_per_token = 2 * kv_heads * head_dim * dtype.itemsize * self.n_layers
+        side = CheckpointSide.load(self.model_path)
+        self.tokenizer, self.stop_ids = side.tokenizer, side.stop_ids
+        self.n_layers = side.kv.layers
+        self.kv_bytes_per_token = side.kv.bytes_per_token(dtype)
         self._stats = Path(tempfile.mkstemp(prefix="kvrag-plugin-", suffix=".jsonl")[1])
         self._stats_log = StatsLog(self._stats)
         self.retried_alone = 0

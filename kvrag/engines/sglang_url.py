@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from kvrag.compression import CompressionSpec
 from kvrag.data.prompt import Prompt
 from kvrag.engine_plugin import config as plugin_config
 from kvrag.engines.admission import PrefixAdmission
 from kvrag.engines.base import Cost, Generation
-from kvrag.engines.chat import EncodedPrompt, encode_prompt, stop_ids
+from kvrag.engines.chat import EncodedPrompt, encode_prompt
+from kvrag.engines.checkpoint import CheckpointSide
 
 K = TypeVar("K")
 
@@ -50,19 +50,12 @@ class SGLangURLEngine:
         self.model_name = self.model_path.name
         self.api_key = api_key
         self.timeout_s = timeout_s
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        try:
-            eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id
-        except OSError:
-            eos = None
-        self.stop_ids = stop_ids(self.tokenizer, eos)
+        side = CheckpointSide.load(self.model_path)
+        self.tokenizer, self.stop_ids = side.tokenizer, side.stop_ids
         self.info = server_info(self.url, api_key)
         self.plugin = self.info.get("attention_backend") == "kvrag"
-        cfg = AutoConfig.from_pretrained(self.model_path)
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        dtype = _dtype(self.info.get("dtype"), getattr(cfg, "torch_dtype", None))
-        self.kv_bytes_per_token = 2 * kv_heads * head_dim * dtype.itemsize * cfg.num_hidden_layers
+        dtype = _dtype(self.info.get("dtype"), getattr(side.config, "torch_dtype", None))
+        self.kv_bytes_per_token = side.kv.bytes_per_token(dtype)
 
     def _headers(self) -> dict[str, str]:
         return _headers(self.api_key)
