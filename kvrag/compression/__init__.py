@@ -14,9 +14,9 @@ from kvrag.compression import (  # noqa: F401  (each module registers its method
     streamingllm,
     tova,
 )
-from kvrag.compression.base import METHODS, Method, ScoringInput
+from kvrag.compression.base import METHODS, HeadShard, Method, ScoringInput
 from kvrag.compression.select import kept_positions, layer_budgets, select_kept
 from kvrag.compression.spec import CompressionSpec, SpecError, parse_spec, queries_needed
 
-__all__ = ["METHODS", "CompressionSpec", "Method", "ScoringInput", "SpecError",
+__all__ = ["METHODS", "CompressionSpec", "HeadShard", "Method", "ScoringInput", "SpecError",
            "kept_positions", "layer_budgets", "parse_spec", "queries_needed", "select_kept"]

@@ -15,6 +15,27 @@ import torch
 
 
 @dataclass(frozen=True)
+class HeadShard:
+    """Which KV heads a scorer sees: all of them, or one tensor-parallel rank's share.
+
+    Under tensor parallelism a rank holds KV heads ``[offset, offset + local)`` of
+    ``total``, and the query heads of their GQA groups. Per-head scores need nothing more;
+    a method that pools over every head of the layer (TOVA) calls ``gather`` to get all
+    ranks' query-head scores, in head order, so each rank picks what one rank would.
+    """
+
+    offset: int = 0
+    total: int | None = None  # None: the scorer sees every KV head
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None  # [q_local, n] -> [q_all, n]
+
+    def all_query_heads(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores if self.gather is None else self.gather(scores)
+
+
+WHOLE = HeadShard()
+
+
+@dataclass(frozen=True)
 class ScoringInput:
     """One layer of one prompt, after RoPE.
 
@@ -27,6 +48,7 @@ class ScoringInput:
     queries: torch.Tensor
     layer: int
     n_layers: int
+    shard: HeadShard = WHOLE
 
     @property
     def n(self) -> int:

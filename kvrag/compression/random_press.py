@@ -17,4 +17,8 @@ class RandomScores(Method):
 
     def score(self, inp: ScoringInput) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + inp.layer)
-        return torch.rand(inp.keys.shape[:2], generator=gen).to(inp.keys.device)
+        kv_heads, n = inp.keys.shape[:2]
+        # drawn for every head, so a tensor-parallel rank's share equals its heads' rows
+        total = inp.shard.total or kv_heads
+        scores = torch.rand((total, n), generator=gen)
+        return scores[inp.shard.offset:inp.shard.offset + kv_heads].to(inp.keys.device)

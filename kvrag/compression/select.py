@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvrag.compression.base import Method, ScoringInput
+from kvrag.compression.base import WHOLE, HeadShard, Method, ScoringInput
 from kvrag.compression.spec import CompressionSpec
 
 
@@ -37,11 +37,12 @@ def layer_budgets(method: Method, keep: int, n_layers: int, n_evictable: int) ->
 
 def kept_positions(
     spec: CompressionSpec, keys: list[torch.Tensor], queries: list[torch.Tensor],
-    span: tuple[int, int],
+    span: tuple[int, int], shard: HeadShard = WHOLE,
 ) -> list[torch.Tensor]:
     """Per layer, [kv_heads, kept] positions to keep, by the shared scoring code.
 
-    keys[layer]: [kv_heads, n, d]; queries[layer]: [q_heads, m, d] (the prompt's last m).
+    keys[layer]: [kv_heads, n, d]; queries[layer]: [q_heads, m, d] (the prompt's last m);
+    ``shard``: the KV heads these are, under tensor parallelism.
     Scores only choose indices, so no gradient flows through them; they are computed in
     float32 whatever the cache's dtype, so bfloat16 rounding does not decide ties.
     """
@@ -52,7 +53,7 @@ def kept_positions(
     with torch.no_grad():
         return [
             select_kept(method.score(ScoringInput(k.detach().float(), q.detach().float(),
-                                                  layer, n_layers)),
+                                                  layer, n_layers, shard)),
                         span, budgets[layer])
             for layer, (k, q) in enumerate(zip(keys, queries, strict=True))
         ]

@@ -2,7 +2,8 @@
 
 Score = the last prompt query's softmax attention, averaged over all query heads of the
 layer, the same for every KV head (the paper's head-averaged policy, as in kvpress's
-``TOVAPress``).
+``TOVAPress``). Under tensor parallelism the average is over every rank's heads
+(``HeadShard.all_query_heads``), so each rank keeps what a single rank would.
 """
 
 from __future__ import annotations
@@ -22,4 +23,5 @@ class TOVA(Method):
     def score(self, inp: ScoringInput) -> torch.Tensor:
         last = torch.tensor([inp.n - 1], device=inp.keys.device)
         attn = causal_attention(inp.queries[:, -1:], inp.keys, last)[:, 0]  # [q_heads, n]
-        return attn.mean(dim=0).expand(inp.keys.shape[0], -1).clone()
+        pooled = inp.shard.all_query_heads(attn).mean(dim=0)
+        return pooled.expand(inp.keys.shape[0], -1).clone()

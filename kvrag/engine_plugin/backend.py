@@ -1,33 +1,46 @@
 """``--attention-backend kvrag``: an inner SGLang backend plus KV-cache compression.
 
 The inner backend (``KVRAG_INNER_BACKEND``: torch_native on a CPU, triton on a GPU by
-default) does every prefill and every decode batch without a compressed request. On top:
+default) runs every forward. On top:
 
-- prefill (``forward_extend``) also keeps, per request and layer, the last queries of the
-  prompt, which the scoring methods read (SnapKV's observation window);
-- after a request's last prefill chunk, the scheduler hook in ``register.py`` calls
-  ``compress`` (see ``compaction.py``), which shrinks its cache and frees slots;
-- a decode batch holding a compressed request runs here: each request attends to its
-  compacted slots (per layer, only its kept count) plus its decoded tokens. Over
-  torch_native every decode runs here: reading a request's keys as views of its runs of
-  consecutive slots, instead of gathering them as torch_native does, is several times
-  faster on a CPU, and a compressed request's slots stay in runs (it reuses its own).
+- prefill (``forward_extend``) also keeps, per layer, the last queries of each prompt that
+  will be compressed (the scheduler hook in ``register.py`` names them before the batch
+  runs), which the scoring methods read (SnapKV's observation window);
+- after a request's last prefill chunk, the scheduler hook calls ``compress`` (see
+  ``compaction.py``), which shrinks its cache into ``kmax`` slots and frees the rest;
+- a compacted request is then shown to the inner backend as an ordinary request whose
+  length is its kept count plus its decoded tokens. It gets a second row in SGLang's own
+  ``req_to_token`` (its *physical row*: the kept slots, then each decoded token's slot, as
+  it is written); batches holding one hand the inner backend a copy of the forward batch
+  whose ``req_pool_indices`` and ``seq_lens`` name physical rows and lengths. Positions
+  (RoPE) are the logical ones SGLang computed before attention, so nothing else changes.
+
+The per-step work is three batched tensor ops (look up rows and shifts, write the new
+slot) and no host sync; a batch while no request is compacted is passed through as it is.
+Two cases decode in this module instead (``_DecodePlan``, per request in Python):
+
+- PyramidKV gives each layer its own budget, and the inner backend's metadata is one
+  length per request for all layers; while such a request is compacted, decode batches
+  run here, each layer reading only its kept count;
+- over torch_native on a CPU (``KVRAG_DECODE_PATH=python``, the default there), where
+  reading a request's keys as views of its runs of consecutive slots beats torch_native's
+  per-request gather (``kvrag bench serving`` measures both).
 
 Shapes follow SGLang: q [tokens, q_heads * head_dim], pool buffers [slot, kv_head, dim].
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
-from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from kvrag.compression import CompressionSpec
+from kvrag.compression import CompressionSpec, HeadShard
 from kvrag.engine_plugin.compaction import Compacted, CompactionResult, compact
 
 logger = logging.getLogger(__name__)
@@ -62,21 +75,22 @@ def _truncate(runs: list[tuple[int, int]], count: int) -> list[tuple[int, int]]:
 
 @dataclass
 class _DecodePlan:
-    """Where one request's keys are this decode step: its prompt part (compacted or not),
-    then its decoded tokens, each as slot runs when they are few, else as slot lists."""
+    """Where one request's keys are this decode step, read from its physical row: the
+    prompt part (``kmax`` kept slots of which ``keep[layer]`` are valid, or the whole
+    prompt), then its decoded tokens, each as slot runs when they are few, else as lists."""
 
     prompt: torch.Tensor
     decoded: torch.Tensor
     prompt_runs: list[tuple[int, int]] | None
     decoded_runs: list[tuple[int, int]] | None
-    keep: list[int] | None  # per layer, for a compacted request
+    keep: list[int] | None  # per layer, for a request with per-layer budgets
 
     @classmethod
-    def of(cls, row: torch.Tensor, seq_len: int, comp: Compacted | None) -> _DecodePlan:
-        if comp is None:
-            prompt, decoded, keep = row[:seq_len], row[:0], None
-        else:
-            prompt, decoded, keep = comp.slots, row[comp.n:seq_len], comp.keep
+    def of(cls, row: torch.Tensor, length: int, keep: list[int] | None = None,
+           ) -> _DecodePlan:
+        """``row``: a physical row, valid up to ``length``; ``keep``: per-layer budgets."""
+        split = length if keep is None else max(keep)
+        prompt, decoded = row[:split], row[split:length]
         return cls(prompt, decoded, _runs(prompt), _runs(decoded), keep)
 
     def pieces(self, layer: int) -> list[slice | torch.Tensor]:
@@ -113,46 +127,124 @@ class _QueryTail:
         self.layers: dict[int, torch.Tensor] = {}  # layer_id -> [m, q_heads, d]
 
 
+@dataclass
+class _Resident:
+    """A compacted request: its record and the physical row the inner backend reads."""
+
+    record: Compacted
+    row: int  # its second req_to_token row: kept slots, then decoded ones
+
+    @property
+    def uneven(self) -> bool:
+        return len(set(self.record.keep)) > 1
+
+
 class KvragAttnBackend(AttentionBackend):
-    def __init__(self, model_runner, inner, capture: int | None) -> None:
-        """``capture``: prompt queries kept per request and layer (None: all, for h2o)."""
+    def __init__(self, model_runner, inner, capture: int | None, python_decode: bool,
+                 shard: HeadShard | None = None) -> None:
+        """``capture``: prompt queries kept per request and layer (None: all, for h2o);
+        ``python_decode``: every decode batch runs here (see the module docstring);
+        ``shard``: this rank's KV heads under tensor parallelism."""
         super().__init__()
         self.inner = inner
         self.capture = capture
-        self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        self.python_decode = python_decode
+        self.shard = shard or HeadShard()
+        self.rows = model_runner.req_to_token_pool
+        self.req_to_token = self.rows.req_to_token
         self.pool = model_runner.token_to_kv_pool
         self.allocator = model_runner.token_to_kv_pool_allocator
         self.layer_ids = list(range(self.pool.start_layer,
                                     self.pool.start_layer + self.pool.layer_num))
+        device = self.req_to_token.device
+        n_rows = self.req_to_token.shape[0]
+        # per request row: the row the inner backend reads, and logical minus physical length
+        self.physical_row = torch.arange(n_rows, dtype=torch.int64, device=device)
+        self.shift = torch.zeros(n_rows, dtype=torch.int64, device=device)
         self.tails: dict[int, _QueryTail] = {}  # req_pool_idx -> captured queries
-        self.compacted: dict[int, Compacted] = {}  # req_pool_idx -> compressed cache
-        # decode on a CPU runs here for every batch (faster than torch_native's gather);
-        # elsewhere only batches holding a compressed request do
-        self.decode_all = isinstance(inner, TorchNativeAttnBackend)
+        self.resident: dict[int, _Resident] = {}  # req_pool_idx -> compacted request
+        self._uneven = 0  # resident requests with per-layer budgets
+        self._announced: list[int | None] | None = None  # the next extend's lanes to capture
+        self._capturing: list[int | None] | None = None  # this extend's
+        self._view = None  # the forward batch the inner backend sees
         self._plan: list[_DecodePlan] | None = None
-        self._plan_compacted = False
 
-    # --- delegation: the inner backend owns metadata and CUDA-graph state ---
+    # --- metadata: the inner backend owns it, over physical rows when needed ---
     def init_forward_metadata(self, forward_batch) -> None:
+        mode = forward_batch.forward_mode
         self._plan = None
-        if forward_batch.forward_mode.is_decode():
-            rows = forward_batch.req_pool_indices.tolist()
-            found = [self.compacted.get(r) for r in rows]
-            if self.decode_all or any(c is not None for c in found):
-                self._plan = [
-                    _DecodePlan.of(self.req_to_token[row], seq_len, comp) for row, seq_len, comp
-                    in zip(rows, forward_batch.seq_lens.tolist(), found, strict=True)]
-                self._plan_compacted = any(c is not None for c in found)
-        self.inner.init_forward_metadata(forward_batch)
+        self._view = forward_batch
+        self._capturing, self._announced = self._announced, None
+        if self.resident and mode.is_decode():
+            self._view = self._physical_decode(forward_batch)
+        elif self.resident and mode.is_extend():
+            self._view = self._physical_extend(forward_batch)
+        if mode.is_decode() and (self.python_decode or self._uneven):
+            self._plan = self._python_plan(self._view)
+            return
+        self.inner.init_forward_metadata(self._view)
+
+    def _physical_decode(self, fb):
+        rows = fb.req_pool_indices
+        physical = self.physical_row[rows]
+        lengths = fb.seq_lens - self.shift[rows].to(fb.seq_lens.dtype)
+        # the new token's slot, at its physical place (an uncompressed row: where it is)
+        self.req_to_token[physical, lengths - 1] = fb.out_cache_loc.to(self.req_to_token.dtype)
+        return self._view_of(fb, physical, lengths, fb.seq_lens_sum)
+
+    def _physical_extend(self, fb):
+        """An extend over compacted requests (none today: they only decode; compress-once
+        extends them) reads their kept slots, then its own new tokens' slots."""
+        rows = fb.req_pool_indices.tolist()
+        shifts = [self._shift_of(row) for row in rows]
+        if not any(shifts):
+            return fb
+        prefix = list(fb.extend_prefix_lens_cpu)
+        lengths = [p + e for p, e in zip(prefix, fb.extend_seq_lens_cpu, strict=True)]
+        for row, s, start, end in zip(rows, shifts, prefix, lengths, strict=True):
+            if s:
+                self.req_to_token[self.resident[row].row, start - s:end - s] = (
+                    self.req_to_token[row, start:end])
+        device = fb.seq_lens.device
+        shift = torch.tensor(shifts, dtype=fb.seq_lens.dtype, device=device)
+        view = self._view_of(fb, self.physical_row[fb.req_pool_indices], fb.seq_lens - shift,
+                             sum(lengths) - sum(shifts))
+        view.extend_prefix_lens = fb.extend_prefix_lens - shift.to(fb.extend_prefix_lens.dtype)
+        view.extend_prefix_lens_cpu = [p - s for p, s in zip(prefix, shifts, strict=True)]
+        return view
+
+    def _shift_of(self, row: int) -> int:
+        resident = self.resident.get(row)
+        return 0 if resident is None else resident.record.n - int(resident.record.slots.numel())
+
+    def _view_of(self, fb, rows: torch.Tensor, lengths: torch.Tensor, lengths_sum: int):
+        """A shallow copy of ``fb`` over physical rows; the model keeps the original."""
+        view = copy.copy(fb)
+        view.req_pool_indices, view.seq_lens = rows, lengths
+        # host lengths would need a sync on an accelerator; triton reads none (and only an
+        # upper bound of the sum), torch_native none; create_backend admits only those two
+        view.seq_lens_cpu = lengths if lengths.device.type == "cpu" else None
+        view.seq_lens_sum = lengths_sum
+        plan = getattr(fb, "kv_loc_plan", None)
+        if plan is not None:
+            view.kv_loc_plan = plan.reads_from(plan._source, seq_lens=lengths,
+                                               seq_lens_cpu=view.seq_lens_cpu,
+                                               read_extent=plan.read_extent)
+            view.kv_loc_plan.req_pool_indices = rows
+        return view
+
+    def _python_plan(self, view) -> list[_DecodePlan]:
+        by_row = {r.row: r for r in self.resident.values()}
+        plans = []
+        for row, length in zip(view.req_pool_indices.tolist(), view.seq_lens.tolist(),
+                               strict=True):
+            resident = by_row.get(row)
+            keep = resident.record.keep if resident is not None and resident.uneven else None
+            plans.append(_DecodePlan.of(self.req_to_token[row], length, keep))
+        return plans
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         return self.inner.init_cuda_graph_state(max_bs, max_num_tokens)
-
-    def init_forward_metadata_capture_cuda_graph(self, *args, **kwargs):
-        return self.inner.init_forward_metadata_capture_cuda_graph(*args, **kwargs)
-
-    def init_forward_metadata_replay_cuda_graph(self, *args, **kwargs):
-        return self.inner.init_forward_metadata_replay_cuda_graph(*args, **kwargs)
 
     def get_cuda_graph_seq_len_fill_value(self):
         return self.inner.get_cuda_graph_seq_len_fill_value()
@@ -161,20 +253,35 @@ class KvragAttnBackend(AttentionBackend):
         return self.inner.support_triton()
 
     # --- prefill: capture the prompt's last queries ---
+    def expect_extend(self, capture_rows: list[int | None]) -> None:
+        """Called by the scheduler hook before an extend batch: per lane, the row whose
+        queries to keep (a request that will be compressed), or None."""
+        self._announced = capture_rows
+
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         self._capture(q, layer, forward_batch)
-        return self.inner.forward_extend(q, k, v, layer, forward_batch,
+        return self.inner.forward_extend(q, k, v, layer, self._view,
                                          save_kv_cache=save_kv_cache, **kwargs)
 
     def _capture(self, q: torch.Tensor, layer, forward_batch) -> None:
-        if layer.is_cross_attention or forward_batch.extend_prefix_lens_cpu is None:
+        rows = self._capturing
+        if (layer.is_cross_attention or forward_batch.extend_prefix_lens_cpu is None
+                or rows is None or not any(r is not None for r in rows)):
+            return
+        if len(rows) != len(forward_batch.extend_seq_lens_cpu):
+            # not the batch the scheduler announced: its requests stay uncompressed
+            logger.warning("kvrag: an extend of %d requests after %d were announced; no "
+                           "queries kept", len(forward_batch.extend_seq_lens_cpu), len(rows))
+            self._capturing = None
             return
         q = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        rows = forward_batch.req_pool_indices.tolist()
         prefix = forward_batch.extend_prefix_lens_cpu
         lengths = forward_batch.extend_seq_lens_cpu
         start = 0
         for row, pre, length in zip(rows, prefix, lengths, strict=True):
+            if row is None:
+                start += length
+                continue
             tail = self.tails.get(row)
             if tail is None or (layer.layer_id == self.layer_ids[0] and tail.end != pre):
                 # a new request in this row (or a row left by an aborted one)
@@ -191,10 +298,10 @@ class KvragAttnBackend(AttentionBackend):
     # --- decode ---
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         windowed = layer.is_cross_attention or (layer.sliding_window_size or -1) > -1
-        if windowed and self._plan is not None and self._plan_compacted:
+        if windowed and self.resident:
             raise NotImplementedError("kvrag compression serves full-attention layers only")
         if self._plan is None or windowed:
-            return self.inner.forward_decode(q, k, v, layer, forward_batch,
+            return self.inner.forward_decode(q, k, v, layer, self._view,
                                              save_kv_cache=save_kv_cache, **kwargs)
         if save_kv_cache and k is not None and v is not None:
             self.pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v)
@@ -227,20 +334,39 @@ class KvragAttnBackend(AttentionBackend):
             logger.warning("kvrag: %s needs %s prompt queries, the backend kept %d; request "
                            "%s left uncompressed", spec.name, needed or "all", have, rid)
             return None
+        physical = self.rows.alloc_rows(1)
+        if not physical:
+            logger.warning("kvrag: no free req_to_token row for the compacted request %s; "
+                           "left uncompressed", rid)
+            return None
         result = compact(
             self.pool, self.allocator, self.req_to_token[row], rid=rid, n=n,
             protected=protected, layer_ids=self.layer_ids,
             queries=[tail.layers[lid] for lid in self.layer_ids], spec=spec, span=span,
-            make_room=make_room,
+            make_room=make_room, shard=self.shard,
         )
         if result is None:
+            self.rows.free_rows(physical)
             logger.warning("kvrag: no free slots for the compacted cache of request %s (its "
                            "prefix is shared); left uncompressed", rid)
-        if result is not None:
-            self.compacted[row] = result.compacted
+            return None
+        record = result.compacted
+        resident = self.resident[row] = _Resident(record, physical[0])
+        kmax = int(record.slots.numel())
+        self.req_to_token[resident.row, :kmax] = record.slots.to(self.req_to_token.dtype)
+        self.physical_row[row] = resident.row
+        self.shift[row] = n - kmax
+        self._uneven += resident.uneven
         return result
 
     def release(self, row: int) -> Compacted | None:
         """Forget a request leaving ``row``; its compacted record, if it had one."""
         self.tails.pop(row, None)
-        return self.compacted.pop(row, None)
+        resident = self.resident.pop(row, None)
+        if resident is None:
+            return None
+        self.physical_row[row] = row
+        self.shift[row] = 0
+        self._uneven -= resident.uneven
+        self.rows.free_rows([resident.row])
+        return resident.record

@@ -15,9 +15,16 @@ Slot ownership, which keeps the radix cache intact:
   tree never receives its compacted slots as if they held the full prefix;
 - positions ``[n, ...)`` are decode tokens, untouched.
 
-The request's ``req_to_token`` row keeps its logical layout (positions stay correct for
-RoPE); the compacted slots live in a ``Compacted`` record, which the attention backend
-reads at decode and the release hook frees instead of the stale ``[protected, n)`` range.
+Rows: the request's own ``req_to_token`` row keeps its logical layout (SGLang writes
+each decode token's slot there, and releases from it); the attention backend gives the
+compacted request a second row from the same pool, its physical row (the ``kmax`` kept
+slots, then each decoded token's slot), which the inner backend reads. The release hook
+frees the compacted slots instead of the stale ``[protected, n)`` range, and the row.
+
+SGLang's strict memory checks (``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY`` / ``_IDLE``)
+count a compacted request's slots as it holds them (``kv_private_tokens`` hook) and every
+row given back, so a slot or row leaked or freed twice stops the server; the engine tests
+run with them on.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvrag.compression import CompressionSpec, kept_positions
+from kvrag.compression.base import WHOLE, HeadShard
 
 
 @dataclass
@@ -59,17 +67,19 @@ def compact(
     pool, allocator, row: torch.Tensor, *, rid: str, n: int, protected: int,
     layer_ids: list[int], queries: list[torch.Tensor], spec: CompressionSpec,
     span: tuple[int, int], make_room: Callable[[int], object] | None = None,
+    shard: HeadShard = WHOLE,
 ) -> CompactionResult | None:
     """Compress positions ``[0, n)`` of ``row`` in ``pool``; None if no slots to spare.
 
     pool: SGLang KV pool (``get_key_buffer(layer_id)`` -> [slots, kv_heads, d]);
     queries[i]: [m, q_heads, d] captured at prefill for ``layer_ids[i]``;
-    make_room(k): evict unlocked radix-cache entries until k slots can be allocated.
+    make_room(k): evict unlocked radix-cache entries until k slots can be allocated;
+    shard: this rank's KV heads under tensor parallelism.
     """
     t0 = time.perf_counter()
     ctx = row[:n].clone()
     keys = [pool.get_key_buffer(lid)[ctx].transpose(0, 1) for lid in layer_ids]
-    kept = kept_positions(spec, keys, [q.transpose(0, 1) for q in queries], span)
+    kept = kept_positions(spec, keys, [q.transpose(0, 1) for q in queries], span, shard)
     keep = [int(k.shape[1]) for k in kept]
     kmax = max(keep)
     own = row[protected:n].clone()

@@ -28,6 +28,8 @@ ENV_RECORD_KEPT = "KVRAG_PLUGIN_RECORD_KEPT"  # "1": the stats lines list kept t
 # "all", or how many of each prompt's last queries prefill keeps (default: what the server
 # spec's method reads, at least 64). "all" lets requests ask for h2o.
 ENV_CAPTURE = "KVRAG_CAPTURE_QUERIES"
+# "python" or "inner": who decodes batches without a per-layer-budget request (backend.py)
+ENV_DECODE_PATH = "KVRAG_DECODE_PATH"
 # Comma-separated specs (and "none") that requests may ask for; unset: any servable one.
 ENV_ALLOWED = "KVRAG_ALLOWED_REQUEST_SPECS"
 PARAM_SPEC = "kvrag_compression"
@@ -101,6 +103,15 @@ def capture_queries(spec: CompressionSpec | None) -> int | None:
         return DEFAULT_CAPTURE
     needed = spec.build().queries_needed()
     return None if needed is None else max(needed, DEFAULT_CAPTURE)
+
+
+def python_decode(inner: str) -> bool:
+    """Whether every decode batch runs in the plugin's Python path. Default: over
+    torch_native only, where ``kvrag bench serving`` measures it faster on a CPU."""
+    text = os.environ.get(ENV_DECODE_PATH, "").strip().lower()
+    if text not in ("", "python", "inner"):
+        raise SpecError(f"{ENV_DECODE_PATH}={text!r}: use 'python' or 'inner'")
+    return text == "python" if text else inner == "torch_native"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ registries and CLI choices, and three hooks that tie compression to the schedule
   invalid spec aborts the request with the reason;
 - ``Req._compute_max_prefix_len`` (after): a compressed request recomputes at least the
   prompt queries its method scores with, even when the radix tree holds the prefix;
+- ``ScheduleBatch.prepare_for_extend`` (after): the backend learns which requests of the
+  coming prefill batch will be compressed, and keeps prompt queries for those only;
 - ``process_batch_result_prefill`` (around): a request whose last prefill chunk just ran
   is compressed, and its spare slots go back to the allocator before the next batch;
 - ``BasePrefixCache.free_kv_row`` (around): releasing a compressed request frees its
@@ -41,7 +43,12 @@ _PREFILL_DONE = ("sglang.srt.managers.scheduler_components.batch_result_processo
 _FREE_ROW = "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row"
 _MAX_PREFIX = "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len"
 _PRIVATE_TOKENS = "sglang.srt.managers.scheduler_components.pool_stats_observer.kv_private_tokens"
-_HOOK_TARGETS = (_REQ_INIT, _MAX_PREFIX, _PREFILL_DONE, _FREE_ROW, _PRIVATE_TOKENS)
+_PREPARE_EXTEND = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend"
+_HOOK_TARGETS = (_REQ_INIT, _MAX_PREFIX, _PREPARE_EXTEND, _PREFILL_DONE, _FREE_ROW,
+                 _PRIVATE_TOKENS)
+# inner backends that take their rows and lengths from the forward batch, so that the
+# physical rows of compacted requests reach their kernels (see backend.py)
+INNER_BACKENDS = ("torch_native", "triton")
 
 
 def register() -> None:
@@ -68,6 +75,7 @@ def register() -> None:
     hooks.install([
         (_REQ_INIT, _after_req_init, "after"),
         (_MAX_PREFIX, _after_max_prefix_len, "after"),
+        (_PREPARE_EXTEND, _after_prepare_for_extend, "after"),
         (_PREFILL_DONE, _around_prefill, "around"),
         (_FREE_ROW, _around_free_kv_row, "around"),
         (_PRIVATE_TOKENS, _after_private_tokens, "after"),
@@ -110,18 +118,44 @@ def create_backend(model_runner):
     device = str(model_runner.device)
     inner_name = os.environ.get(config.ENV_INNER_BACKEND) or (
         "torch_native" if device == "cpu" else "triton")
-    if inner_name == BACKEND_NAME or inner_name not in ATTENTION_BACKENDS:
+    if inner_name not in INNER_BACKENDS or inner_name not in ATTENTION_BACKENDS:
         raise ValueError(f"{config.ENV_INNER_BACKEND}={inner_name!r} is not an attention "
-                         f"backend to wrap; choose one of {sorted(ATTENTION_BACKENDS)}")
+                         f"backend kvrag can wrap; choose one of {', '.join(INNER_BACKENDS)}")
     spec = config.server_spec()  # an invalid KVRAG_COMPRESSION stops the server here
     _refuse_unsupported(model_runner, device)
     capture = config.capture_queries(spec)
+    python_decode = config.python_decode(inner_name)
     inner = ATTENTION_BACKENDS[inner_name](model_runner)
-    created = backend.KvragAttnBackend(model_runner, inner, capture=capture)
+    created = backend.KvragAttnBackend(model_runner, inner, capture=capture,
+                                       python_decode=python_decode,
+                                       shard=_head_shard(model_runner))
     backend.ACTIVE = created
-    logger.info("kvrag attention backend over %s; server compression: %s", inner_name,
+    logger.info("kvrag attention backend over %s (decode: %s); server compression: %s",
+                inner_name, "python" if python_decode else "inner",
                 spec.name if spec else "none (per request only)")
     return created
+
+
+def _head_shard(model_runner):
+    """This rank's KV heads, so every tensor-parallel rank selects as one rank would."""
+    from sglang.srt.distributed.parallel_state import (
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+        get_tp_group,
+    )
+
+    from kvrag.compression import HeadShard
+
+    size = get_tensor_model_parallel_world_size()
+    if size == 1:
+        return HeadShard()
+    rank = get_tensor_model_parallel_rank()
+    total = model_runner.model_config.get_total_num_kv_heads()
+    local = model_runner.token_to_kv_pool.head_num
+    # SGLang splits KV heads evenly, or replicates each over tp_size // total ranks
+    offset = rank * local if size <= total else rank // (size // total)
+    return HeadShard(offset=offset, total=total,
+                     gather=lambda scores: get_tp_group().all_gather(scores.contiguous(), dim=0))
 
 
 def _refuse_unsupported(model_runner, device: str) -> None:
@@ -188,6 +222,16 @@ def _after_max_prefix_len(result, req, input_len, *args, **kwargs):
     return min(result, 0 if capture is None else max(0, input_len - capture))
 
 
+def _after_prepare_for_extend(result, batch, *args, **kwargs):
+    from kvrag.engine_plugin import backend
+
+    if backend.ACTIVE is not None:
+        backend.ACTIVE.expect_extend([
+            req.kv.req_pool_idx if getattr(req, "kvrag", None) is not None
+            and req.beam_group is None else None for req in batch.reqs])
+    return result
+
+
 def _around_prefill(original, scheduler, batch, *args, **kwargs):
     from kvrag.engine_plugin import backend
 
@@ -205,7 +249,7 @@ def _around_prefill(original, scheduler, batch, *args, **kwargs):
             active.tails.pop(req.kv.req_pool_idx, None)  # prefill done, nothing to score
             continue
         if (req.finished() or req.is_retracted
-                or req.kv.req_pool_idx in active.compacted):
+                or req.kv.req_pool_idx in active.resident):
             continue
         free_before = allocator.available_size()
         done = active.compress(
@@ -234,15 +278,21 @@ def _around_free_kv_row(original, cache, kv, ranges):
 def _after_private_tokens(result, kv, *args, **kwargs):
     from kvrag.engine_plugin import backend
 
-    compacted = backend.ACTIVE.compacted.get(kv.req_pool_idx) if backend.ACTIVE else None
-    if compacted is None:
+    resident = backend.ACTIVE.resident.get(kv.req_pool_idx) if backend.ACTIVE else None
+    if resident is None:
         return result
-    return result - (compacted.n - compacted.protected) + int(compacted.slots.numel())
+    comp = resident.record
+    return result - (comp.n - comp.protected) + int(comp.slots.numel())
 
 
 def _record(rid, wanted, done, free_before: int, free_after: int) -> None:
-    """One line per compressed request in ``KVRAG_PLUGIN_STATS``, if set."""
+    """One line per compressed request in ``KVRAG_PLUGIN_STATS``, if set (by TP rank 0:
+    every rank compresses its own heads of the same request alike)."""
+    from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_rank
+
     comp = done.compacted
+    if get_tensor_model_parallel_rank() != 0:
+        return
     logger.info("kvrag: %s kept %.0f of %d tokens (%s), freed %d slots", rid, comp.kv_tokens,
                 comp.n, wanted.spec.name, done.freed)
     path = os.environ.get(config.ENV_STATS)
