@@ -60,7 +60,16 @@ def base_backend(placement: Placement) -> str:
     return "torch_native" if placement.device.type == "cpu" else "triton"
 
 
-def _engine(model_path: Path, backend: str, max_total_tokens: int, placement: Placement,
+def plugin_environ(stats: Path, decode_path: str) -> dict[str, str]:
+    """The plugin's settings for a kvrag engine: its stats file, and who decodes
+    (``auto``: the plugin's default for its inner backend)."""
+    env = {plugin_config.ENV_STATS: str(stats)}
+    if decode_path != "auto":
+        env[plugin_config.ENV_DECODE_PATH] = decode_path
+    return env
+
+
+def start_engine(model_path: Path, backend: str, max_total_tokens: int, placement: Placement,
             load_format: str | None):
     import sglang
 
@@ -101,7 +110,7 @@ def bench_serving(
     model_path: Path, method: str = "snapkv", ratios: Sequence[float] = (0.0, 0.5, 0.9),
     context_tokens: int = 6000, new_tokens: int = 32, repeats: int = 3,
     on_step: Callable[[str], None] = lambda label: None,
-    placement: Placement = CPU, load_format: str | None = None,
+    placement: Placement = CPU, load_format: str | None = None, decode_path: str = "auto",
 ) -> tuple[int, list[ServingRow]]:
     """(prompt tokens, rows: the baseline first, then kvrag none and each ratio).
 
@@ -125,7 +134,7 @@ def bench_serving(
     runs: dict[str, list[_Run]] = {base_name: []}
 
     on_step(f"starting {base_name} engine")
-    engine = _engine(model_path, base_name, pool, placement, load_format)
+    engine = start_engine(model_path, base_name, pool, placement, load_format)
     try:
         for r in range(repeats):
             on_step(f"{base_name} (repeat {r + 1}/{repeats})")
@@ -140,8 +149,8 @@ def bench_serving(
         for ratio in ratios]
     runs |= {name: [] for name, _ in systems}
     on_step("starting kvrag engine")
-    with plugin_config.engine_environ({plugin_config.ENV_STATS: str(stats)}):
-        engine = _engine(model_path, "kvrag", pool, placement, load_format)
+    with plugin_config.engine_environ(plugin_environ(stats, decode_path)):
+        engine = start_engine(model_path, "kvrag", pool, placement, load_format)
     log = StatsLog(stats)
     try:
         for r in range(repeats):

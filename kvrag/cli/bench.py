@@ -126,22 +126,34 @@ def serving_cmd(
     method: Annotated[str, typer.Option(help="Compression method of the plugin rows.")] = "snapkv",
     ratios: Annotated[str, typer.Option(help="Comma-separated ratios in [0, 1).")] = "0,0.5,0.9",
     context_tokens: Annotated[
-        int, typer.Option(min=200, help="Approximate document tokens in the prompt.")
+        int, typer.Option(min=200, help="Approximate document tokens in each prompt.")
     ] = 6000,
     new_tokens: Annotated[int, typer.Option(min=2, help="Tokens decoded per request.")] = 32,
-    repeats: Annotated[int, typer.Option(min=1, help="Requests per system; medians.")] = 3,
+    repeats: Annotated[int, typer.Option(
+        min=1, help="Requests per system, one at a time; medians (single-request mode).")] = 3,
+    concurrency: Annotated[int, typer.Option(min=1, help=(
+        "Above 1: send this many distinct long requests at once against a pool of "
+        "--pool-tokens, and report requests running at once, tokens/s, TTFT and TPOT."))] = 1,
+    pool_tokens: Annotated[int | None, typer.Option(min=1, help=(
+        "KV pool size in tokens with --concurrency (default: what holds 4 full requests)."))
+    ] = None,
+    decode_path: Annotated[str, typer.Option(help=(
+        "Who decodes in the kvrag engine: auto (python over torch_native, else the inner "
+        "backend), python, or inner."))] = "auto",
     out: Annotated[Path | None, typer.Option(help="Also write the rows as JSON here.")] = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
 ) -> None:
-    """SGLang's own backend vs the kvrag backend over it: KV slots, prefill s, decode tok/s.
+    """SGLang's own backend vs the kvrag backend over it, one request at a time or under load.
 
     The baseline is the backend kvrag wraps there: torch_native on a CPU, triton on CUDA
     (CUDA graphs off for both). Starts a baseline engine, then a kvrag engine, one after
-    the other, and sends the same long prompt to each; ratios are to the baseline in the
-    same run, and 'same tokens' says whether greedy tokens equal the baseline's.
+    the other. One request at a time (the default): the same long prompt to each system;
+    KV slots, prefill s, decode tok/s, and whether greedy tokens equal the baseline's.
+    With --concurrency N: N distinct prompts at once against a fixed pool; the most
+    requests decoding at once beside the bound memory alone sets, output tokens/s over the
+    run, median TTFT and TPOT. Ratios are to the baseline measured in the same run.
     """
-    from kvrag.bench.serving import base_backend, bench_serving
     from kvrag.compression import parse_spec
     from kvrag.engines.device import resolve
 
@@ -150,19 +162,59 @@ def serving_cmd(
         ratio_list = [float(r) for r in ratios.split(",")]
         for ratio in ratio_list:
             parse_spec(f"{method}:{ratio}")
+        if decode_path not in ("auto", "python", "inner"):
+            raise ValueError(f"--decode-path {decode_path!r}: use auto, python or inner")
         model_path = resolve_model(model, console)
     except (SpecError, ModelNotFoundError, ValueError) as e:  # DeviceError is a ValueError
         fail(str(e))
+    if concurrency > 1:
+        _serving_load(model_path, model, method, ratio_list, concurrency, context_tokens,
+                      new_tokens, pool_tokens, placement, decode_path, out)
+        return
+    from kvrag.bench.serving import base_backend, bench_serving
+
     with console.status("benchmarking") as status:
         n, rows = bench_serving(model_path, method, ratio_list, context_tokens, new_tokens,
                                 repeats, on_step=lambda label: status.update(label),
-                                placement=placement)
+                                placement=placement, decode_path=decode_path)
     console.print(f"{model} on {placement.device} in {placement.dtype_name}: {n}-token "
                   f"prompt, {new_tokens} decoded tokens, median of {repeats} repeats; ratios "
                   f"to {base_backend(placement)}", markup=False)
     _print_serving(rows)
     if out is not None:
         out.write_text(json.dumps({"prompt_tokens": n, "rows": [r.to_json() for r in rows]},
+                                  indent=2) + "\n")
+
+
+def _serving_load(model_path, model, method, ratios, concurrency, context_tokens, new_tokens,
+                  pool_tokens, placement, decode_path, out) -> None:
+    from kvrag.bench.serving import base_backend
+    from kvrag.bench.serving_load import bench_serving_load
+
+    try:
+        with console.status("benchmarking under load") as status:
+            settings, rows = bench_serving_load(
+                model_path, method, ratios, concurrency, context_tokens, new_tokens,
+                pool_tokens, on_step=lambda label: status.update(label), placement=placement,
+                decode_path=decode_path)
+    except ValueError as e:
+        fail(str(e))
+    console.print(
+        f"{model} on {placement.device} in {placement.dtype_name}: {settings['requests']} "
+        f"requests at once, median {settings['prompt_tokens_median']:.0f}-token prompts, "
+        f"{new_tokens} decoded tokens each, KV pool {settings['pool_tokens']:,} tokens; "
+        f"ratios to {base_backend(placement)}", markup=False)
+    _print_table(
+        ("system", "running", "bound", "run/bound", "run/base", "tok/s", "tok/s/base",
+         "TTFT s", "TTFT/base", "TPOT s", "TPOT/base", "KV/request", "same tokens"),
+        [(r.system, str(r.max_running_requests), str(r.bound_running_requests),
+          f"{r.running_vs_bound:.2f}", f"{r.running_vs_base:.2f}",
+          f"{r.decode_tokens_per_s:.2f}", f"{r.decode_vs_base:.2f}", f"{r.ttft_s_median:.1f}",
+          f"{r.ttft_vs_base:.2f}", f"{r.tpot_s_median:.3f}", f"{r.tpot_vs_base:.2f}",
+          f"{r.kv_tokens_median:,.0f}", "yes" if r.same_tokens_as_base else "no")
+         for r in rows])
+    if out is not None:
+        out.write_text(json.dumps({"settings": settings, "rows": [r.to_json() for r in rows]},
                                   indent=2) + "\n")
 
 

@@ -1,0 +1,69 @@
+"""``kvrag bench serving``: the bound and overlap arithmetic, and the load mode end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from kvrag.bench.serving_load import max_overlap, memory_bound
+from kvrag.cli.main import app
+
+LOAD_KEYS = {"system", "max_running_requests", "bound_running_requests",
+             "decode_tokens_per_s", "ttft_s_median", "tpot_s_median"}
+
+
+def test_memory_bound_counts_the_prefilling_request_at_its_whole_prompt():
+    # a pool of 4 full requests runs 4 full ones
+    assert memory_bound(4000, 4000, 100, 4 * 4100, 12) == 4
+    # kept halves: 3 more prompts' worth of room, at 2,100 tokens each, past the 4,000 one
+    assert memory_bound(4000, 2000, 100, 4 * 4100, 12) == 1 + (16400 - 4000) // 2100
+    # capped by the requests there are, and 0 when one prompt cannot fit
+    assert memory_bound(4000, 400, 100, 4 * 4100, 12) == 12
+    assert memory_bound(5000, 5000, 10, 4000, 3) == 0
+
+
+def test_max_overlap_of_request_intervals():
+    assert max_overlap([(0, 5), (1, 2), (1.5, 6), (7, 8)]) == 3
+    assert max_overlap([(0, 1), (1, 2)]) == 1  # one ends as the next starts
+    assert max_overlap([]) == 0
+
+
+@pytest.mark.slow
+def test_load_mode_writes_rows_with_ratios_to_the_baseline(tiny_model_dir, tmp_path):
+    out = tmp_path / "load.json"
+    result = CliRunner().invoke(app, [
+        "bench", "serving", "--model", str(tiny_model_dir), "--concurrency", "6",
+        "--context-tokens", "300", "--new-tokens", "8", "--ratios", "0.9",
+        "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "6 requests at once" in result.output and "TPOT/base" in result.output
+    data = json.loads(out.read_text())
+    rows = {row["system"]: row for row in data["rows"]}
+    assert list(rows) == ["torch_native full", "kvrag none", "kvrag snapkv:0.9"]
+    for row in rows.values():
+        assert LOAD_KEYS <= set(row)
+        assert 1 <= row["max_running_requests"] <= 6
+    base, none, compressed = rows.values()
+    assert base["decode_vs_base"] == 1.0 and base["running_vs_bound"] <= 1.0
+    # a pool of 4 full requests: 4 at once by memory, with or without the plugin
+    assert base["bound_running_requests"] == none["bound_running_requests"] == 4
+    assert none["same_tokens_as_base"]  # an uncompressed request answers as torch_native
+    assert compressed["kv_tokens_median"] < 0.5 * base["kv_tokens_median"]
+    assert compressed["bound_running_requests"] == 6  # the six requests cap it
+    assert data["settings"]["pool_tokens"] == 4 * (data["settings"]["prompt_tokens_max"] + 8)
+
+
+def test_load_mode_refuses_a_pool_too_small_for_one_request(tiny_model_dir):
+    result = CliRunner().invoke(app, [
+        "bench", "serving", "--model", str(tiny_model_dir), "--concurrency", "2",
+        "--context-tokens", "300", "--pool-tokens", "100"])
+    assert result.exit_code != 0
+    assert "cannot hold one request" in result.output
+
+
+def test_an_unknown_decode_path_is_refused(tiny_model_dir):
+    result = CliRunner().invoke(app, ["bench", "serving", "--model", str(tiny_model_dir),
+                                      "--decode-path", "fast"])
+    assert result.exit_code != 0 and "use auto, python or inner" in result.output
