@@ -164,8 +164,10 @@ class KvragAttnBackend(AttentionBackend):
         self.tails: dict[int, _QueryTail] = {}  # req_pool_idx -> captured queries
         self.resident: dict[int, _Resident] = {}  # req_pool_idx -> compacted request
         self._uneven = 0  # resident requests with per-layer budgets
-        self._announced: list[int | None] | None = None  # the next extend's lanes to capture
-        self._capturing: list[int | None] | None = None  # this extend's
+        # the next extend batch's rows and which of them will be compressed, from the
+        # scheduler; then this extend's
+        self._announced: tuple[list[int], list[bool]] | None = None
+        self._extend: tuple[list[int], list[bool]] | None = None
         self._view = None  # the forward batch the inner backend sees
         self._plan: list[_DecodePlan] | None = None
 
@@ -174,7 +176,13 @@ class KvragAttnBackend(AttentionBackend):
         mode = forward_batch.forward_mode
         self._plan = None
         self._view = forward_batch
-        self._capturing, self._announced = self._announced, None
+        self._extend, self._announced = self._announced, None
+        if not mode.is_extend():
+            self._extend = None
+        elif self._extend is not None and len(self._extend[0]) != forward_batch.batch_size:
+            logger.warning("kvrag: an extend of %d requests after %d were announced; no "
+                           "queries kept", forward_batch.batch_size, len(self._extend[0]))
+            self._extend = None
         if self.resident and mode.is_decode():
             self._view = self._physical_decode(forward_batch)
         elif self.resident and mode.is_extend():
@@ -188,14 +196,15 @@ class KvragAttnBackend(AttentionBackend):
         rows = fb.req_pool_indices
         physical = self.physical_row[rows]
         lengths = fb.seq_lens - self.shift[rows].to(fb.seq_lens.dtype)
-        # the new token's slot, at its physical place (an uncompressed row: where it is)
-        self.req_to_token[physical, lengths - 1] = fb.out_cache_loc.to(self.req_to_token.dtype)
+        # the new token's slot (SGLang wrote it to the logical row) at its physical place;
+        # an uncompressed row's is where it was
+        self.req_to_token[physical, lengths - 1] = self.req_to_token[rows, fb.seq_lens - 1]
         return self._view_of(fb, physical, lengths, fb.seq_lens_sum)
 
     def _physical_extend(self, fb):
         """An extend over compacted requests (none today: they only decode; compress-once
         extends them) reads their kept slots, then its own new tokens' slots."""
-        rows = fb.req_pool_indices.tolist()
+        rows = self._extend[0] if self._extend else fb.req_pool_indices.tolist()
         shifts = [self._shift_of(row) for row in rows]
         if not any(shifts):
             return fb
@@ -253,10 +262,11 @@ class KvragAttnBackend(AttentionBackend):
         return self.inner.support_triton()
 
     # --- prefill: capture the prompt's last queries ---
-    def expect_extend(self, capture_rows: list[int | None]) -> None:
-        """Called by the scheduler hook before an extend batch: per lane, the row whose
-        queries to keep (a request that will be compressed), or None."""
-        self._announced = capture_rows
+    def expect_extend(self, rows: list[int], compress: list[bool]) -> None:
+        """Called by the scheduler hook before an extend batch: its requests' rows in
+        batch order (host values, so the extend needs no sync), and which of them will be
+        compressed (their queries are kept)."""
+        self._announced = (rows, compress)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         self._capture(q, layer, forward_batch)
@@ -264,22 +274,15 @@ class KvragAttnBackend(AttentionBackend):
                                          save_kv_cache=save_kv_cache, **kwargs)
 
     def _capture(self, q: torch.Tensor, layer, forward_batch) -> None:
-        rows = self._capturing
-        if (layer.is_cross_attention or forward_batch.extend_prefix_lens_cpu is None
-                or rows is None or not any(r is not None for r in rows)):
-            return
-        if len(rows) != len(forward_batch.extend_seq_lens_cpu):
-            # not the batch the scheduler announced: its requests stay uncompressed
-            logger.warning("kvrag: an extend of %d requests after %d were announced; no "
-                           "queries kept", len(forward_batch.extend_seq_lens_cpu), len(rows))
-            self._capturing = None
+        if (self._extend is None or not any(self._extend[1]) or layer.is_cross_attention
+                or forward_batch.extend_prefix_lens_cpu is None):
             return
         q = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         prefix = forward_batch.extend_prefix_lens_cpu
         lengths = forward_batch.extend_seq_lens_cpu
         start = 0
-        for row, pre, length in zip(rows, prefix, lengths, strict=True):
-            if row is None:
+        for row, wanted, pre, length in zip(*self._extend, prefix, lengths, strict=True):
+            if not wanted:
                 start += length
                 continue
             tail = self.tails.get(row)

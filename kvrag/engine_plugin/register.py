@@ -169,6 +169,8 @@ def _refuse_unsupported(model_runner, device: str) -> None:
     refused = {
         "the overlap scheduler (add --disable-overlap-schedule)":
             not get_schedule().disable_overlap_schedule,
+        # a replay calls only init_forward_metadata_out_graph, over the graph runner's
+        # buffers: compacted requests' physical rows would need capture-stable buffers
         "CUDA graphs (add --disable-cuda-graph)":
             device != "cpu" and not resolved_view(model_runner.server_args).disable_cuda_graph,
         f"page size {model_runner.page_size} (use --page-size 1)": model_runner.page_size != 1,
@@ -226,9 +228,10 @@ def _after_prepare_for_extend(result, batch, *args, **kwargs):
     from kvrag.engine_plugin import backend
 
     if backend.ACTIVE is not None:
-        backend.ACTIVE.expect_extend([
-            req.kv.req_pool_idx if getattr(req, "kvrag", None) is not None
-            and req.beam_group is None else None for req in batch.reqs])
+        backend.ACTIVE.expect_extend(
+            [req.kv.req_pool_idx for req in batch.reqs],
+            [getattr(req, "kvrag", None) is not None and req.beam_group is None
+             for req in batch.reqs])
     return result
 
 

@@ -98,3 +98,15 @@ def test_the_operator_limits_what_requests_may_ask_for(monkeypatch):
     monkeypatch.setenv(config.ENV_ALLOWED, "snapkv:0.5")
     with pytest.raises(SpecError, match="'none' is not allowed"):
         config.for_request({"kvrag_compression": "none"}, 1000)
+
+
+def test_decode_path_defaults_to_python_over_torch_native_only(monkeypatch):
+    monkeypatch.delenv(config.ENV_DECODE_PATH, raising=False)
+    assert config.python_decode("torch_native") and not config.python_decode("triton")
+    monkeypatch.setenv(config.ENV_DECODE_PATH, "inner")
+    assert not config.python_decode("torch_native")
+    monkeypatch.setenv(config.ENV_DECODE_PATH, "python")
+    assert config.python_decode("triton")
+    monkeypatch.setenv(config.ENV_DECODE_PATH, "fast")
+    with pytest.raises(SpecError, match="use 'python' or 'inner'"):
+        config.python_decode("triton")

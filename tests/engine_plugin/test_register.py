@@ -28,8 +28,8 @@ def test_register_is_idempotent_and_fills_every_registry():
     assert ATTENTION_BACKENDS["kvrag"] is plugin.create_backend
     assert ATTENTION_BACKEND_CHOICES.count("kvrag") == 1
     assert RADIX_EVICTION_POLICY_CHOICES.count("kvrag-cost") == 1
-    targets = (plugin._REQ_INIT, plugin._MAX_PREFIX, plugin._PREFILL_DONE, plugin._FREE_ROW,
-               plugin._PRIVATE_TOKENS)
+    targets = plugin._HOOK_TARGETS
+    assert plugin._PREPARE_EXTEND in targets
     assert all(t in HookRegistry._patched for t in targets)
     assert all(len(HookRegistry._hooks[t]) == 1 for t in targets)
 
@@ -44,3 +44,12 @@ def test_vllm_stand_in_only_without_cuda_and_vllm():
         return
     with pytest.raises(NotImplementedError, match="stand-in"):
         ops.rotary_embedding()
+
+
+def test_only_inner_backends_that_read_rows_from_the_batch_are_wrapped(monkeypatch):
+    from types import SimpleNamespace
+
+    plugin.register()
+    monkeypatch.setenv("KVRAG_INNER_BACKEND", "flashinfer")
+    with pytest.raises(ValueError, match="choose one of torch_native, triton"):
+        plugin.create_backend(SimpleNamespace(device="cuda"))
