@@ -43,6 +43,18 @@ def encode_prompt(tokenizer, prompt: Prompt) -> EncodedPrompt:
     return EncodedPrompt(list(enc["input_ids"]), start, end)
 
 
+class TokenizerMethods:
+    """``tokenize`` and ``encode`` for an engine that holds its ``tokenizer``."""
+
+    tokenizer: object
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, prompt: Prompt) -> EncodedPrompt:
+        return encode_prompt(self.tokenizer, prompt)
+
+
 def stop_ids(tokenizer, generation_eos: int | list[int] | None) -> set[int]:
     """The model's eos ids, the tokenizer's, and the end-of-turn token."""
     ids: set[int] = set()

@@ -25,7 +25,7 @@ from kvrag.compression import CompressionSpec, kept_positions
 from kvrag.data.prompt import Prompt
 from kvrag.engines import hf_attention
 from kvrag.engines.base import Cost, Generation
-from kvrag.engines.chat import EncodedPrompt, encode_prompt, stop_ids
+from kvrag.engines.chat import TokenizerMethods, stop_ids
 from kvrag.engines.checkpoint import KVGeometry
 
 
@@ -57,7 +57,7 @@ def gather_cache(cache: DynamicCache, kept: list[torch.Tensor]) -> DynamicCache:
     return out
 
 
-class HFEngine:
+class HFEngine(TokenizerMethods):
     name = "hf"
 
     def __init__(
@@ -90,12 +90,6 @@ class HFEngine:
         self.kv_bytes_per_token_layer = kv.bytes_per_token_layer(dtype)
         self.capture_queries = capture_queries
         self._last: Prefill | None = None
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def encode(self, prompt: Prompt) -> EncodedPrompt:
-        return encode_prompt(self.tokenizer, prompt)
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> Prefill:

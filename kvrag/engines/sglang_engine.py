@@ -26,7 +26,7 @@ from kvrag.engine_plugin import config as plugin_config
 from kvrag.engine_plugin.stats import StatsLog
 from kvrag.engines.admission import PrefixAdmission
 from kvrag.engines.base import Cost, Generation
-from kvrag.engines.chat import EncodedPrompt, encode_prompt
+from kvrag.engines.chat import TokenizerMethods
 from kvrag.engines.checkpoint import CheckpointSide
 
 K = TypeVar("K")
@@ -36,7 +36,7 @@ class UncompressedError(RuntimeError):
     """The plugin could not compress a request that asked for it (it logs why)."""
 
 
-class SGLangEngine:
+class SGLangEngine(TokenizerMethods):
     name = "sglang"
 
     def __init__(self, model_path: str | Path, capture_all: bool = False,
@@ -73,12 +73,6 @@ class SGLangEngine:
         ) | engine_args
         with plugin_config.engine_environ(env):
             self.engine = sglang.Engine(**args)
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def encode(self, prompt: Prompt) -> EncodedPrompt:
-        return encode_prompt(self.tokenizer, prompt)
 
     def generate(
         self, prompt: Prompt, max_new_tokens: int, compression: CompressionSpec | None = None,

@@ -30,7 +30,7 @@ from kvrag.data.prompt import Prompt
 from kvrag.engine_plugin import config as plugin_config
 from kvrag.engines.admission import PrefixAdmission
 from kvrag.engines.base import Cost, Generation
-from kvrag.engines.chat import EncodedPrompt, encode_prompt
+from kvrag.engines.chat import TokenizerMethods
 from kvrag.engines.checkpoint import CheckpointSide
 
 K = TypeVar("K")
@@ -40,7 +40,7 @@ class ServerUnavailableError(RuntimeError):
     """The URL does not answer as an SGLang server."""
 
 
-class SGLangURLEngine:
+class SGLangURLEngine(TokenizerMethods):
     name = "sglang-url"
 
     def __init__(self, url: str, model_path: str | Path, api_key: str | None = None,
@@ -62,12 +62,6 @@ class SGLangURLEngine:
 
     def check_servable(self, spec: CompressionSpec) -> None:
         check_servable(self.url, self.info, spec)
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def encode(self, prompt: Prompt) -> EncodedPrompt:
-        return encode_prompt(self.tokenizer, prompt)
 
     def generate(
         self, prompt: Prompt, max_new_tokens: int, compression: CompressionSpec | None = None,
