@@ -6,7 +6,11 @@
 2. The serving benchmark on a long prompt (32k tokens by default): triton ``full`` against
    the kvrag backend over triton at ratio 0, ``snapkv:0.5`` and ``snapkv:0.9``: same
    greedy tokens at ratio 0, KV slots freed, decode tokens/s as ratios to triton.
-3. ``kvrag compare --engine sglang`` on a few demo questions with a real model, on the
+3. The same under load (``kvrag bench serving --concurrency``): ``load_requests``
+   distinct prompts of that length at once against a pool that holds 4 full ones, triton
+   ``full`` against kvrag ``none``, ``snapkv:0.5`` and ``snapkv:0.9``: requests running at
+   once beside the memory bound, tokens/s, TTFT and TPOT as ratios to triton.
+4. ``kvrag compare --engine sglang`` on a few demo questions with a real model, on the
    same device, for the side-by-side table.
 
 Every step runs on a CPU too (``--device cpu --shape tiny``): that is how it is tested.
@@ -49,6 +53,7 @@ class GpuCheckSettings:
     repeats: int = 3
     compare_model: str = "smollm2"  # real weights, so the compare table means something
     questions: int = 8
+    load_requests: int = 12
 
 
 def write_random_checkpoint(out: Path, shape: str, tokenizer_dir: Path) -> Path:
@@ -69,11 +74,12 @@ def write_random_checkpoint(out: Path, shape: str, tokenizer_dir: Path) -> Path:
 
 def run_gpu_check(settings: GpuCheckSettings, out: Path, tokenizer_dir: Path,
                   on_step: Callable[[str], None] = lambda label: None) -> dict:
-    """Run the three steps; the report (also written to ``out/gpu_check.json``)."""
+    """Run the four steps; the report (also written to ``out/gpu_check.json``)."""
     import sglang
     import torch
 
     from kvrag.bench.serving import base_backend, bench_serving
+    from kvrag.bench.serving_load import bench_serving_load
 
     placement = settings.placement
     out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +99,10 @@ def run_gpu_check(settings: GpuCheckSettings, out: Path, tokenizer_dir: Path,
         **{f"decode_speed_{ratio}_vs_base": by_system[f"kvrag snapkv:{ratio}"]
            .decode_speed_vs_base for ratio in RATIOS[1:]},
     }
+    on_step("serving under load")
+    load_settings, load_rows = bench_serving_load(
+        checkpoint, "snapkv", RATIOS[1:], settings.load_requests, settings.prompt_tokens,
+        settings.new_tokens, on_step=on_step, placement=placement, load_format="dummy")
     on_step("kvrag compare --engine sglang")
     compare = _compare(settings, out / "compare")
     report = {
@@ -101,7 +111,8 @@ def run_gpu_check(settings: GpuCheckSettings, out: Path, tokenizer_dir: Path,
         **placement.to_json(), "sglang": sglang.__version__, "shape": settings.shape,
         "base_backend": base.system, "prompt_tokens": prompt_tokens,
         "new_tokens": settings.new_tokens, "repeats": settings.repeats, "checks": checks,
-        "serving_rows": [r.to_json() for r in rows], "compare": compare,
+        "serving_rows": [r.to_json() for r in rows], "load": load_settings,
+        "load_rows": [r.to_json() for r in load_rows], "compare": compare,
     }
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

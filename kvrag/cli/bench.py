@@ -204,6 +204,13 @@ def _serving_load(model_path, model, method, ratios, concurrency, context_tokens
         f"requests at once, median {settings['prompt_tokens_median']:.0f}-token prompts, "
         f"{new_tokens} decoded tokens each, KV pool {settings['pool_tokens']:,} tokens; "
         f"ratios to {base_backend(placement)}", markup=False)
+    _print_load(rows)
+    if out is not None:
+        out.write_text(json.dumps({"settings": settings, "rows": [r.to_json() for r in rows]},
+                                  indent=2) + "\n")
+
+
+def _print_load(rows) -> None:
     _print_table(
         ("system", "running", "bound", "run/bound", "run/base", "tok/s", "tok/s/base",
          "TTFT s", "TTFT/base", "TPOT s", "TPOT/base", "KV/request", "same tokens"),
@@ -213,9 +220,6 @@ def _serving_load(model_path, model, method, ratios, concurrency, context_tokens
           f"{r.ttft_vs_base:.2f}", f"{r.tpot_s_median:.3f}", f"{r.tpot_vs_base:.2f}",
           f"{r.kv_tokens_median:,.0f}", "yes" if r.same_tokens_as_base else "no")
          for r in rows])
-    if out is not None:
-        out.write_text(json.dumps({"settings": settings, "rows": [r.to_json() for r in rows]},
-                                  indent=2) + "\n")
 
 
 def _print_serving(rows) -> None:
@@ -248,14 +252,18 @@ def gpu_cmd(
     ] = "smollm2",
     questions: Annotated[int, typer.Option(min=1, help="Demo questions of the compare step.")
                          ] = 8,
+    load_requests: Annotated[int, typer.Option(
+        min=2, help="Requests sent at once in the load step.")] = 12,
 ) -> None:
     """The plugin at scale on one CUDA device: a random-weight Llama-3.1-8B-shaped model.
 
     Nothing is downloaded: the checkpoint is a config plus tokenizer, and SGLang fills
     seeded random weights (load format 'dummy'). On a PROMPT_TOKENS prompt it checks that
     the kvrag backend over triton at ratio 0 gives triton's greedy tokens, and measures
-    KV slots freed and decode tokens/s at snapkv 0.5 and 0.9 against triton; then runs
-    `kvrag compare --engine sglang` (full, snapkv:0.5) on QUESTIONS demo questions there.
+    KV slots freed and decode tokens/s at snapkv 0.5 and 0.9 against triton; sends
+    LOAD_REQUESTS such prompts at once against a pool of 4 full ones (requests running at
+    once, tokens/s, TTFT, TPOT against triton); then runs `kvrag compare --engine sglang`
+    (full, snapkv:0.5) on QUESTIONS demo questions there.
     """
     from kvrag.bench.gpu_check import SHAPES, GpuCheckSettings, run_gpu_check
     from kvrag.engines.device import resolve
@@ -269,7 +277,7 @@ def gpu_cmd(
     except (ModelNotFoundError, ValueError) as e:
         fail(str(e))
     settings = GpuCheckSettings(placement, shape, prompt_tokens, new_tokens, repeats,
-                                compare_model, questions)
+                                compare_model, questions, load_requests)
     with console.status("GPU check") as status:
         try:
             report = run_gpu_check(settings, out, tokenizer_dir,
@@ -277,12 +285,17 @@ def gpu_cmd(
         except RuntimeError as e:
             fail(str(e))
     from kvrag.bench.serving import ServingRow
+    from kvrag.bench.serving_load import LoadRow
 
     console.print(f"{report['device']} ({report['dtype']}), SGLang {report['sglang']}: "
                   f"random {shape}, {report['prompt_tokens']}-token prompt, {new_tokens} "
                   f"decoded tokens, median of {repeats}; ratios to {report['base_backend']}",
                   markup=False)
     _print_serving([ServingRow(**row) for row in report["serving_rows"]])
+    load = report["load"]
+    console.print(f"under load: {load['requests']} requests at once, KV pool "
+                  f"{load['pool_tokens']:,} tokens", markup=False)
+    _print_load([LoadRow(**row) for row in report["load_rows"]])
     compare = report["compare"]
     console.print(f"compare ({compare['wall_s']:.0f} s): " + "; ".join(
         f"{name} SubEM {s['subem']:.2f}, KV tokens {s['kv_tokens_mean']:,.0f}"

@@ -44,7 +44,7 @@ def test_every_step_runs_on_the_cpu(tmp_path, tiny_model_dir):
     result = CliRunner().invoke(app, [
         "bench", "gpu", "--device", "cpu", "--shape", "tiny", "--prompt-tokens", "1500",
         "--new-tokens", "8", "--repeats", "1", "--compare-model", str(tiny_model_dir),
-        "--questions", "1", "--out", str(out)])
+        "--questions", "1", "--load-requests", "5", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["base_backend"] == "torch_native" and report["prompt_tokens"] > 1500
@@ -54,8 +54,15 @@ def test_every_step_runs_on_the_cpu(tmp_path, tiny_model_dir):
     assert [r["system"] for r in report["serving_rows"]] == [
         "torch_native", "kvrag none", "kvrag snapkv:0.0", "kvrag snapkv:0.5",
         "kvrag snapkv:0.9"]
+    load = {row["system"]: row for row in report["load_rows"]}
+    assert list(load) == ["torch_native full", "kvrag none", "kvrag snapkv:0.5",
+                          "kvrag snapkv:0.9"]
+    assert load["kvrag none"]["same_tokens_as_base"]
+    assert load["kvrag snapkv:0.9"]["bound_running_requests"] == 5 > load[
+        "torch_native full"]["bound_running_requests"]
     systems = report["compare"]["systems"]
     assert systems["full"]["n"] == systems["snapkv:0.5"]["n"] == 1
     assert systems["snapkv:0.5"]["kv_tokens_mean"] < systems["full"]["kv_tokens_mean"]
+    assert "under load: 5 requests at once" in result.output
     assert "torch_native" in result.output and "ratio 0 gives the baseline's tokens: yes" \
         in result.output
