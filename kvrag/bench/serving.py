@@ -86,9 +86,19 @@ def start_engine(model_path: Path, backend: str, max_total_tokens: int, placemen
         skip_tokenizer_init=True, random_seed=0, **where)
 
 
+def flush(engine, timeout_s: float = 30.0) -> None:
+    """Empty the radix cache. SGLang refuses while a request is still being finished,
+    which a client sees just after its last token, so this retries until it is done."""
+    deadline = time.monotonic() + timeout_s
+    while not getattr(engine.flush_cache(), "success", True):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"SGLang would not flush its radix cache for {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
 def _run(engine, ids: list[int], new_tokens: int, custom: dict | None,
          stats: StatsLog | None) -> _Run:
-    engine.flush_cache()
+    flush(engine)
     params = {"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}
     if custom:
         params["custom_params"] = custom
@@ -99,7 +109,9 @@ def _run(engine, ids: list[int], new_tokens: int, custom: dict | None,
         first = first or time.perf_counter()
         last = chunk
     t1 = time.perf_counter()
-    assert first is not None and len(last["output_ids"]) == new_tokens
+    if first is None or len(last.get("output_ids", [])) != new_tokens:
+        raise RuntimeError(f"a request ended after {len(last.get('output_ids', []))} of "
+                           f"{new_tokens} tokens: {last.get('meta_info', {})}")
     record = stats.pop(last["meta_info"]["id"]) if stats is not None else None
     slots = len(ids) - record["freed"] + record["allocated"] if record else len(ids)
     return _Run(slots, first - t0, (new_tokens - 1) / (t1 - first),

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kvrag.bench.serving import CPU, base_backend, plugin_environ, start_engine
+from kvrag.bench.serving import CPU, base_backend, flush, plugin_environ, start_engine
 from kvrag.engine_plugin import config as plugin_config
 from kvrag.engine_plugin.stats import StatsLog
 from kvrag.engines.device import Placement
@@ -98,7 +98,7 @@ async def _one(engine, ids: list[int], params: dict) -> tuple[float, float, dict
 
 def _load(engine, prompts: list[list[int]], new_tokens: int, custom: list[dict | None],
           stats: StatsLog | None) -> list[_Trace]:
-    engine.flush_cache()
+    flush(engine)
     t0 = time.perf_counter()
     params = [{"max_new_tokens": new_tokens, "temperature": 0.0, "ignore_eos": True}
               | ({"custom_params": c} if c else {}) for c in custom]
