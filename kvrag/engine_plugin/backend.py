@@ -164,6 +164,7 @@ class KvragAttnBackend(AttentionBackend):
         self.tails: dict[int, _QueryTail] = {}  # req_pool_idx -> captured queries
         self.resident: dict[int, _Resident] = {}  # req_pool_idx -> compacted request
         self._uneven = 0  # resident requests with per-layer budgets
+        self.room_made = False  # a compaction freed slots since the scheduler last admitted
         # the next extend batch's rows and which of them will be compressed, from the
         # scheduler; then this extend's
         self._announced: tuple[list[int], list[bool]] | None = None

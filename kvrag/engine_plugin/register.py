@@ -2,7 +2,7 @@
 
 Entry point group ``sglang.srt.plugins`` (pyproject.toml). ``register`` adds the
 ``kvrag`` attention backend and the ``kvrag-cost`` radix eviction policy to SGLang's
-registries and CLI choices, and three hooks that tie compression to the scheduler:
+registries and CLI choices, and the hooks that tie compression to the scheduler:
 
 - ``Req.__init__`` (after): read the request's compression (``config.for_request``); a
   compressed request is kept out of the radix tree (``skip_radix_cache_insert``), an
@@ -13,6 +13,9 @@ registries and CLI choices, and three hooks that tie compression to the schedule
   coming prefill batch will be compressed, and keeps prompt queries for those only;
 - ``process_batch_result_prefill`` (around): a request whose last prefill chunk just ran
   is compressed, and its spare slots go back to the allocator before the next batch;
+- ``Scheduler.get_new_batch_prefill`` (before): after a compaction freed slots, the
+  scheduler looks for requests to admit again (it stops once a batch could not take one,
+  until a request leaves);
 - ``BasePrefixCache.free_kv_row`` (around): releasing a compressed request frees its
   compacted slots instead of the prompt positions they replaced;
 - ``kv_private_tokens`` (after): SGLang's memory invariant checker counts a compressed
@@ -44,8 +47,9 @@ _FREE_ROW = "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row"
 _MAX_PREFIX = "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len"
 _PRIVATE_TOKENS = "sglang.srt.managers.scheduler_components.pool_stats_observer.kv_private_tokens"
 _PREPARE_EXTEND = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend"
+_NEW_PREFILL = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
 _HOOK_TARGETS = (_REQ_INIT, _MAX_PREFIX, _PREPARE_EXTEND, _PREFILL_DONE, _FREE_ROW,
-                 _PRIVATE_TOKENS)
+                 _PRIVATE_TOKENS, _NEW_PREFILL)
 # inner backends that take their rows and lengths from the forward batch, so that the
 # physical rows of compacted requests reach their kernels (see backend.py)
 INNER_BACKENDS = ("torch_native", "triton")
@@ -76,6 +80,7 @@ def register() -> None:
         (_REQ_INIT, _after_req_init, "after"),
         (_MAX_PREFIX, _after_max_prefix_len, "after"),
         (_PREPARE_EXTEND, _after_prepare_for_extend, "after"),
+        (_NEW_PREFILL, _before_new_prefill, "before"),
         (_PREFILL_DONE, _around_prefill, "around"),
         (_FREE_ROW, _around_free_kv_row, "around"),
         (_PRIVATE_TOKENS, _after_private_tokens, "after"),
@@ -261,7 +266,18 @@ def _around_prefill(original, scheduler, batch, *args, **kwargs):
             make_room=lambda k: allocator.evict_to_free_tokens(scheduler.tree_cache, k))
         if done is not None:
             _record(req.rid, req.kvrag, done, free_before, allocator.available_size())
+            active.room_made = active.room_made or done.freed > done.allocated
     return result
+
+
+def _before_new_prefill(scheduler, running_batch, *args, **kwargs):
+    from kvrag.engine_plugin import backend
+
+    if backend.ACTIVE is not None and backend.ACTIVE.room_made:
+        # SGLang stops admitting once a batch could not take a request, and only a request
+        # leaving clears the flag; the slots a compaction freed are room too
+        running_batch.batch_is_full = False
+        backend.ACTIVE.room_made = False
 
 
 def _around_free_kv_row(original, cache, kv, ranges):
