@@ -81,7 +81,9 @@ def _load_engine(name: str, model_path: Path, systems: list[System], adapter: Pa
 def compare(
     out: Annotated[Path, typer.Option(help="Output directory (results.jsonl, summaries, plot).")],
     dataset: Annotated[
-        str, typer.Option(help="A .jsonl dataset path, or 'demo' for the bundled suite.")
+        str, typer.Option(help=("A .jsonl dataset path, 'demo' for the bundled suite, or "
+                                "'demo-shared' for its shared-corpus version (10 corpora, "
+                                "8 questions each)."))
     ] = "demo",
     systems: Annotated[
         str, typer.Option(help=SYSTEMS_HELP)

@@ -24,10 +24,15 @@ def make_demo_cmd(
         int, typer.Option(help="Approximate document tokens per question.")
     ] = DEMO_CONTEXT_TOKENS,
     per_task: Annotated[int, typer.Option(help="Questions per task family.")] = DEMO_PER_TASK,
+    questions_per_corpus: Annotated[int, typer.Option(help=(
+        "Questions asked over each corpus (the shipped demo-shared suite uses 8); above 1, "
+        "a corpus of about --context-tokens holds every one of its questions' documents, "
+        "and its questions mix the task families."))] = 1,
 ) -> None:
     """Generate the demo suite (four task families over invented facts) reproducibly."""
     try:
-        instances = make_demo(seed=seed, context_tokens=context_tokens, per_task=per_task)
+        instances = make_demo(seed=seed, context_tokens=context_tokens, per_task=per_task,
+                              questions_per_corpus=questions_per_corpus)
     except ValueError as e:
         fail(str(e))
     write_jsonl(instances, out)
@@ -36,7 +41,7 @@ def make_demo_cmd(
 
 @app.command("check")
 def check_cmd(
-    dataset: Annotated[str, typer.Argument(help="A .jsonl path, or 'demo'.")],
+    dataset: Annotated[str, typer.Argument(help="A .jsonl path, 'demo' or 'demo-shared'.")],
     fmt: Annotated[
         str, typer.Option("--format", help=f"One of auto, {', '.join(sorted(LOADERS))}.")
     ] = "auto",
@@ -47,5 +52,6 @@ def check_cmd(
     except DatasetError as e:
         fail(str(e))
     groups = Counter(i.group for i in instances)
-    console.print(f"{dataset}: {len(instances)} valid instances; "
+    corpora = len({i.corpus_id for i in instances})
+    console.print(f"{dataset}: {len(instances)} valid instances over {corpora} corpora; "
                   + ", ".join(f"{g}: {n}" for g, n in sorted(groups.items())))

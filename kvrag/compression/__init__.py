@@ -7,6 +7,7 @@ keep the same tokens for the same prompt and spec.
 from kvrag.compression import (  # noqa: F401  (each module registers its method)
     h2o,
     knorm,
+    kvzip,
     pyramidkv,
     random_press,
     retrieval,

@@ -42,6 +42,9 @@ class ScoringInput:
     keys:    [kv_heads, n, head_dim]
     queries: [q_heads, m, head_dim], the last m <= n prompt queries (as many as the method's
              ``queries_needed`` asks for, or more); q_heads a multiple of kv_heads (GQA)
+    repeat_queries, repeat_keys: [q_heads, r, d] and [kv_heads, r, d] of a reconstruction
+             pass (the model, after the prompt, asked to repeat its documents), for methods
+             with ``reconstruction``; None otherwise
     """
 
     keys: torch.Tensor
@@ -49,6 +52,8 @@ class ScoringInput:
     layer: int
     n_layers: int
     shard: HeadShard = WHOLE
+    repeat_queries: torch.Tensor | None = None
+    repeat_keys: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -65,6 +70,8 @@ class Method:
     name: ClassVar[str]
     #: True for methods that keep the whole cache and choose keys per decoded token.
     dynamic: ClassVar[bool] = False
+    #: True for methods that score with a reconstruction pass (``ScoringInput.repeat_*``).
+    reconstruction: ClassVar[bool] = False
 
     def score(self, inp: ScoringInput) -> torch.Tensor:
         """[kv_heads, n] scores; higher is kept first."""

@@ -38,11 +38,13 @@ def layer_budgets(method: Method, keep: int, n_layers: int, n_evictable: int) ->
 def kept_positions(
     spec: CompressionSpec, keys: list[torch.Tensor], queries: list[torch.Tensor],
     span: tuple[int, int], shard: HeadShard = WHOLE,
+    repeat: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> list[torch.Tensor]:
     """Per layer, [kv_heads, kept] positions to keep, by the shared scoring code.
 
     keys[layer]: [kv_heads, n, d]; queries[layer]: [q_heads, m, d] (the prompt's last m);
-    ``shard``: the KV heads these are, under tensor parallelism.
+    ``shard``: the KV heads these are, under tensor parallelism; ``repeat[layer]``: the
+    (queries, keys) of a reconstruction pass, for methods that score with one.
     Scores only choose indices, so no gradient flows through them; they are computed in
     float32 whatever the cache's dtype, so bfloat16 rounding does not decide ties.
     """
@@ -50,10 +52,14 @@ def kept_positions(
     n_layers = len(keys)
     n_doc = span[1] - span[0]
     budgets = layer_budgets(method, spec.kept(n_doc), n_layers, n_doc)
+    if method.reconstruction and repeat is None:
+        raise ValueError(f"{method.name} scores with a reconstruction pass; none was given")
+    out = []
     with torch.no_grad():
-        return [
-            select_kept(method.score(ScoringInput(k.detach().float(), q.detach().float(),
-                                                  layer, n_layers, shard)),
-                        span, budgets[layer])
-            for layer, (k, q) in enumerate(zip(keys, queries, strict=True))
-        ]
+        for layer, (k, q) in enumerate(zip(keys, queries, strict=True)):
+            rq, rk = repeat[layer] if repeat is not None else (None, None)
+            inp = ScoringInput(k.detach().float(), q.detach().float(), layer, n_layers, shard,
+                               None if rq is None else rq.detach().float(),
+                               None if rk is None else rk.detach().float())
+            out.append(select_kept(method.score(inp), span, budgets[layer]))
+    return out

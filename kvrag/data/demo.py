@@ -4,7 +4,9 @@ Every fact is invented from seeded random parts (names, towns, firms, figures), 
 model cannot answer from pre-training; it has to find the gold document(s), which are
 shuffled among distractors of the same shape. ``make_demo(seed, context_tokens)`` is
 deterministic; the frozen copy shipped in ``kvrag/data/demo/demo.jsonl`` is
-``make_demo(seed=0, context_tokens=2300, per_task=50)``.
+``make_demo(seed=0, context_tokens=2300, per_task=50)``; the shared-corpus suite
+(``kvrag/data/demo/demo_shared.jsonl``, ``--dataset demo-shared``) is 10 corpora of 8
+questions, ``make_demo(seed=0, context_tokens=2300, per_task=20, questions_per_corpus=8)``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 from kvrag.data.schema import LETTERS, Doc, Instance
 
 DEMO_PATH = Path(__file__).parent / "demo" / "demo.jsonl"
+DEMO_SHARED_PATH = Path(__file__).parent / "demo" / "demo_shared.jsonl"
+DEMO_SHARED = {"per_task": 20, "questions_per_corpus": 8}
 DEMO_SEED = 0
 DEMO_CONTEXT_TOKENS = 2300
 DEMO_PER_TASK = 50
@@ -149,8 +153,10 @@ def _fill(
     return docs, [d.id for d in gold]
 
 
-def _single_hop(rng: random.Random, context_tokens: int) -> tuple[Instance, str]:
-    names = _Names(rng)
+def _single_hop(
+    rng: random.Random, context_tokens: int, names: _Names | None = None
+) -> tuple[Instance, str]:
+    names = names or _Names(rng)
     counter = iter(range(10_000))
 
     def doc() -> tuple[Doc, dict[str, str]]:
@@ -169,8 +175,10 @@ def _single_hop(rng: random.Random, context_tokens: int) -> tuple[Instance, str]
                     gold_doc_ids=gold_ids, task="qa"), "single_hop"
 
 
-def _two_hop(rng: random.Random, context_tokens: int) -> tuple[Instance, str]:
-    names = _Names(rng)
+def _two_hop(
+    rng: random.Random, context_tokens: int, names: _Names | None = None
+) -> tuple[Instance, str]:
+    names = names or _Names(rng)
     counter = iter(range(10_000))
 
     def pair() -> tuple[Doc, Doc, dict[str, str]]:
@@ -208,8 +216,10 @@ def _two_hop(rng: random.Random, context_tokens: int) -> tuple[Instance, str]:
                     gold_doc_ids=gold_ids, task="qa"), "two_hop"
 
 
-def _multiple_choice(rng: random.Random, context_tokens: int) -> tuple[Instance, str]:
-    names = _Names(rng)
+def _multiple_choice(
+    rng: random.Random, context_tokens: int, names: _Names | None = None
+) -> tuple[Instance, str]:
+    names = names or _Names(rng)
     counter = iter(range(10_000))
 
     def doc() -> tuple[Doc, dict[str, str]]:
@@ -233,8 +243,10 @@ def _multiple_choice(rng: random.Random, context_tokens: int) -> tuple[Instance,
                     gold_doc_ids=gold_ids, task="mc", choices=choices), "multiple_choice"
 
 
-def _finance(rng: random.Random, context_tokens: int) -> tuple[Instance, str]:
-    names = _Names(rng)
+def _finance(
+    rng: random.Random, context_tokens: int, names: _Names | None = None
+) -> tuple[Instance, str]:
+    names = names or _Names(rng)
     counter = iter(range(10_000))
 
     def doc() -> tuple[Doc, dict[str, object]]:
@@ -269,7 +281,7 @@ def _finance(rng: random.Random, context_tokens: int) -> tuple[Instance, str]:
                     gold_doc_ids=gold_ids, task="qa"), "finance"
 
 
-_GENERATORS: dict[str, Callable[[random.Random, int], tuple[Instance, str]]] = {
+_GENERATORS: dict[str, Callable[[random.Random, int, _Names | None], tuple[Instance, str]]] = {
     "single_hop": _single_hop, "two_hop": _two_hop,
     "multiple_choice": _multiple_choice, "finance": _finance,
 }
@@ -277,21 +289,55 @@ _GENERATORS: dict[str, Callable[[random.Random, int], tuple[Instance, str]]] = {
 
 def make_demo(
     seed: int = DEMO_SEED, context_tokens: int = DEMO_CONTEXT_TOKENS,
-    per_task: int = DEMO_PER_TASK,
+    per_task: int = DEMO_PER_TASK, questions_per_corpus: int = 1,
 ) -> list[Instance]:
-    """Generate the suite, tasks interleaved so any prefix (``--limit``) mixes all four."""
+    """Generate the suite, tasks interleaved so any prefix (``--limit``) mixes all four.
+
+    ``questions_per_corpus`` K > 1 asks K questions over each corpus of about
+    ``context_tokens``: the corpus is the union of the K questions' documents (each
+    question's gold documents and distractors, about ``context_tokens / K`` each, with no
+    invented name used twice), shuffled, and the K questions cycle through the families.
+    """
     if context_tokens < 200:
         raise ValueError(f"context_tokens must be at least 200, got {context_tokens}")
     if per_task < 1:
         raise ValueError(f"per_task must be at least 1, got {per_task}")
+    total = per_task * len(SUBSETS)
+    if questions_per_corpus < 1 or total % questions_per_corpus:
+        raise ValueError(f"questions_per_corpus must be at least 1 and divide the "
+                         f"{total} questions (per_task x {len(SUBSETS)} families), got "
+                         f"{questions_per_corpus}")
     rng = random.Random(seed)
+    if questions_per_corpus > 1:
+        return [inst for c in range(total // questions_per_corpus)
+                for inst in _shared_corpus(rng, seed, c, context_tokens, questions_per_corpus)]
     out = []
     for k in range(per_task):
         for subset in SUBSETS:
-            inst, _ = _GENERATORS[subset](rng, context_tokens)
-            out.append(Instance(
-                id=f"{subset}-{seed}-{k:03d}", question=inst.question, answers=inst.answers,
-                docs=inst.docs, gold_doc_ids=inst.gold_doc_ids, task=inst.task,
-                choices=inst.choices, subset=subset,
-            ))
+            inst, _ = _GENERATORS[subset](rng, context_tokens, None)
+            out.append(_named(inst, f"{subset}-{seed}-{k:03d}", subset))
     return out
+
+
+def _named(inst: Instance, id: str, subset: str, docs: list[Doc] | None = None,
+           gold: list[str] | None = None) -> Instance:
+    return Instance(id=id, question=inst.question, answers=inst.answers,
+                    docs=inst.docs if docs is None else docs,
+                    gold_doc_ids=inst.gold_doc_ids if gold is None else gold,
+                    task=inst.task, choices=inst.choices, subset=subset)
+
+
+def _shared_corpus(rng: random.Random, seed: int, corpus: int, context_tokens: int,
+                   k: int) -> list[Instance]:
+    """``k`` questions over one corpus: the union of their documents, shuffled."""
+    names = _Names(rng)
+    parts = []
+    for q in range(k):
+        subset = SUBSETS[(corpus * k + q) % len(SUBSETS)]
+        inst, _ = _GENERATORS[subset](rng, max(1, context_tokens // k), names)
+        parts.append((q, subset, inst))
+    docs = [Doc(f"q{q}-{d.id}", d.title, d.text) for q, _, inst in parts for d in inst.docs]
+    rng.shuffle(docs)
+    return [_named(inst, f"{subset}-shared{seed}-c{corpus:02d}-q{q}", subset, docs,
+                   [f"q{q}-{g}" for g in inst.gold_doc_ids])
+            for q, subset, inst in parts]

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from kvrag.data.demo import DEMO_PATH
+from kvrag.data.demo import DEMO_PATH, DEMO_SHARED_PATH
 from kvrag.data.schema import DatasetError, Instance, parse_instance, read_jsonl, read_records
 
 Loader = Callable[[Path], list[Instance]]
@@ -74,11 +74,15 @@ def sniff_format(path: Path) -> str:
     return "kvrag"
 
 
+BUNDLED = {"demo": DEMO_PATH, "demo-shared": DEMO_SHARED_PATH}
+
+
 def dataset_path(spec: str) -> Path:
-    """The file behind ``demo`` or a path."""
-    path = DEMO_PATH if spec == "demo" else Path(spec).expanduser()
+    """The file behind a bundled suite's name (``demo``, ``demo-shared``) or a path."""
+    path = BUNDLED.get(spec) or Path(spec).expanduser()
     if not path.is_file():
-        raise DatasetError(f"{spec}: no such dataset file (use a .jsonl path or 'demo')")
+        raise DatasetError(f"{spec}: no such dataset file (use a .jsonl path, or "
+                           f"{' or '.join(map(repr, BUNDLED))})")
     return path
 
 
@@ -88,7 +92,8 @@ def fingerprint(spec: str) -> str:
 
 
 def load_dataset(spec: str, fmt: str = "auto") -> list[Instance]:
-    """Load ``demo`` (the bundled suite) or a path, in a registered format or sniffed."""
+    """Load a bundled suite (``demo``, ``demo-shared``) or a path, in a registered format
+    or sniffed."""
     path = dataset_path(spec)
     if fmt == "auto":
         fmt = sniff_format(path)

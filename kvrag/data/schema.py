@@ -8,11 +8,13 @@ plus the optional ``"subset"`` (a task family name used to group scores).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TypeVar
 
@@ -46,6 +48,13 @@ class Instance:
     def group(self) -> str:
         """The name scores are grouped under: the subset if given, else the task."""
         return self.subset or self.task
+
+    @cached_property
+    def corpus_id(self) -> str:
+        """A hash of the documents (ids, titles, texts, in order): instances with the same
+        document list share a corpus, and so can share its cache (compress-once)."""
+        docs = json.dumps([[d.id, d.title, d.text] for d in self.docs], ensure_ascii=False)
+        return hashlib.sha256(docs.encode()).hexdigest()[:16]
 
     def to_json(self) -> dict:
         record = asdict(self)

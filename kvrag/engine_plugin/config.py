@@ -84,10 +84,20 @@ def allowed_request_specs() -> set[str] | None:
 
 
 def check_servable(spec: CompressionSpec) -> None:
-    """Refuse what the plugin cannot serve: dynamic methods keep the whole cache."""
-    if spec.build().dynamic:
+    """Refuse what the plugin cannot serve: dynamic methods keep the whole cache, a
+    reconstruction pass (kvzip) would be a second forward, and compress-once is not built
+    into the plugin yet."""
+    method = spec.build()
+    if method.dynamic:
         raise SpecError(f"{spec.name} keeps the whole cache and picks keys per decoded token; "
                         "the SGLang plugin serves only methods that evict (use the HF engine)")
+    if method.reconstruction:
+        raise SpecError(f"{spec.name} scores with a reconstruction forward pass, which the "
+                        "SGLang plugin does not run; use the HF engine")
+    if spec.once:
+        raise SpecError(f"{spec.name}: the SGLang plugin does not serve compress-once yet "
+                        "(a compressed corpus shared by requests); use the HF engine, or "
+                        f"{spec.name.removeprefix('once:')} per question")
 
 
 def capture_queries(spec: CompressionSpec | None) -> int | None:

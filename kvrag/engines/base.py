@@ -20,6 +20,12 @@ class Cost:
     unless a dynamic method (retrieval attention) reads only part of the cache.
     ``doc_tokens`` is how many prompt tokens are documents (what compression may evict).
     ``prefill_s`` is the prompt's prefill, which systems answering the same prompt share.
+    ``prefill_tokens`` is how many prompt tokens this answer computed: all of them, or only
+    the question's where a cached corpus prefix (a radix hit, a ``once:`` cache) covered
+    the rest. ``shared_kv_tokens`` is the part of ``kv_tokens`` that every question over
+    the same corpus can share: the corpus prefix for a full cache, its kept tokens for
+    ``once:``, nothing for per-question compression (its kept tokens depend on the
+    question).
     """
 
     prompt_tokens: int
@@ -31,6 +37,8 @@ class Cost:
     compress_s: float = 0.0
     attended_tokens: float | None = None
     doc_tokens: int | None = None
+    prefill_tokens: int | None = None
+    shared_kv_tokens: float = 0.0
 
     @property
     def latency_s(self) -> float:

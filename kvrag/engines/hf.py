@@ -1,9 +1,13 @@
-"""Greedy generation with HF transformers on the CPU, with real KV-cache compression.
+"""Greedy generation with HF transformers, with real KV-cache compression.
 
-Compression is question-aware, as in SnapKV: the question is part of the prefill, so its
-keys and values, and the first answer token, are computed with the whole context before
-the documents' cache is compressed (kvpress's question-agnostic setting compresses the
-documents before the question is seen).
+Compression is question-aware by default, as in SnapKV: the question is part of the
+prefill, so its keys and values, and the first answer token, are computed with the whole
+context before the documents' cache is compressed. A ``once:`` spec is question-agnostic
+(kvpress's setting): the corpus prefix (system turn, header, documents) is prefilled and
+compressed once per corpus, and each question extends a copy of that compressed cache
+with its own tokens at their logical positions. Compressed corpora are kept for every
+``once:`` system asked about the same corpus, and dropped when a question over another
+corpus arrives (the comparison runner groups questions by corpus).
 
 After the prefill of the whole prompt, a compression spec physically shrinks every
 layer's cache to the kept tokens (per KV head), and decoding continues from it at the
@@ -22,10 +26,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from kvrag.compression import CompressionSpec, kept_positions
+from kvrag.compression.kvzip import REPEAT_PROMPT
 from kvrag.data.prompt import Prompt
 from kvrag.engines import hf_attention
 from kvrag.engines.base import Cost, Generation
-from kvrag.engines.chat import TokenizerMethods, stop_ids
+from kvrag.engines.chat import EncodedPrompt, TokenizerMethods, stop_ids
 from kvrag.engines.checkpoint import KVGeometry
 
 
@@ -45,6 +50,26 @@ class CompressedCache:
     cache: DynamicCache
     kept: list[torch.Tensor]  # per layer, [kv_heads, n_kept] original token indices
     seconds: float
+
+
+@dataclass(frozen=True)
+class _Start:
+    """A cache ready for decoding, the logits of the first answer token, and its cost."""
+
+    cache: DynamicCache
+    logits: torch.Tensor
+    slots: int  # KV entries held over all layers
+    prefill_s: float
+    compress_s: float
+    prefill_tokens: int
+    shared_kv_tokens: float
+
+
+def copy_cache(cache: DynamicCache) -> DynamicCache:
+    out = DynamicCache()
+    for layer, entry in enumerate(cache.layers):
+        out.update(entry.keys.clone(), entry.values.clone(), layer)
+    return out
 
 
 def gather_cache(cache: DynamicCache, kept: list[torch.Tensor]) -> DynamicCache:
@@ -90,6 +115,8 @@ class HFEngine(TokenizerMethods):
         self.kv_bytes_per_token_layer = kv.bytes_per_token_layer(dtype)
         self.capture_queries = capture_queries
         self._last: Prefill | None = None
+        # (corpus prefix ids, spec name) -> its compressed cache, for once: specs
+        self._once: dict[tuple[tuple[int, ...], str], CompressedCache] = {}
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> Prefill:
@@ -98,6 +125,10 @@ class HFEngine(TokenizerMethods):
         if self._last is not None and self._last.ids == key:
             return self._last
         self._last = None  # free the previous prompt's cache before building the next
+        self._last = self._prefill(ids)
+        return self._last
+
+    def _prefill(self, ids: list[int]) -> Prefill:
         hooks = hf_attention.AttentionHooks(captured={}, capture_last=self.capture_queries)
         t0 = time.perf_counter()
         with hf_attention.attention_hooks(hooks):
@@ -105,9 +136,25 @@ class HFEngine(TokenizerMethods):
                              logits_to_keep=1)
         seconds = time.perf_counter() - t0
         assert hooks.captured is not None
-        self._last = Prefill(key, out.past_key_values, hooks.captured, out.logits[0, -1],
-                             seconds)
-        return self._last
+        return Prefill(tuple(ids), out.past_key_values, hooks.captured, out.logits[0, -1],
+                       seconds)
+
+    def _reconstruction(self, pre: Prefill, span: tuple[int, int],
+                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the queries and keys of the model repeating the documents after the
+        prompt (kvzip scores with them); ``pre``'s cache is left as it was."""
+        n = len(pre.ids)
+        ids = self.tokenize(REPEAT_PROMPT) + list(pre.ids[span[0]:span[1]])
+        hooks = hf_attention.AttentionHooks(captured={}, capture_last=None)
+        with hf_attention.attention_hooks(hooks):
+            self.model(input_ids=torch.tensor([ids], device=self.device),
+                       position_ids=torch.arange(n, n + len(ids), device=self.device)[None],
+                       past_key_values=pre.cache, use_cache=True, logits_to_keep=1)
+        assert hooks.captured is not None
+        out = [(hooks.captured[layer], pre.cache.layers[layer].keys[0, :, n:].clone())
+               for layer in range(self.n_layers)]
+        pre.cache.crop(-len(ids))
+        return out
 
     def compress(
         self, pre: Prefill, span: tuple[int, int], spec: CompressionSpec | None
@@ -130,9 +177,10 @@ class HFEngine(TokenizerMethods):
                     f"{method.name} scores with {needed or 'all'} prompt queries but the engine "
                     f"keeps {have}; create HFEngine(capture_queries=None)")
             assert spec is not None
+            repeat = self._reconstruction(pre, span) if method.reconstruction else None
             kept = kept_positions(
                 spec, [pre.cache.layers[layer].keys[0] for layer in range(self.n_layers)],
-                [pre.queries[layer] for layer in range(self.n_layers)], span)
+                [pre.queries[layer] for layer in range(self.n_layers)], span, repeat=repeat)
         cache = gather_cache(pre.cache, kept)
         return CompressedCache(cache, kept, time.perf_counter() - t0)
 
@@ -143,20 +191,19 @@ class HFEngine(TokenizerMethods):
     ) -> Generation:
         """Greedy answer; ``ignore_eos`` decodes all ``max_new_tokens`` (for benchmarks)."""
         enc = self.encode(prompt)
-        pre = self.prefill(enc.input_ids)
-        compressed = self.compress(pre, enc.span, compression)
-        cache = compressed.cache
+        once = compression is not None and compression.once
+        start = self._start_once(enc, compression) if once else self._start(enc, compression)
+        cache = start.cache
         hooks = hf_attention.AttentionHooks()
-        slots = sum(int(idx.shape[1]) for idx in compressed.kept)
-        kv_tokens = slots / self.n_layers
+        kv_tokens = start.slots / self.n_layers
         attended = kv_tokens
+        n_doc = enc.context_end - enc.context_start
         if compression is not None and compression.build().dynamic:
-            n_doc = enc.context_end - enc.context_start
             hooks.retrieval = (enc.span, compression.kept(n_doc))
             attended = kv_tokens - n_doc + compression.kept(n_doc)
         t1 = time.perf_counter()
         new: list[int] = []
-        next_id = int(pre.last_logits.argmax())
+        next_id = int(start.logits.argmax())
         position = len(enc.input_ids)
         stop_ids = set() if ignore_eos else self.stop_ids
         with hf_attention.attention_hooks(hooks):
@@ -172,10 +219,57 @@ class HFEngine(TokenizerMethods):
         t2 = time.perf_counter()
         cost = Cost(
             prompt_tokens=len(enc.input_ids), kv_tokens=kv_tokens,
-            kv_bytes=slots * self.kv_bytes_per_token_layer,
-            prefill_s=pre.seconds, compress_s=compressed.seconds, decode_s=t2 - t1,
-            new_tokens=len(new), attended_tokens=attended,
-            doc_tokens=enc.context_end - enc.context_start,
+            kv_bytes=start.slots * self.kv_bytes_per_token_layer,
+            prefill_s=start.prefill_s, compress_s=start.compress_s, decode_s=t2 - t1,
+            new_tokens=len(new), attended_tokens=attended, doc_tokens=n_doc,
+            prefill_tokens=start.prefill_tokens, shared_kv_tokens=start.shared_kv_tokens,
         )
         return Generation(self.tokenizer.decode(new, skip_special_tokens=True), cost,
                           truncated=len(new) == max_new_tokens)
+
+    def _start(self, enc: EncodedPrompt, spec: CompressionSpec | None) -> _Start:
+        """The whole prompt prefilled (or the last prefill reused), then compressed."""
+        pre = self.prefill(enc.input_ids)
+        compressed = self.compress(pre, enc.span, spec)
+        whole = spec is None or spec.build().dynamic
+        return _Start(compressed.cache, pre.last_logits,
+                      sum(int(idx.shape[1]) for idx in compressed.kept), pre.seconds,
+                      compressed.seconds, len(enc.input_ids),
+                      float(enc.context_end) if whole else 0.0)
+
+    def _start_once(self, enc: EncodedPrompt, spec: CompressionSpec) -> _Start:
+        """The corpus prefix's compressed cache (built on first use), extended with a copy
+        of this question's own tokens at their logical positions."""
+        end = enc.context_end
+        ids = enc.input_ids
+        key = (tuple(ids[:end]), spec.name)
+        corpus = self._once.get(key)
+        built = corpus is None
+        prefill_s = compress_s = 0.0
+        if corpus is None:
+            if any(k[0] != key[0] for k in self._once):
+                self._once.clear()  # a new corpus: the previous one's questions are done
+            pre = self._prefill(ids[:end])
+            corpus = self._once[key] = self.compress(pre, enc.span, spec)
+            prefill_s, compress_s = pre.seconds, corpus.seconds
+            del pre
+        cache = copy_cache(corpus.cache)
+        question = ids[end:]
+        t0 = time.perf_counter()
+        # one forward when every layer holds as many tokens (the mask is built for layer 0's
+        # length); token by token under per-layer budgets (PyramidKV)
+        even = len({int(k.shape[1]) for k in corpus.kept}) == 1
+        steps = [question] if even else [[t] for t in question]
+        position = end
+        for step in steps:
+            out = self.model(input_ids=torch.tensor([step], device=self.device),
+                             position_ids=torch.arange(position, position + len(step),
+                                                       device=self.device)[None],
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            position += len(step)
+        prefill_s += time.perf_counter() - t0
+        kept = sum(int(k.shape[1]) for k in corpus.kept)
+        return _Start(cache, out.logits[0, -1], kept + len(question) * self.n_layers,
+                      prefill_s, compress_s,
+                      len(question) + (end if built else 0),
+                      kept / self.n_layers)

@@ -103,7 +103,9 @@ class SGLangURLEngine(TokenizerMethods):
         cost = Cost(prompt_tokens=n, kv_tokens=kv_tokens,
                     kv_bytes=int(kv_tokens * self.kv_bytes_per_token),
                     prefill_s=(first or t1) - t0, decode_s=t1 - (first or t1),
-                    new_tokens=len(ids), attended_tokens=kv_tokens, doc_tokens=n_doc)
+                    new_tokens=len(ids), attended_tokens=kv_tokens, doc_tokens=n_doc,
+                    prefill_tokens=n - int(last.get("meta_info", {}).get("cached_tokens", 0)),
+                    shared_kv_tokens=float(enc.context_end) if compression is None else 0.0)
         return Generation(self.tokenizer.decode(ids, skip_special_tokens=True), cost,
                           truncated=finish.get("type") == "length")
 

@@ -48,9 +48,11 @@ def _system_summary(records: list[dict], full: dict[str, dict] | None, seed: int
     out["truncated"] = _mean([float(r["truncated"]) for r in records if "truncated" in r])
     for key in ("cite_precision", "cite_recall"):
         out[key] = _mean(_metric_values(records, key))
-    for key in ("kv_tokens", "attended_tokens", "kv_bytes", "prompt_tokens", "latency_s",
-                "prefill_s", "compress_s", "decode_s"):
-        out[f"{key}_mean"] = _mean([r["cost"][key] for r in records if key in r["cost"]])
+    for key in ("kv_tokens", "attended_tokens", "kv_bytes", "prompt_tokens", "prefill_tokens",
+                "latency_s", "prefill_s", "compress_s", "decode_s"):
+        out[f"{key}_mean"] = _mean([r["cost"][key] for r in records
+                                    if r["cost"].get(key) is not None])
+    out["kv_tokens_per_corpus"] = kv_tokens_per_corpus(records)
     out["ci95"] = ci
     if full is not None:
         out["vs_full"] = {}
@@ -71,6 +73,20 @@ def _system_summary(records: list[dict], full: dict[str, dict] | None, seed: int
         for g, rs in groups.items()
     }
     return out
+
+
+def kv_tokens_per_corpus(records: Sequence[dict]) -> float | None:
+    """KV tokens held, averaged over corpora, if all of a corpus's questions were answered
+    and kept alive at once: the shared part once (``shared_kv_tokens``: the prefix under a
+    prefix cache, the compressed corpus under ``once:``) plus each question's own part."""
+    corpora: dict[str, list[dict]] = {}
+    for r in records:
+        if "corpus" in r:
+            corpora.setdefault(r["corpus"], []).append(r)
+    held = [max(r["cost"].get("shared_kv_tokens", 0.0) for r in rs)
+            + sum(r["cost"]["kv_tokens"] - r["cost"].get("shared_kv_tokens", 0.0) for r in rs)
+            for rs in corpora.values()]
+    return _mean(held)
 
 
 def summarize(
@@ -115,12 +131,15 @@ def render_markdown(summary: dict) -> str:
         "KV tokens: cache size at decode start; attended: what each decoded token reads "
         "(less than KV tokens only for retrieval attention). SubEM reads the extracted "
         "answer; SubEM out, a gold answer anywhere in the output. Cut: share of answers "
-        f"that hit the {summary.get('max_new_tokens', '?')}-token limit.",
+        f"that hit the {summary.get('max_new_tokens', '?')}-token limit. KV per corpus: "
+        "what a corpus's questions hold together, the shareable prefix (a prefix cache's "
+        "full one, or a once: system's compressed one) counted once; prefilled: prompt "
+        "tokens each question computed.",
         "",
         "| system | n | SubEM | 95% CI | Δ SubEM vs full | SubEM out | Δ SubEM out vs full "
-        "| EM | F1 | MC acc | cut | doc recall | KV tokens | attended | prompt tokens "
-        "| latency s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| EM | F1 | MC acc | cut | doc recall | KV tokens | attended | KV per corpus "
+        "| prompt tokens | prefilled | latency s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary["systems"].items():
         lines.append(
@@ -130,7 +149,9 @@ def render_markdown(summary: dict) -> str:
             f"| {_fmt(s['truncated'])} "
             f"| {_fmt(s['doc_recall'])} | {_fmt(s['kv_tokens_mean'], False)} "
             f"| {_fmt(s['attended_tokens_mean'], False)} "
-            f"| {_fmt(s['prompt_tokens_mean'], False)} | {_fmt(s['latency_s_mean'], False)} |"
+            f"| {_fmt(s.get('kv_tokens_per_corpus'), False)} "
+            f"| {_fmt(s['prompt_tokens_mean'], False)} "
+            f"| {_fmt(s.get('prefill_tokens_mean'), False)} | {_fmt(s['latency_s_mean'], False)} |"
         )
     groups = sorted({g for s in summary["systems"].values() for g in s["by_group"]})
     if groups:

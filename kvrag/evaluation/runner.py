@@ -14,9 +14,15 @@ from kvrag.evaluation.systems import System
 def pending(
     instances: Sequence[Instance], systems: Sequence[System], store: ResultStore
 ) -> list[tuple[Instance, System]]:
-    """The (question, system) pairs not yet in the store, question-major."""
+    """The (question, system) pairs not yet in the store, question-major, with the
+    questions over one corpus together (in first-seen order), so an engine that keeps a
+    corpus's cache (``once:`` systems) builds it once."""
     done = store.done()
-    return [(i, s) for i in instances for s in systems if (i.id, s.name) not in done]
+    order: dict[str, int] = {}
+    for i in instances:
+        order.setdefault(i.corpus_id, len(order))
+    grouped = sorted(instances, key=lambda i: order[i.corpus_id])  # stable
+    return [(i, s) for i in grouped for s in systems if (i.id, s.name) not in done]
 
 
 def run_comparison(
@@ -47,6 +53,7 @@ def run_comparison(
                                   generation.truncated)
         record = {
             "id": instance.id, "group": instance.group, "task": instance.task,
+            "corpus": instance.corpus_id,
             "system": system.name, "output": generation.text, "answer": extracted.text,
             "answer_from": extracted.source, "truncated": generation.truncated,
             "golds": instance.answers, "scores": scores.to_json(),

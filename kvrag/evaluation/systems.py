@@ -1,7 +1,8 @@
 """The systems a comparison runs side by side, behind a registry keyed by spec prefix.
 
 A system spec is a string: ``full``, a compression spec (``snapkv:0.5`` removes half the
-document tokens from the cache, ``snapkv@512`` keeps 512), and later ``rag:BUDGET``. The
+document tokens from the cache, ``snapkv@512`` keeps 512, ``once:snapkv:0.5`` compresses
+each corpus once for all its questions), or ``rag:BUDGET``. The
 part before ``:`` or ``@`` picks the factory. Every system answers through the same
 engine and the same prompt builder, so only what the system changes differs.
 """
@@ -108,6 +109,8 @@ def _compressed(spec: str, options: SystemOptions) -> System:
 
 for _method in METHODS:
     register_system(_method, f"{_method}:RATIO|@TOKENS")(_compressed)
+# the corpus compressed once, question-agnostic, for all its questions (spec.py)
+register_system("once", "once:METHOD:RATIO|@TOKENS")(_compressed)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,32 @@ def group_average(per_q_head: list[list[float]]) -> list[list[float]]:
 
 def test_registry_holds_every_method() -> None:
     assert set(METHODS) == {"snapkv", "pyramidkv", "streamingllm", "h2o", "knorm", "tova",
-                            "random", "retrieval"}
+                            "random", "retrieval", "kvzip"}
+
+
+def test_kvzip_scores_the_most_attention_of_the_reconstruction_pass(inp, monkeypatch) -> None:
+    """By hand: repeat query j sees every prompt key and the pass's keys 0..j; a prompt
+    key's score is its largest softmax weight over the pass, then over its GQA group."""
+    import kvrag.compression.kvzip as kvzip
+
+    monkeypatch.setattr(kvzip, "CHUNK_ELEMENTS", 40)  # several row chunks, as on long prompts
+    gen = torch.Generator().manual_seed(1)
+    r = 5
+    rq, rk = torch.randn(Q_HEADS, r, D, generator=gen), torch.randn(KV_HEADS, r, D, generator=gen)
+    g = Q_HEADS // KV_HEADS
+    expected = [[0.0] * N for _ in range(KV_HEADS)]
+    for h in range(Q_HEADS):
+        kv = h // g
+        for j in range(r):
+            logits = [float(rq[h, j] @ inp.keys[kv, t]) / math.sqrt(D) for t in range(N)]
+            logits += [float(rq[h, j] @ rk[kv, t]) / math.sqrt(D) for t in range(j + 1)]
+            total = sum(math.exp(x) for x in logits)
+            for t in range(N):
+                expected[kv][t] = max(expected[kv][t], math.exp(logits[t]) / total)
+    with_pass = ScoringInput(inp.keys, inp.queries, 1, 3, repeat_queries=rq, repeat_keys=rk)
+    torch.testing.assert_close(kvzip.KVzip().score(with_pass), torch.tensor(expected))
+    with pytest.raises(ValueError, match="reconstruction pass"):
+        kvzip.KVzip().score(inp)
 
 
 def test_snapkv(inp: ScoringInput) -> None:
