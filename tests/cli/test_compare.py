@@ -129,6 +129,36 @@ def test_compressed_systems_on_identical_questions(tmp_path, tiny_model_dir) -> 
     assert "| snapkv:0.5 | 2 |" in (tmp_path / "summary.md").read_text()
 
 
+def test_once_systems_on_a_shared_corpus(tmp_path, tiny_model_dir) -> None:
+    """Three questions over one demo-shared corpus: the compressed corpus is built once,
+    and the summary says what each system holds per corpus and prefills per question."""
+    result = compare(tmp_path, tiny_model_dir, "--dataset", "demo-shared", "--limit", "3",
+                     "--systems", "full,snapkv:0.5,once:snapkv:0.5")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len({r["corpus"] for r in records}) == 1
+    once = [r for r in records if r["system"] == "once:snapkv:0.5"]
+    assert [r["cost"]["compress_s"] > 0 for r in once] == [True, False, False]
+    systems = json.loads((tmp_path / "summary.json").read_text())["systems"]
+    full, per_question, shared = (systems[k] for k in ("full", "snapkv:0.5", "once:snapkv:0.5"))
+    assert shared["prefill_tokens_mean"] < full["prefill_tokens_mean"] == \
+        per_question["prefill_tokens_mean"]
+    # one kept corpus plus three questions' own tokens, against a full prefix plus the same
+    # questions, against three kept copies
+    assert shared["kv_tokens_per_corpus"] < full["kv_tokens_per_corpus"] < \
+        per_question["kv_tokens_per_corpus"]
+    assert "| once:snapkv:0.5 | 3 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_sglang_engine_refuses_once_systems_before_any_work(tmp_path,
+                                                                  tiny_model_dir) -> None:
+    result = compare(tmp_path, tiny_model_dir, "--engine", "sglang", "--systems",
+                     "once:snapkv:0.5")
+    assert result.exit_code != 0
+    assert "does not serve compress-once yet" in result.output
+    assert not (tmp_path / "results.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_packaged_smollm2_answers_demo_questions(tmp_path, kvrag_home) -> None:
     """The real embedded default: the converted SmolLM2 on two demo questions."""

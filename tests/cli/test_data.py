@@ -17,7 +17,20 @@ def test_make_demo_then_check(tmp_path: Path) -> None:
     assert read_jsonl(out) == make_demo(seed=7, context_tokens=400, per_task=3)
     result = runner.invoke(app, ["data", "check", str(out)])
     assert result.exit_code == 0
-    assert "12 valid instances" in result.output and "finance: 3" in result.output
+    assert "12 valid instances over 12 corpora" in result.output
+    assert "finance: 3" in result.output
+
+
+def test_make_demo_with_shared_corpora(tmp_path: Path) -> None:
+    out = tmp_path / "shared.jsonl"
+    result = runner.invoke(app, ["data", "make-demo", "--out", str(out), "--context-tokens",
+                                 "800", "--per-task", "2", "--questions-per-corpus", "4"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["data", "check", str(out)])
+    assert "8 valid instances over 2 corpora" in result.output, result.output
+    result = runner.invoke(app, ["data", "make-demo", "--out", str(out), "--per-task", "2",
+                                 "--questions-per-corpus", "3"])
+    assert result.exit_code == 2 and "divide the 8 questions" in result.output
 
 
 def test_make_demo_refuses_tiny_context(tmp_path: Path) -> None:

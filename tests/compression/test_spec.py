@@ -34,3 +34,15 @@ def test_invalid_specs_list_methods_and_ranges(text: str, message: str) -> None:
 def test_exactly_one_of_ratio_or_budget() -> None:
     with pytest.raises(SpecError, match="exactly one"):
         CompressionSpec("snapkv", ratio=0.5, budget=10)
+
+
+def test_once_specs_name_their_sharing_and_refuse_what_cannot_share() -> None:
+    spec = parse_spec(" once:snapkv:0.50 ")
+    assert spec.once and spec.name == "once:snapkv:0.5" and spec.kept(2000) == 1000
+    assert parse_spec(spec.name) == spec
+    assert parse_spec("once:knorm@64").name == "once:knorm@64"
+    assert not parse_spec("snapkv:0.5").once
+    with pytest.raises(SpecError, match="nothing to compress once"):
+        parse_spec("once:retrieval:0.5")
+    with pytest.raises(SpecError, match="ratio 1.0 is out of range"):
+        parse_spec("once:snapkv:1")

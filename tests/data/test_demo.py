@@ -3,7 +3,15 @@ from collections import Counter
 
 import pytest
 
-from kvrag.data.demo import DEMO_CONTEXT_TOKENS, DEMO_PATH, DEMO_PER_TASK, DEMO_SEED, make_demo
+from kvrag.data.demo import (
+    DEMO_CONTEXT_TOKENS,
+    DEMO_PATH,
+    DEMO_PER_TASK,
+    DEMO_SEED,
+    DEMO_SHARED,
+    DEMO_SHARED_PATH,
+    make_demo,
+)
 from kvrag.data.prompt import build_prompt
 from kvrag.data.schema import read_jsonl
 
@@ -33,8 +41,17 @@ def test_gold_shuffled_among_distractors(shipped) -> None:
     assert len(set(positions)) > 10
 
 
+@pytest.fixture(scope="module")
+def shared():
+    return read_jsonl(DEMO_SHARED_PATH)
+
+
 def test_answers_are_grounded_in_gold_docs(shipped) -> None:
-    for inst in shipped:
+    assert_grounded(shipped)
+
+
+def assert_grounded(instances) -> None:
+    for inst in instances:
         gold_text = " ".join(d.text for d in inst.docs if d.id in inst.gold_doc_ids)
         if inst.task == "mc":
             correct = inst.choices["ABCD".index(inst.answers[0])]
@@ -72,3 +89,33 @@ def test_long_contexts_outgrow_the_small_name_spaces_without_repeating_a_name() 
         titles = [d.title for d in inst.docs]
         assert len(titles) == len(set(titles)) > 1000, inst.id
         assert set(inst.gold_doc_ids) <= {d.id for d in inst.docs}
+
+
+def test_shared_suite_is_reproducible_ten_corpora_of_eight(shared) -> None:
+    assert make_demo(DEMO_SEED, DEMO_CONTEXT_TOKENS, **DEMO_SHARED) == shared
+    corpora = Counter(i.corpus_id for i in shared)
+    assert len(corpora) == 10 and set(corpora.values()) == {8}
+    first = [i for i in shared if i.corpus_id == shared[0].corpus_id]
+    assert first == shared[:8]  # a corpus's questions are consecutive
+    assert Counter(i.subset for i in first) == {s: 2 for s in
+                                                 ("single_hop", "two_hop", "multiple_choice",
+                                                  "finance")}
+
+
+def test_shared_corpora_ground_every_question_without_reusing_a_name(shared) -> None:
+    assert_grounded(shared)
+    for inst in shared[::8]:
+        titles = [d.title for d in inst.docs]
+        assert len(titles) == len(set(titles)), inst.id
+    golds = [set(i.gold_doc_ids) for i in shared[:8]]
+    assert all(not a & b for k, a in enumerate(golds) for b in golds[k + 1:])
+
+
+def test_shared_prompts_are_as_long_as_the_demo(shared, smollm2_tokenizer) -> None:
+    lengths = [len(smollm2_tokenizer(build_prompt(i).text)["input_ids"]) for i in shared[::9]]
+    assert min(lengths) >= 2000 and max(lengths) <= 3000, (min(lengths), max(lengths))
+
+
+def test_questions_per_corpus_must_divide_the_suite() -> None:
+    with pytest.raises(ValueError, match="divide the 8 questions"):
+        make_demo(context_tokens=400, per_task=2, questions_per_corpus=3)

@@ -52,6 +52,8 @@ def test_invalid_and_dynamic_specs_are_refused():
         config.for_request({"kvrag_compression": "bogus:0.5"}, 500)
     with pytest.raises(SpecError, match="HF engine"):
         config.for_request({"kvrag_compression": "retrieval:0.5"}, 500)
+    with pytest.raises(SpecError, match="reconstruction forward pass"):
+        config.for_request({"kvrag_compression": "kvzip:0.5"}, 500)
 
 
 def test_capture_follows_the_method_or_the_override(monkeypatch):

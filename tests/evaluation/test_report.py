@@ -2,7 +2,13 @@ from pathlib import Path
 
 import pytest
 
-from kvrag.evaluation.report import bootstrap_ci, render_markdown, summarize, write_reports
+from kvrag.evaluation.report import (
+    bootstrap_ci,
+    kv_tokens_per_corpus,
+    render_markdown,
+    summarize,
+    write_reports,
+)
 
 
 def rec(qid: str, system: str, subem: float, kv: int, group: str = "g") -> dict:
@@ -69,3 +75,18 @@ def test_both_subem_views_and_truncation_are_summarised() -> None:
     assert "64-token limit" in md
     assert "| rag:9 | 8 | 50.0 | [" in md and "| 100.0 | +0.0 [0.0, 0.0] |" in md
     assert "| 25.0 |" in md
+
+
+def test_kv_per_corpus_counts_the_shared_prefix_once() -> None:
+    def held(corpus: str, kv: float, shared: float) -> dict:
+        return {"corpus": corpus, "cost": {"kv_tokens": kv, "shared_kv_tokens": shared}}
+
+    # full over a 1000-token prefix, two questions of 20 and 30 own tokens
+    assert kv_tokens_per_corpus([held("a", 1020, 1000), held("a", 1030, 1000)]) == 1050
+    # per question: every kept copy is the question's own
+    assert kv_tokens_per_corpus([held("a", 520, 0), held("a", 530, 0)]) == 1050
+    # two corpora are averaged; records from before corpora were recorded are left out
+    records = [held("a", 520, 500), held("a", 530, 500), held("b", 110, 100),
+               {"cost": {"kv_tokens": 9}}]
+    assert kv_tokens_per_corpus(records) == (550 + 110) / 2
+    assert kv_tokens_per_corpus([{"cost": {"kv_tokens": 9}}]) is None

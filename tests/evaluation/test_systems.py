@@ -17,3 +17,13 @@ def test_full_parses() -> None:
 def test_bad_specs(spec: str, message: str) -> None:
     with pytest.raises(SystemSpecError, match=message):
         parse_systems(spec)
+
+
+def test_once_systems_are_compressed_contexts_beside_per_question_ones() -> None:
+    from kvrag.evaluation.systems import CompressedContext
+
+    once, per_question = parse_systems("once:snapkv:0.5,snapkv:0.5")
+    assert isinstance(once, CompressedContext) and once.spec.once
+    assert once.name == "once:snapkv:0.5" and per_question.name == "snapkv:0.5"
+    with pytest.raises(SystemSpecError, match="nothing to compress once"):
+        parse_systems("once:retrieval:0.5")
