@@ -133,6 +133,7 @@ class _Resident:
 
     record: Compacted
     row: int  # its second req_to_token row: kept slots, then decoded ones
+    once: object = None  # once.OnceRequest of a request that built a shared prefix
 
     @property
     def uneven(self) -> bool:
@@ -161,6 +162,10 @@ class KvragAttnBackend(AttentionBackend):
         # per request row: the row the inner backend reads, and logical minus physical length
         self.physical_row = torch.arange(n_rows, dtype=torch.int64, device=device)
         self.shift = torch.zeros(n_rows, dtype=torch.int64, device=device)
+        # per request row: added to its positions (a once: hit runs over fewer slots than
+        # its logical prefix); rows with a shift, host side
+        self.position_shift = torch.zeros(n_rows, dtype=torch.int64, device=device)
+        self.shifted: set[int] = set()
         self.tails: dict[int, _QueryTail] = {}  # req_pool_idx -> captured queries
         self.resident: dict[int, _Resident] = {}  # req_pool_idx -> compacted request
         self._uneven = 0  # resident requests with per-layer budgets
@@ -184,6 +189,8 @@ class KvragAttnBackend(AttentionBackend):
             logger.warning("kvrag: an extend of %d requests after %d were announced; no "
                            "queries kept", forward_batch.batch_size, len(self._extend[0]))
             self._extend = None
+        if self.shifted and (mode.is_decode() or mode.is_extend()):
+            self._shift_positions(forward_batch)
         if self.resident and mode.is_decode():
             self._view = self._physical_decode(forward_batch)
         elif self.resident and mode.is_extend():
@@ -192,6 +199,14 @@ class KvragAttnBackend(AttentionBackend):
             self._plan = self._python_plan(self._view)
             return
         self.inner.init_forward_metadata(self._view)
+
+    def _shift_positions(self, fb) -> None:
+        """Logical positions for once: hits (the model applies RoPE after this)."""
+        shift = self.position_shift[fb.req_pool_indices].to(fb.positions.dtype)
+        if fb.forward_mode.is_extend():
+            shift = torch.repeat_interleave(shift, fb.extend_seq_lens,
+                                            output_size=fb.positions.shape[0])
+        fb.positions += shift
 
     def _physical_decode(self, fb):
         rows = fb.req_pool_indices
@@ -203,16 +218,19 @@ class KvragAttnBackend(AttentionBackend):
         return self._view_of(fb, physical, lengths, fb.seq_lens_sum)
 
     def _physical_extend(self, fb):
-        """An extend over compacted requests (none today: they only decode; compress-once
-        extends them) reads their kept slots, then its own new tokens' slots."""
+        """An extend over compacted requests (a once: request building its corpus prefix
+        extends its question after compaction) reads their kept slots, then its own new
+        tokens' slots."""
         rows = self._extend[0] if self._extend else fb.req_pool_indices.tolist()
-        shifts = [self._shift_of(row) for row in rows]
-        if not any(shifts):
+        if not any(row in self.resident for row in rows):
             return fb
+        # a compacted row is read from its physical row even with no shift (ratio 0):
+        # its own slots were reused for the kept tokens in kept order
+        shifts = [self._shift_of(row) for row in rows]
         prefix = list(fb.extend_prefix_lens_cpu)
         lengths = [p + e for p, e in zip(prefix, fb.extend_seq_lens_cpu, strict=True)]
         for row, s, start, end in zip(rows, shifts, prefix, lengths, strict=True):
-            if s:
+            if row in self.resident:
                 self.req_to_token[self.resident[row].row, start - s:end - s] = (
                     self.req_to_token[row, start:end])
         device = fb.seq_lens.device
@@ -263,11 +281,21 @@ class KvragAttnBackend(AttentionBackend):
         return self.inner.support_triton()
 
     # --- prefill: capture the prompt's last queries ---
-    def expect_extend(self, rows: list[int], compress: list[bool]) -> None:
+    def expect_extend(self, rows: list[int], compress: list[bool],
+                      shifts: list[int] | None = None) -> None:
         """Called by the scheduler hook before an extend batch: its requests' rows in
-        batch order (host values, so the extend needs no sync), and which of them will be
-        compressed (their queries are kept)."""
+        batch order (host values, so the extend needs no sync), which of them will be
+        compressed (their queries are kept), and each one's position shift (once.py)."""
         self._announced = (rows, compress)
+        for row, shift in zip(rows, shifts or [], strict=False):
+            if shift and row not in self.shifted:
+                self.position_shift[row] = shift
+                self.shifted.add(row)
+
+    def prefilled(self, row: int) -> int:
+        """Prompt positions whose queries the request in ``row`` has run so far."""
+        tail = self.tails.get(row)
+        return 0 if tail is None else tail.end
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         self._capture(q, layer, forward_batch)
@@ -363,9 +391,12 @@ class KvragAttnBackend(AttentionBackend):
         self._uneven += resident.uneven
         return result
 
-    def release(self, row: int) -> Compacted | None:
-        """Forget a request leaving ``row``; its compacted record, if it had one."""
+    def release(self, row: int) -> _Resident | None:
+        """Forget a request leaving ``row``; what it held if it was compacted."""
         self.tails.pop(row, None)
+        if row in self.shifted:
+            self.shifted.discard(row)
+            self.position_shift[row] = 0
         resident = self.resident.pop(row, None)
         if resident is None:
             return None
@@ -373,4 +404,4 @@ class KvragAttnBackend(AttentionBackend):
         self.shift[row] = 0
         self._uneven -= resident.uneven
         self.rows.free_rows([resident.row])
-        return resident.record
+        return resident

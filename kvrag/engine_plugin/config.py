@@ -9,7 +9,8 @@ with ``custom_params`` in its sampling parameters (the OpenAI API passes them th
 - ``kvrag_span``: ``[start, end)`` token positions that may be evicted. Without it, all
   but the last ``PROTECTED_TAIL`` prompt tokens may be (the question and the chat-template
   tail of a corpus-in-context prompt sit there). ``kvrag compare --engine sglang`` passes
-  the documents' exact span, so both engines evict from the same tokens.
+  the documents' exact span, so both engines evict from the same tokens. A ``once:`` spec
+  needs it: the corpus prefix that is compressed once and shared is ``[0, end)``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from kvrag.compression import CompressionSpec, SpecError, parse_spec
+from kvrag.compression import CompressionSpec, Method, SpecError, parse_spec
 
 ENV_COMPRESSION = "KVRAG_COMPRESSION"
 ENV_INNER_BACKEND = "KVRAG_INNER_BACKEND"
@@ -85,8 +86,8 @@ def allowed_request_specs() -> set[str] | None:
 
 def check_servable(spec: CompressionSpec) -> None:
     """Refuse what the plugin cannot serve: dynamic methods keep the whole cache, a
-    reconstruction pass (kvzip) would be a second forward, and compress-once is not built
-    into the plugin yet."""
+    reconstruction pass (kvzip) would be a second forward, and a shared compressed corpus
+    (``once:``) needs the same kept count in every layer."""
     method = spec.build()
     if method.dynamic:
         raise SpecError(f"{spec.name} keeps the whole cache and picks keys per decoded token; "
@@ -94,10 +95,10 @@ def check_servable(spec: CompressionSpec) -> None:
     if method.reconstruction:
         raise SpecError(f"{spec.name} scores with a reconstruction forward pass, which the "
                         "SGLang plugin does not run; use the HF engine")
-    if spec.once:
-        raise SpecError(f"{spec.name}: the SGLang plugin does not serve compress-once yet "
-                        "(a compressed corpus shared by requests); use the HF engine, or "
-                        f"{spec.name.removeprefix('once:')} per question")
+    if spec.once and type(method).layer_budgets is not Method.layer_budgets:
+        raise SpecError(f"{spec.name}: a shared compressed corpus is read with one kept count "
+                        "for every layer, and this method spreads its budget over layers; "
+                        "use the HF engine, or the method per question")
 
 
 def capture_queries(spec: CompressionSpec | None) -> int | None:
@@ -163,8 +164,15 @@ def for_request(custom_params: dict | None, n_prompt: int) -> RequestCompression
             raise SpecError(f"custom_params.{PARAM_SPAN}={span!r} must be [start, end] with "
                             f"0 <= start <= end <= {n_prompt} (the prompt's length)")
         start, end = int(span[0]), int(span[1])
+    elif spec.once:
+        raise SpecError(f"{spec.name} needs custom_params.{PARAM_SPAN}: the corpus prefix "
+                        "compressed once and shared by every question over it ends where the "
+                        "span ends")
     else:
         start, end = 0, max(0, n_prompt - PROTECTED_TAIL)
+    if spec.once and end >= n_prompt:
+        raise SpecError(f"{spec.name}: custom_params.{PARAM_SPAN} must end before the prompt "
+                        "does; the tokens after it are the question")
     if end - start < 1 or spec.kept(end - start) == end - start and spec.ratio is None:
         return None
     return RequestCompression(spec, (start, end))

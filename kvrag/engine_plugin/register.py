@@ -20,7 +20,12 @@ registries and CLI choices, and the hooks that tie compression to the scheduler:
   compacted slots instead of the prompt positions they replaced;
 - ``kv_private_tokens`` (after): SGLang's memory invariant checker counts a compressed
   request's slots as it holds them, so its leak checks
-  (``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY``) verify the compaction's accounting.
+  (``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY``) verify the compaction's accounting;
+- compress-once (``once.py``): ``Req.init_next_round_input`` (around) matches a ``once:``
+  request against its stored compressed corpus, or sets it up to build one;
+  ``PrefillAdder._select_prefill_admission`` (after) and ``add_chunked_req`` (before) end
+  a building request's chunk where its corpus prefix ends, so the prefix is compressed
+  before the question runs; the release hook stores the compressed prefix in the tree.
 """
 
 from __future__ import annotations
@@ -48,8 +53,11 @@ _MAX_PREFIX = "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len"
 _PRIVATE_TOKENS = "sglang.srt.managers.scheduler_components.pool_stats_observer.kv_private_tokens"
 _PREPARE_EXTEND = "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend"
 _NEW_PREFILL = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
+_NEXT_ROUND = "sglang.srt.managers.schedule_batch.Req.init_next_round_input"
+_ADMISSION = "sglang.srt.managers.schedule_policy.PrefillAdder._select_prefill_admission"
+_CHUNKED = "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req"
 _HOOK_TARGETS = (_REQ_INIT, _MAX_PREFIX, _PREPARE_EXTEND, _PREFILL_DONE, _FREE_ROW,
-                 _PRIVATE_TOKENS, _NEW_PREFILL)
+                 _PRIVATE_TOKENS, _NEW_PREFILL, _NEXT_ROUND, _ADMISSION, _CHUNKED)
 # inner backends that take their rows and lengths from the forward batch, so that the
 # physical rows of compacted requests reach their kernels (see backend.py)
 INNER_BACKENDS = ("torch_native", "triton")
@@ -84,6 +92,9 @@ def register() -> None:
         (_PREFILL_DONE, _around_prefill, "around"),
         (_FREE_ROW, _around_free_kv_row, "around"),
         (_PRIVATE_TOKENS, _after_private_tokens, "after"),
+        (_NEXT_ROUND, _around_next_round_input, "around"),
+        (_ADMISSION, _after_select_admission, "after"),
+        (_CHUNKED, _before_add_chunked_req, "before"),
     ])
     _REGISTERED = True
 
@@ -215,8 +226,14 @@ def _after_req_init(result, req, *args, **kwargs):
         req.set_finish_with_abort(str(err))
         return result
     req.kvrag = wanted
+    req.kvrag_once = None
     if wanted is not None:
         req.skip_radix_cache_insert = True
+        if wanted.spec.once:
+            from kvrag.engine_plugin.once import OnceRequest
+
+            req.kvrag_once = OnceRequest.of(wanted.spec, wanted.span, req.origin_input_ids,
+                                            req.extra_key, req.cache_salt)
     return result
 
 
@@ -225,8 +242,64 @@ def _after_max_prefix_len(result, req, input_len, *args, **kwargs):
 
     if getattr(req, "kvrag", None) is None or backend.ACTIVE is None:
         return result
+    once = req.kvrag_once
+    if once is not None and once.state == "hit":
+        return result  # nothing is scored: the stored prefix is matched whole
+    # the queries scored are the prompt's last ones, or the corpus prefix's for once:
+    end = once.end if once is not None else input_len
     capture = backend.ACTIVE.capture
-    return min(result, 0 if capture is None else max(0, input_len - capture))
+    return min(result, 0 if capture is None else max(0, end - capture))
+
+
+def _around_next_round_input(original, req, tree_cache=None, *args, **kwargs):
+    """A fresh ``once:`` request tries its stored compressed prefix first (see once.py)."""
+    from array import array
+
+    once = getattr(req, "kvrag_once", None)
+    if once is None or tree_cache is None or req.kv.holds_kv:
+        return original(req, tree_cache, *args, **kwargs)
+    once.state = "hit"
+    _set_prompt(req, once.hit_prompt(), namespace_of(once))
+    result = original(req, tree_cache, *args, **kwargs)
+    if req.prefix_len >= once.kmax:
+        return result
+    once.state = "miss"
+    _set_prompt(req, array("q", once.real), once.extra_key)
+    return original(req, tree_cache, *args, **kwargs)
+
+
+def namespace_of(once) -> str:
+    from kvrag.engine_plugin.once import namespace
+
+    return namespace(once.spec, once.extra_key)
+
+
+def _set_prompt(req, prompt, extra_key) -> None:
+    from array import array
+
+    req.origin_input_ids = prompt
+    req.extra_key = extra_key
+    req.full_untruncated_fill_ids = array("q")  # rebuilt from the prompt when next read
+
+
+def _after_select_admission(result, adder, req, *args, **kwargs):
+    """End a building ``once:`` request's chunk at its corpus prefix."""
+    import dataclasses
+
+    once = getattr(req, "kvrag_once", None)
+    if once is None or once.state != "miss" or not dataclasses.is_dataclass(result):
+        return result
+    if result.prefix_len < once.end < result.prefix_len + result.extend_len:
+        return dataclasses.replace(result, extend_len=once.end - result.prefix_len,
+                                   is_chunked=True, max_new_tokens=0)
+    return result
+
+
+def _before_add_chunked_req(adder, req, *args, **kwargs):
+    once = getattr(req, "kvrag_once", None)
+    if once is not None and once.state == "miss" and req.prefix_len < once.end:
+        limit = once.end - req.prefix_len
+        adder.chunked_req_limit = min(adder.chunked_req_limit or limit, limit)
 
 
 def _after_prepare_for_extend(result, batch, *args, **kwargs):
@@ -235,9 +308,22 @@ def _after_prepare_for_extend(result, batch, *args, **kwargs):
     if backend.ACTIVE is not None:
         backend.ACTIVE.expect_extend(
             [req.kv.req_pool_idx for req in batch.reqs],
-            [getattr(req, "kvrag", None) is not None and req.beam_group is None
-             for req in batch.reqs])
+            [_scores(req) for req in batch.reqs],
+            [req.kvrag_once.shift if _is_hit(req) else 0 for req in batch.reqs])
     return result
+
+
+def _is_hit(req) -> bool:
+    once = getattr(req, "kvrag_once", None)
+    return once is not None and once.state == "hit"
+
+
+def _scores(req) -> bool:
+    """Whether the request will be compressed, so its prefill keeps queries."""
+    from kvrag.engine_plugin import backend
+
+    return (getattr(req, "kvrag", None) is not None and req.beam_group is None
+            and not _is_hit(req) and req.kv.req_pool_idx not in backend.ACTIVE.resident)
 
 
 def _around_prefill(original, scheduler, batch, *args, **kwargs):
@@ -245,29 +331,63 @@ def _around_prefill(original, scheduler, batch, *args, **kwargs):
 
     active = backend.ACTIVE
     # SGLang counts a request's middle chunks down while processing them: read it first
-    last_chunk = [req for req in batch.reqs if req.inflight_middle_chunks <= 0]
+    last_chunk = {id(req) for req in batch.reqs if req.inflight_middle_chunks <= 0}
     result = original(scheduler, batch, *args, **kwargs)
     if active is None:
         return result
     allocator = scheduler.token_to_kv_pool_allocator
-    for req in last_chunk:
+    for req in batch.reqs:
         if not req.kv.holds_kv:
             continue
+        row, last = req.kv.req_pool_idx, id(req) in last_chunk
+        once = getattr(req, "kvrag_once", None)
         if getattr(req, "kvrag", None) is None or req.beam_group is not None:
-            active.tails.pop(req.kv.req_pool_idx, None)  # prefill done, nothing to score
+            if last:
+                active.tails.pop(row, None)  # prefill done, nothing to score
             continue
-        if (req.finished() or req.is_retracted
-                or req.kv.req_pool_idx in active.resident):
+        if once is not None and once.state == "hit":
+            if last:
+                _write_stats(_once_line(req, once, "hit", prefilled=len(once.real) - once.end))
+            continue
+        if req.finished() or req.is_retracted or row in active.resident:
+            continue
+        if once is not None:
+            # a building once: request is compressed where its corpus prefix ends
+            prefilled = active.prefilled(row)
+            if prefilled < once.end:
+                continue
+            if prefilled > once.end:
+                logger.error("kvrag: request %s ran past its corpus prefix (%d > %d) before "
+                             "it was compressed; left uncompressed", req.rid, prefilled,
+                             once.end)
+                active.tails.pop(row, None)
+                continue
+        elif not last:
             continue
         free_before = allocator.available_size()
         done = active.compress(
-            req.kv.req_pool_idx, rid=req.rid, protected=req.kv.cache_protected_len,
+            row, rid=req.rid, protected=req.kv.cache_protected_len,
             spec=req.kvrag.spec, span=req.kvrag.span,
             make_room=lambda k: allocator.evict_to_free_tokens(scheduler.tree_cache, k))
-        if done is not None:
-            _record(req.rid, req.kvrag, done, free_before, allocator.available_size())
-            active.room_made = active.room_made or done.freed > done.allocated
+        if done is None:
+            continue
+        active.room_made = active.room_made or done.freed > done.allocated
+        line = _stats_line(req.rid, req.kvrag, done, free_before, allocator.available_size())
+        if once is not None:
+            active.resident[row].once = once  # its kept slots go to the tree on release
+            line |= _once_line(req, once, "built",
+                               prefilled=len(once.real) - req.kv.cache_protected_len)
+        _write_stats(line)
     return result
+
+
+def _once_line(req, once, kind: str, prefilled: int) -> dict:
+    """What the engine reports for a once: request: its kept corpus plus its question."""
+    question = len(once.real) - once.end
+    return {"rid": req.rid, "spec": once.spec.name, "once": kind,
+            "prompt_tokens": len(once.real), "kv_tokens": float(once.kmax + question),
+            "shared_kv_tokens": float(once.kmax), "prefill_tokens": prefilled,
+            "seconds": 0.0}
 
 
 def _before_new_prefill(scheduler, running_batch, *args, **kwargs):
@@ -284,14 +404,33 @@ def _around_free_kv_row(original, cache, kv, ranges):
     from kvrag.engine_plugin import backend
     from kvrag.engine_plugin.compaction import release_ranges
 
-    compacted = backend.ACTIVE.release(kv.req_pool_idx) if backend.ACTIVE else None
-    if compacted is None:
+    resident = backend.ACTIVE.release(kv.req_pool_idx) if backend.ACTIVE else None
+    if resident is None:
         return original(cache, kv, ranges)
+    compacted = resident.record
     rest = release_ranges(compacted, ranges)
     if rest:
         original(cache, kv, rest)
-    cache.token_to_kv_pool_allocator.free(compacted.slots)
+    if resident.once is not None and cache.supports_prefix_sharing():
+        _store_once(cache, resident.once, compacted.slots)
+    else:
+        cache.token_to_kv_pool_allocator.free(compacted.slots)
     return None
+
+
+def _store_once(cache, once, slots) -> None:
+    """Give a built compressed corpus prefix to the tree, under its key (once.py)."""
+    import torch
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    key = RadixKey(once.key, namespace_of(once), cache_salt=once.cache_salt)
+    result = cache.insert(InsertParams(key=key, value=slots.to(torch.int64)))
+    if result.prefix_len:  # another request stored the same prefix first
+        cache.token_to_kv_pool_allocator.free(slots[:result.prefix_len])
+    logger.info("kvrag: stored the %s corpus prefix (%d slots for %d tokens)%s",
+                once.spec.name, once.kmax, once.end,
+                "; it was there already" if result.prefix_len else "")
 
 
 def _after_private_tokens(result, kv, *args, **kwargs):
@@ -304,19 +443,10 @@ def _after_private_tokens(result, kv, *args, **kwargs):
     return result - (comp.n - comp.protected) + int(comp.slots.numel())
 
 
-def _record(rid, wanted, done, free_before: int, free_after: int) -> None:
-    """One line per compressed request in ``KVRAG_PLUGIN_STATS``, if set (by TP rank 0:
-    every rank compresses its own heads of the same request alike)."""
-    from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_rank
-
+def _stats_line(rid, wanted, done, free_before: int, free_after: int) -> dict:
     comp = done.compacted
-    if get_tensor_model_parallel_rank() != 0:
-        return
     logger.info("kvrag: %s kept %.0f of %d tokens (%s), freed %d slots", rid, comp.kv_tokens,
                 comp.n, wanted.spec.name, done.freed)
-    path = os.environ.get(config.ENV_STATS)
-    if not path:
-        return
     line = {
         "rid": rid, "spec": wanted.spec.name, "span": list(wanted.span),
         "prompt_tokens": comp.n, "protected": comp.protected, "keep": comp.keep,
@@ -325,5 +455,16 @@ def _record(rid, wanted, done, free_before: int, free_after: int) -> None:
     }
     if os.environ.get(config.ENV_RECORD_KEPT) == "1":
         line["kept"] = [k.tolist() for k in comp.kept]
+    return line
+
+
+def _write_stats(line: dict) -> None:
+    """One line per compressed request in ``KVRAG_PLUGIN_STATS``, if set (by TP rank 0:
+    every rank compresses its own heads of the same request alike)."""
+    from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    path = os.environ.get(config.ENV_STATS)
+    if not path or get_tensor_model_parallel_rank() != 0:
+        return
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")

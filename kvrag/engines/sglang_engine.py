@@ -169,8 +169,10 @@ class SGLangEngine(TokenizerMethods):
             compress_s=stats["seconds"] if stats else 0.0, decode_s=t1 - (first or t1),
             new_tokens=len(ids), attended_tokens=kv_tokens,
             doc_tokens=enc.context_end - enc.context_start,
-            prefill_tokens=n - int(last["meta_info"].get("cached_tokens", 0)),
-            shared_kv_tokens=float(enc.context_end) if compression is None else 0.0,
+            prefill_tokens=int(stats["prefill_tokens"]) if stats and "prefill_tokens" in stats
+            else n - int(last["meta_info"].get("cached_tokens", 0)),
+            shared_kv_tokens=float(stats.get("shared_kv_tokens", 0.0)) if stats
+            else float(enc.context_end),
         )
         return Generation(self.tokenizer.decode(ids, skip_special_tokens=True), cost,
                           truncated=finish.get("type") == "length")
