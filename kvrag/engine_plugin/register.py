@@ -347,7 +347,8 @@ def _around_prefill(original, scheduler, batch, *args, **kwargs):
             continue
         if once is not None and once.state == "hit":
             if last:
-                _write_stats(_once_line(req, once, "hit", prefilled=len(once.real) - once.end))
+                _write_stats(_once_line(req, once, "hit", prefilled=len(once.real) - once.end)
+                             | {"seconds": 0.0})
             continue
         if req.finished() or req.is_retracted or row in active.resident:
             continue
@@ -386,8 +387,7 @@ def _once_line(req, once, kind: str, prefilled: int) -> dict:
     question = len(once.real) - once.end
     return {"rid": req.rid, "spec": once.spec.name, "once": kind,
             "prompt_tokens": len(once.real), "kv_tokens": float(once.kmax + question),
-            "shared_kv_tokens": float(once.kmax), "prefill_tokens": prefilled,
-            "seconds": 0.0}
+            "shared_kv_tokens": float(once.kmax), "prefill_tokens": prefilled}
 
 
 def _before_new_prefill(scheduler, running_batch, *args, **kwargs):

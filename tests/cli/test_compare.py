@@ -150,13 +150,32 @@ def test_once_systems_on_a_shared_corpus(tmp_path, tiny_model_dir) -> None:
     assert "| once:snapkv:0.5 | 3 |" in (tmp_path / "summary.md").read_text()
 
 
-def test_the_sglang_engine_refuses_once_systems_before_any_work(tmp_path,
-                                                                  tiny_model_dir) -> None:
+def test_the_sglang_engine_refuses_once_with_per_layer_budgets(tmp_path,
+                                                                tiny_model_dir) -> None:
     result = compare(tmp_path, tiny_model_dir, "--engine", "sglang", "--systems",
-                     "once:snapkv:0.5")
+                     "once:pyramidkv:0.5")
     assert result.exit_code != 0
-    assert "does not serve compress-once yet" in result.output
+    assert "one kept count for every layer" in result.output
     assert not (tmp_path / "results.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_once_systems_on_the_sglang_engine(tmp_path, tiny_model_dir) -> None:
+    """The same comparison through SGLang: the second question matches the stored
+    compressed corpus and prefills only its own tokens."""
+    result = compare(tmp_path, tiny_model_dir, "--engine", "sglang", "--dataset",
+                     "demo-shared", "--limit", "2", "--systems", "full,once:snapkv:0.5")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    once = [r["cost"] for r in records if r["system"] == "once:snapkv:0.5"]
+    full = [r["cost"] for r in records if r["system"] == "full"]
+    assert once[0]["compress_s"] > 0 == once[1]["compress_s"]
+    assert once[1]["prefill_tokens"] < once[0]["prefill_tokens"]
+    assert once[1]["shared_kv_tokens"] == once[0]["shared_kv_tokens"] < \
+        full[0]["shared_kv_tokens"]
+    systems = json.loads((tmp_path / "summary.json").read_text())["systems"]
+    assert systems["once:snapkv:0.5"]["kv_tokens_per_corpus"] < \
+        systems["full"]["kv_tokens_per_corpus"]
 
 
 @pytest.mark.slow

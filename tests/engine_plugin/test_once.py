@@ -1,0 +1,149 @@
+"""Compress-once in the real SGLang engine (tiny checkpoint), against the HF engine.
+
+One engine serves the module, with SGLang's strict memory checks on, chunked prefill
+at 1,024 tokens (so a corpus prefix is cut where it ends after two SGLang chunks) and a
+8,192-token pool. The questions are the first corpus of the bundled demo-shared suite.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvrag.compression import parse_spec
+from kvrag.data.loaders import load_dataset
+from kvrag.data.prompt import build_prompt
+
+pytestmark = pytest.mark.slow
+
+MAX_NEW = 6
+SPEC = "once:snapkv:0.5"
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return [build_prompt(i) for i in load_dataset("demo-shared")[:8]]
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model_dir):
+    from kvrag.engines.hf import HFEngine
+
+    return HFEngine(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir):
+    from kvrag.engines.sglang_engine import SGLangEngine
+
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY",
+                    "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE"):
+            mp.setenv(var, "1")
+        mp.setenv("KVRAG_PLUGIN_RECORD_KEPT", "1")
+        engine = SGLangEngine(tiny_model_dir, max_total_tokens=8192, chunked_prefill_size=1024)
+    yield engine
+    engine.close()
+
+
+def ask(served, prompt, compression: str | None, max_new: int = MAX_NEW):
+    """(output ids, their logprobs, meta_info, the plugin's stats line or None)."""
+    enc = served.encode(prompt)
+    custom = {"kvrag_compression": compression or "none", "kvrag_span": list(enc.span)}
+    out = served.engine.generate(
+        input_ids=enc.input_ids, return_logprob=True,
+        sampling_params={"max_new_tokens": max_new, "temperature": 0.0, "ignore_eos": True,
+                         "custom_params": custom})
+    meta = out["meta_info"]
+    return (out["output_ids"], [lp for lp, _, _ in meta["output_token_logprobs"]], meta,
+            served._stats_log.pop(meta["id"]))
+
+
+def hf_first_logprob(hf, prompt, compression: str | None) -> tuple[int, float]:
+    """The HF engine's first answer token and its log-probability."""
+    enc = hf.encode(prompt)
+    spec = parse_spec(compression) if compression else None
+    with torch.inference_mode():
+        start = hf._start_once(enc, spec) if spec and spec.once else hf._start(enc, spec)
+    logprobs = start.logits.float().log_softmax(-1)
+    token = int(logprobs.argmax())
+    return token, float(logprobs[token])
+
+
+@pytest.fixture(scope="module")
+def session(served, hf, prompts):
+    """full over question 0 (the tree gets the real prefix), then once: over questions
+    0 (builds the compressed prefix) and 1 (matches it), then full over question 1."""
+    hf._once.clear()
+    return {
+        "full0": ask(served, prompts[0], None),
+        "once0": ask(served, prompts[0], SPEC),
+        "once1": ask(served, prompts[1], SPEC),
+        "full1": ask(served, prompts[1], None),
+    }
+
+
+def test_a_built_and_a_matched_prefix_answer_as_the_hf_engine(session, hf, prompts) -> None:
+    for name, prompt in (("once0", prompts[0]), ("once1", prompts[1])):
+        ids, logprobs, _, _ = session[name]
+        token, logprob = hf_first_logprob(hf, prompt, SPEC)
+        assert ids[0] == token, name
+        assert logprobs[0] == pytest.approx(logprob, abs=2e-3), name
+        text = hf.generate(prompt, MAX_NEW, parse_spec(SPEC), ignore_eos=True).text
+        assert served_text(hf, ids) == text, name
+
+
+def served_text(hf, ids) -> str:
+    return hf.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_both_engines_keep_the_same_corpus_tokens(session, hf, prompts) -> None:
+    _, _, _, built = session["once0"]
+    assert built["once"] == "built"
+    hf._once.clear()
+    hf.generate(prompts[0], 1, parse_spec(SPEC))
+    (corpus,) = hf._once.values()
+    assert [sorted(map(sorted, k.tolist())) for k in corpus.kept] == \
+        [sorted(map(sorted, k)) for k in built["kept"]]
+
+
+def test_the_second_question_prefills_only_its_own_tokens(session, served, prompts) -> None:
+    _, _, meta, stats = session["once1"]
+    enc = served.encode(prompts[1])
+    question = len(enc.input_ids) - enc.context_end
+    assert stats["once"] == "hit" and stats["prefill_tokens"] == question
+    kmax = parse_spec(SPEC).kept(enc.context_end - enc.context_start) + enc.context_start
+    assert stats["shared_kv_tokens"] == kmax and meta["cached_tokens"] == kmax
+    assert stats["kv_tokens"] == kmax + question
+
+
+def test_a_full_request_still_finds_the_intact_full_prefix(session, served, hf,
+                                                           prompts) -> None:
+    ids, logprobs, meta, _ = session["full1"]
+    enc = served.encode(prompts[1])
+    assert meta["cached_tokens"] >= enc.context_end
+    token, logprob = hf_first_logprob(hf, prompts[1], None)
+    assert ids[0] == token and logprobs[0] == pytest.approx(logprob, abs=2e-3)
+
+
+def test_ratio_zero_once_answers_as_the_full_cache(session, served, prompts) -> None:
+    """Nothing evicted: built over the tree's prefix, then matched, both are the full
+    answer (the building request reads its compacted row although nothing shifted)."""
+    full_ids, full_lp, _, _ = session["full1"]
+    for _ in range(2):  # built, then matched
+        ids, logprobs, _, stats = ask(served, prompts[1], "once:snapkv:0.0")
+        assert ids == full_ids
+        assert logprobs == pytest.approx(full_lp, abs=2e-3), stats["once"]
+    assert stats["once"] == "hit"
+
+
+def test_eviction_under_pressure_frees_the_stored_prefix(session, served, prompts) -> None:
+    """A request that needs nearly the whole pool makes the tree evict the stored prefixes
+    (no request holds them); strict memory checks verify the slots came back exactly, and
+    the next question over the corpus builds the prefix again."""
+    served.engine.generate(input_ids=list(range(1000, 8000)),
+                           sampling_params={"max_new_tokens": 2, "temperature": 0.0})
+    _, _, _, stats = ask(served, prompts[2], SPEC, max_new=2)
+    assert stats["once"] == "built"
+    _, _, _, stats = ask(served, prompts[3], SPEC, max_new=2)
+    assert stats["once"] == "hit"
