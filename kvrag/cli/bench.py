@@ -137,6 +137,11 @@ def serving_cmd(
     pool_tokens: Annotated[int | None, typer.Option(min=1, help=(
         "KV pool size in tokens with --concurrency (default: what holds 4 full requests)."))
     ] = None,
+    shared_corpus: Annotated[int | None, typer.Option(min=2, help=(
+        "Send this many questions over one corpus through full, METHOD:RATIO per question "
+        "and once:METHOD:RATIO (the first ratio of --ratios), in one kvrag engine; report "
+        "the KV slots each holds while all questions decode, beside what its spec implies, "
+        "and the median time to first token of questions 2..Q; ratios to full."))] = None,
     decode_path: Annotated[str, typer.Option(help=(
         "Who decodes in the kvrag engine: auto (python over torch_native, else the inner "
         "backend), python, or inner."))] = "auto",
@@ -153,6 +158,8 @@ def serving_cmd(
     With --concurrency N: N distinct prompts at once against a fixed pool; the most
     requests decoding at once beside the bound memory alone sets, output tokens/s over the
     run, median TTFT and TPOT. Ratios are to the baseline measured in the same run.
+    With --shared-corpus Q: many questions over one corpus, compress-once against the
+    prefix cache and per-question compression.
     """
     from kvrag.compression import parse_spec
     from kvrag.engines.device import resolve
@@ -167,6 +174,10 @@ def serving_cmd(
         model_path = resolve_model(model, console)
     except (SpecError, ModelNotFoundError, ValueError) as e:  # DeviceError is a ValueError
         fail(str(e))
+    if shared_corpus is not None:
+        _serving_shared(model_path, model, method, ratio_list[0], shared_corpus,
+                        context_tokens, new_tokens, pool_tokens, placement, decode_path, out)
+        return
     if concurrency > 1:
         _serving_load(model_path, model, method, ratio_list, concurrency, context_tokens,
                       new_tokens, pool_tokens, placement, decode_path, out)
@@ -205,6 +216,37 @@ def _serving_load(model_path, model, method, ratios, concurrency, context_tokens
         f"{new_tokens} decoded tokens each, KV pool {settings['pool_tokens']:,} tokens; "
         f"ratios to {base_backend(placement)}", markup=False)
     _print_load(rows)
+    _write_rows(out, settings, rows)
+
+
+def _serving_shared(model_path, model, method, ratio, questions, context_tokens, new_tokens,
+                    pool_tokens, placement, decode_path, out) -> None:
+    from kvrag.bench.serving_shared import bench_serving_shared
+
+    try:
+        with console.status("benchmarking a shared corpus") as status:
+            settings, rows = bench_serving_shared(
+                model_path, method, ratio, questions, context_tokens, new_tokens, pool_tokens,
+                on_step=lambda label: status.update(label), placement=placement,
+                decode_path=decode_path)
+    except ValueError as e:
+        fail(str(e))
+    console.print(
+        f"{model} on {placement.device} in {placement.dtype_name}: {questions} questions over "
+        f"one {settings['corpus_prefix_tokens']:,}-token corpus prefix (kept by the spec: "
+        f"{settings['kept_prefix_tokens']:,}), median {settings['question_tokens_median']:.0f} "
+        f"question tokens, {new_tokens} decoded tokens each, KV pool "
+        f"{settings['pool_tokens']:,} tokens; ratios to full", markup=False)
+    _print_table(
+        ("system", "KV slots held", "implied", "held/implied", "held/full", "running",
+         "TTFT 2..Q s", "TTFT/full", "TTFT q1 s"),
+        [(r.system, f"{r.slots_held:,}", f"{r.slots_implied:,.0f}", f"{r.held_vs_implied:.2f}",
+          f"{r.held_vs_full:.2f}", str(r.running_at_peak), f"{r.ttft_s_median:.2f}",
+          f"{r.ttft_vs_full:.2f}", f"{r.ttft_first_s:.1f}") for r in rows])
+    _write_rows(out, settings, rows)
+
+
+def _write_rows(out: Path | None, settings: dict, rows) -> None:
     if out is not None:
         out.write_text(json.dumps({"settings": settings, "rows": [r.to_json() for r in rows]},
                                   indent=2) + "\n")

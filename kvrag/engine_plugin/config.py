@@ -26,6 +26,9 @@ ENV_COMPRESSION = "KVRAG_COMPRESSION"
 ENV_INNER_BACKEND = "KVRAG_INNER_BACKEND"
 ENV_STATS = "KVRAG_PLUGIN_STATS"  # a JSONL file: one line per compressed request
 ENV_RECORD_KEPT = "KVRAG_PLUGIN_RECORD_KEPT"  # "1": the stats lines list kept token indices
+# a JSONL file: before each decode step, the KV slots in use and the requests decoding
+# (``kvrag bench serving --shared-corpus`` reads the peak)
+ENV_POOL_LOG = "KVRAG_PLUGIN_POOL_LOG"
 # "all", or how many of each prompt's last queries prefill keeps (default: what the server
 # spec's method reads, at least 64). "all" lets requests ask for h2o.
 ENV_CAPTURE = "KVRAG_CAPTURE_QUERIES"

@@ -56,6 +56,8 @@ _NEW_PREFILL = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
 _NEXT_ROUND = "sglang.srt.managers.schedule_batch.Req.init_next_round_input"
 _ADMISSION = "sglang.srt.managers.schedule_policy.PrefillAdder._select_prefill_admission"
 _CHUNKED = "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req"
+_DECODE_DONE = ("sglang.srt.managers.scheduler_components.batch_result_processor."
+                "SchedulerBatchResultProcessor.process_batch_result_decode")
 _HOOK_TARGETS = (_REQ_INIT, _MAX_PREFIX, _PREPARE_EXTEND, _PREFILL_DONE, _FREE_ROW,
                  _PRIVATE_TOKENS, _NEW_PREFILL, _NEXT_ROUND, _ADMISSION, _CHUNKED)
 # inner backends that take their rows and lengths from the forward batch, so that the
@@ -96,6 +98,8 @@ def register() -> None:
         (_ADMISSION, _after_select_admission, "after"),
         (_CHUNKED, _before_add_chunked_req, "before"),
     ])
+    if os.environ.get(config.ENV_POOL_LOG):
+        hooks.install([(_DECODE_DONE, _before_decode_result, "before")])
     _REGISTERED = True
 
 
@@ -441,6 +445,16 @@ def _after_private_tokens(result, kv, *args, **kwargs):
         return result
     comp = resident.record
     return result - (comp.n - comp.protected) + int(comp.slots.numel())
+
+
+def _before_decode_result(scheduler, batch, *args, **kwargs):
+    """With ``KVRAG_PLUGIN_POOL_LOG``: the pool's slots in use while ``batch`` decodes (the
+    tree's cached prefixes included) and how many requests it holds."""
+    allocator = scheduler.token_to_kv_pool_allocator
+    line = {"used": int(allocator.size - allocator.available_size()),
+            "running": len(batch.reqs)}
+    with open(os.environ[config.ENV_POOL_LOG], "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 def _stats_line(rid, wanted, done, free_before: int, free_after: int) -> dict:

@@ -69,3 +69,32 @@ def test_an_unknown_decode_path_is_refused(tiny_model_dir):
     result = CliRunner().invoke(app, ["bench", "serving", "--model", str(tiny_model_dir),
                                       "--decode-path", "fast"])
     assert result.exit_code != 0 and "use auto, python or inner" in result.output
+
+
+@pytest.mark.slow
+def test_shared_corpus_mode_holds_the_kept_corpus_once(tiny_model_dir, tmp_path):
+    """Four questions over one corpus through the real engine: the compress-once row holds
+    what its spec implies, less than the prefix cache, and far less than a kept copy per
+    question; every row had all four decoding at once."""
+    out = tmp_path / "shared.json"
+    result = CliRunner().invoke(app, [
+        "bench", "serving", "--model", str(tiny_model_dir), "--shared-corpus", "4",
+        "--context-tokens", "1200", "--new-tokens", "6", "--ratios", "0.5",
+        "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    rows = {r["system"]: r for r in report["rows"]}
+    assert list(rows) == ["full", "snapkv:0.5", "once:snapkv:0.5"]
+    assert all(r["running_at_peak"] == 4 for r in rows.values())
+    once, full, per_question = rows["once:snapkv:0.5"], rows["full"], rows["snapkv:0.5"]
+    assert 0.95 <= once["held_vs_implied"] <= 1.05
+    assert once["slots_held"] < full["slots_held"] < per_question["slots_held"]
+    assert full["held_vs_full"] == 1.0 and "held/implied" in result.output
+    settings = report["settings"]
+    assert settings["kept_prefix_tokens"] < settings["corpus_prefix_tokens"]
+
+
+def test_shared_corpus_mode_needs_two_questions(tiny_model_dir):
+    result = CliRunner().invoke(app, ["bench", "serving", "--model", str(tiny_model_dir),
+                                      "--shared-corpus", "1"])
+    assert result.exit_code == 2 and "--shared-corpus" in result.output
