@@ -116,7 +116,7 @@ class SGLangEngine(TokenizerMethods):
                     asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED))
                 for task in done:
                     job = in_flight.pop(task)
-                    admission.prefilled(job)  # a failed leader lets its followers go
+                    admission.done(job)  # a failed leader lets its followers go too
                     if isinstance(task.exception(), UncompressedError):
                         again.append(job)
                         continue

@@ -129,7 +129,7 @@ class SGLangURLEngine(TokenizerMethods):
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
                     job = in_flight.pop(future)
-                    admission.prefilled(job)  # without streaming, done is the first sign
+                    admission.done(job)  # without streaming, done is the first sign
                     yield job[0], future.result()
                 top_up()
 

@@ -65,3 +65,22 @@ def test_jobs_are_read_lazily_one_prompt_at_a_time():
     admission = PrefixAdmission(jobs())
     assert admission.next()[0] == 0
     assert read == [0, 1]  # the next prompt's first job tells where a group ends
+
+
+def test_once_jobs_over_one_corpus_wait_for_the_first_to_finish():
+    """The first once: job of a corpus stores its compressed prefix when it is done; the
+    rest of that corpus and spec wait for it, other specs and corpora do not."""
+    once, other = parse_spec("once:snapkv:0.5"), parse_spec("once:knorm:0.5")
+    q1, q2 = Prompt("h", "corpus", "q1", {}), Prompt("h", "corpus", "q2", {})
+    elsewhere = Prompt("h", "another corpus", "q1", {})
+    jobs = [("q1-full", q1, None), ("q1-once", q1, once), ("q2-once", q2, once),
+            ("q2-knorm", q2, other), ("far-once", elsewhere, once)]
+    admission = PrefixAdmission(jobs)
+    first = _drain(admission)
+    assert {j[0] for j in first} == {"q1-full", "q1-once", "q2-knorm", "far-once"}
+    leader = next(j for j in first if j[0] == "q1-once")
+    admission.prefilled(leader)  # its first token is not enough: the store lands at the end
+    assert _drain(admission) == [] and not admission.finished
+    admission.done(leader)
+    assert [j[0] for j in _drain(admission)] == ["q2-once"]
+    assert admission.finished
