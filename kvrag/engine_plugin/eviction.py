@@ -109,14 +109,25 @@ class KvragCostStrategy(EvictionStrategy):
                 node.last_access_time)
 
     def credit(self, node: Any) -> float:
-        """``f ** frequency_exponent * c / s``: the part of ``H`` that aging does not touch."""
+        """``f ** frequency_exponent * c / s``: the part of ``H`` that aging does not touch.
+
+        A compressed corpus prefix stored by compress-once (``once.py``) holds ``s`` kept
+        slots but costs the prefill of its whole logical prefix ``e`` to rebuild, so its
+        ``c = e (e + 1) / 2``: cheap to hold for what it saves.
+        """
+        from kvrag.engine_plugin.once import stored_prefix_length
+
+        hits = max(node.hit_count, 1) ** self.frequency_exponent
+        logical = stored_prefix_length(node.key)
+        if logical is not None:
+            return hits * logical * (logical + 1) / (2 * len(node.key))
         above = 0
         parent = node.parent
         while parent is not None:
             above += len(parent.key)
             parent = parent.parent
         size = len(node.key)
-        return max(node.hit_count, 1) ** self.frequency_exponent * (above + (size + 1) / 2)
+        return hits * (above + (size + 1) / 2)
 
     def level_at(self, clock: float) -> float:
         """``L`` after the last eviction recorded strictly before ``clock``."""

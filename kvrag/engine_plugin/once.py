@@ -41,11 +41,22 @@ def kept_prefix(spec: CompressionSpec, span: tuple[int, int]) -> int:
 
 
 def key_tokens(prefix: array | list[int], spec: CompressionSpec, kmax: int) -> array:
-    """The tree key of a compressed prefix: a hash of its ids and spec, then a count."""
+    """The tree key of a compressed prefix: a hash of its ids and spec, the prefix's
+    length (what recomputing it costs, which ``kvrag-cost`` reads), then a count."""
     digest = hashlib.sha256(array("q", prefix).tobytes() + spec.name.encode()).digest()
     head = [int.from_bytes(digest[4 * i:4 * i + 4], "little") & 0x7FFFFFFF
             for i in range(_HASH_TOKENS)]
-    return array("q", (head + list(range(max(0, kmax - _HASH_TOKENS))))[:kmax])
+    return array("q", (head + [len(prefix)] + list(range(kmax)))[:kmax])
+
+
+def stored_prefix_length(key) -> int | None:
+    """The logical length of the compressed prefix a tree node's ``RadixKey`` stores, or
+    None for an ordinary node (its ``extra_key`` is not a compress-once namespace)."""
+    extra = getattr(key, "extra_key", None)
+    if not (isinstance(extra, str) and extra.startswith(NAMESPACE + ":")) \
+            or len(key) <= _HASH_TOKENS:
+        return None
+    return int(key.token_ids[_HASH_TOKENS])
 
 
 def namespace(spec: CompressionSpec, extra_key: str | None) -> str:

@@ -240,3 +240,25 @@ def test_unified_cache_runs_kvrag_cost_on_the_python_core(monkeypatch, core: str
     assert strategy_of(cache).aging == 0.5
     other, _ = make_cache("unified", "lru", core=core)  # the hook leaves other policies alone
     assert type(other.tree_core) is RustUnifiedTreeCore
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_a_stored_compressed_prefix_is_cheap_to_hold_for_what_it_saves(tree: str) -> None:
+    """A compress-once entry of 20 kept slots standing for a 200-token prefix: kvrag-cost
+    scores it by the prefill it saves, 200 * 201 / 2 over 20 slots = 1005, so a plain
+    40-token prefix (41/2 = 20.5) goes first although it was used later; lru drops the
+    older compressed one."""
+    from kvrag.compression import parse_spec
+    from kvrag.engine_plugin.once import key_tokens, namespace
+
+    spec = parse_spec("once:snapkv:0.9")
+    stored = key_tokens(seq(7000, 200), spec, 20)
+    orders = {}
+    for policy in (POLICY_NAME, "lru"):
+        cache, pool = make_cache(tree, policy)
+        cache.insert(InsertParams(key=RadixKey(stored, namespace(spec, None)),
+                                  value=torch.tensor(seq(9000, 20))))
+        insert(cache, P)
+        orders[policy] = evict(cache, pool, 60)
+    assert orders[POLICY_NAME] == [tuple(P), tuple(seq(9000, 20))]
+    assert orders["lru"] == [tuple(seq(9000, 20)), tuple(P)]
