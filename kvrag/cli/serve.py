@@ -53,7 +53,10 @@ def serve(
     model: Annotated[str, typer.Option(
         help="A packaged model name (smollm2) or a local HF checkpoint dir.")] = "smollm2",
     compression: Annotated[str | None, typer.Option(
-        help="Server default, e.g. snapkv:0.5; requests may override it with "
+        help="Server default, e.g. snapkv:0.5, or once:snapkv:0.5 (each corpus compressed "
+             "once and shared by its questions; requests then name the corpus with "
+             "custom_params.kvrag_span, the documents' [start, end) token span, the corpus "
+             "prefix ending where it ends); requests may override it with "
              "custom_params.kvrag_compression (or 'none').")] = None,
     allow_request_specs: Annotated[str | None, typer.Option(help=(
         "Comma-separated specs requests may ask for, or 'any' (default: the server's own "
