@@ -136,6 +136,11 @@ class _Resident:
     once: object = None  # once.OnceRequest of a request that built a shared prefix
 
     @property
+    def shift(self) -> int:
+        """Logical minus physical length (the prompt tokens compaction removed)."""
+        return self.record.n - int(self.record.slots.numel())
+
+    @property
     def uneven(self) -> bool:
         return len(set(self.record.keep)) > 1
 
@@ -154,6 +159,8 @@ class KvragAttnBackend(AttentionBackend):
         self.rows = model_runner.req_to_token_pool
         self.req_to_token = self.rows.req_to_token
         self.pool = model_runner.token_to_kv_pool
+        # plans the inner backend's reads (kv_loc_plan) over req_to_token rows
+        self.translator = getattr(model_runner, "kv_index_translator", None)
         self.allocator = model_runner.token_to_kv_pool_allocator
         self.layer_ids = list(range(self.pool.start_layer,
                                     self.pool.start_layer + self.pool.layer_num))
@@ -168,6 +175,7 @@ class KvragAttnBackend(AttentionBackend):
         self.shifted: set[int] = set()
         self.tails: dict[int, _QueryTail] = {}  # req_pool_idx -> captured queries
         self.resident: dict[int, _Resident] = {}  # req_pool_idx -> compacted request
+        self._by_physical: dict[int, _Resident] = {}  # its physical row -> the same
         self._uneven = 0  # resident requests with per-layer budgets
         self.room_made = False  # a compaction freed slots since the scheduler last admitted
         # the next extend batch's rows and which of them will be compressed, from the
@@ -243,7 +251,7 @@ class KvragAttnBackend(AttentionBackend):
 
     def _shift_of(self, row: int) -> int:
         resident = self.resident.get(row)
-        return 0 if resident is None else resident.record.n - int(resident.record.slots.numel())
+        return 0 if resident is None else resident.shift
 
     def _view_of(self, fb, rows: torch.Tensor, lengths: torch.Tensor, lengths_sum: int):
         """A shallow copy of ``fb`` over physical rows; the model keeps the original."""
@@ -255,18 +263,17 @@ class KvragAttnBackend(AttentionBackend):
         view.seq_lens_sum = lengths_sum
         plan = getattr(fb, "kv_loc_plan", None)
         if plan is not None:
-            view.kv_loc_plan = plan.reads_from(plan._source, seq_lens=lengths,
+            view.kv_loc_plan = plan.reads_from(self.translator, seq_lens=lengths,
                                                seq_lens_cpu=view.seq_lens_cpu,
                                                read_extent=plan.read_extent)
             view.kv_loc_plan.req_pool_indices = rows
         return view
 
     def _python_plan(self, view) -> list[_DecodePlan]:
-        by_row = {r.row: r for r in self.resident.values()}
         plans = []
         for row, length in zip(view.req_pool_indices.tolist(), view.seq_lens.tolist(),
                                strict=True):
-            resident = by_row.get(row)
+            resident = self._by_physical.get(row)
             keep = resident.record.keep if resident is not None and resident.uneven else None
             plans.append(_DecodePlan.of(self.req_to_token[row], length, keep))
         return plans
@@ -383,11 +390,12 @@ class KvragAttnBackend(AttentionBackend):
                            "prefix is shared); left uncompressed", rid)
             return None
         record = result.compacted
-        resident = self.resident[row] = _Resident(record, physical[0])
+        resident = self.resident[row] = self._by_physical[physical[0]] = _Resident(
+            record, physical[0])
         kmax = int(record.slots.numel())
         self.req_to_token[resident.row, :kmax] = record.slots.to(self.req_to_token.dtype)
         self.physical_row[row] = resident.row
-        self.shift[row] = n - kmax
+        self.shift[row] = resident.shift
         self._uneven += resident.uneven
         return result
 
@@ -400,6 +408,7 @@ class KvragAttnBackend(AttentionBackend):
         resident = self.resident.pop(row, None)
         if resident is None:
             return None
+        del self._by_physical[resident.row]
         self.physical_row[row] = row
         self.shift[row] = 0
         self._uneven -= resident.uneven
