@@ -104,8 +104,8 @@ class SGLangURLEngine(TokenizerMethods):
                     kv_bytes=int(kv_tokens * self.kv_bytes_per_token),
                     prefill_s=(first or t1) - t0, decode_s=t1 - (first or t1),
                     new_tokens=len(ids), attended_tokens=kv_tokens, doc_tokens=n_doc,
-                    prefill_tokens=n - int(last.get("meta_info", {}).get("cached_tokens", 0)),
-                    shared_kv_tokens=float(enc.context_end) if compression is None else 0.0)
+                    prefill_tokens=_prefilled(last.get("meta_info", {}), n),
+                    shared_kv_tokens=_shared(enc, compression))
         return Generation(self.tokenizer.decode(ids, skip_special_tokens=True), cost,
                           truncated=finish.get("type") == "length")
 
@@ -157,6 +157,20 @@ def server_info(url: str, api_key: str | None = None) -> dict:
             raise ServerUnavailableError(
                 f"cannot reach an SGLang server at {url}: {e}") from None
     raise ServerUnavailableError(f"{url} has no /server_info: is it an SGLang server?")
+
+
+def _prefilled(meta: dict, n: int) -> int:
+    """Prompt tokens the server computed: what it was sent (a once: hit is sent its stored
+    prefix's key and its question) less what its radix cache held."""
+    return int(meta.get("prompt_tokens", n)) - int(meta.get("cached_tokens", 0))
+
+
+def _shared(enc, compression: CompressionSpec | None) -> float:
+    if compression is None:
+        return float(enc.context_end)
+    if compression.once:
+        return float(enc.context_start + compression.kept(enc.context_end - enc.context_start))
+    return 0.0
 
 
 def check_servable(url: str, info: dict, spec: CompressionSpec) -> None:

@@ -350,7 +350,8 @@ def test_sglang_requests_in_flight_answer_as_one_at_a_time(tmp_path, tiny_model_
     port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("kvrag")), "serve", "--model", str(tiny_model_dir),
-         "--compression", "snapkv:0.5", "--port", str(port)],
+         "--compression", "snapkv:0.5", "--port", str(port),
+         "--allow-request-specs", "none,snapkv:0.5,once:snapkv:0.5"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -365,6 +366,17 @@ def test_sglang_requests_in_flight_answer_as_one_at_a_time(tmp_path, tiny_model_
         refused = compare(tmp_path / "h2o", tiny_model_dir, "--engine", "sglang-url", "--url",
                           url, "--limit", "1", "--systems", "h2o:0.5")
         assert refused.exit_code == 2 and "not allowed on this server" in refused.output
+        # compress-once over HTTP: two questions over one corpus, two in flight; the
+        # second waits for the first to store the compressed corpus, then matches it
+        shared = compare(tmp_path / "once", tiny_model_dir, "--engine", "sglang-url", "--url",
+                         url, "--dataset", "demo-shared", "--limit", "2", "--systems",
+                         "once:snapkv:0.5", "--concurrency", "2")
+        assert shared.exit_code == 0, shared.output
+        costs = [json.loads(x)["cost"]
+                 for x in (tmp_path / "once" / "results.jsonl").read_text().splitlines()]
+        built, matched = sorted(c["prefill_tokens"] for c in costs)[::-1]
+        assert matched < 100 < built
+        assert costs[0]["shared_kv_tokens"] == costs[1]["shared_kv_tokens"] > 0
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
