@@ -450,6 +450,10 @@ def _after_private_tokens(result, kv, *args, **kwargs):
 def _before_decode_result(scheduler, batch, *args, **kwargs):
     """With ``KVRAG_PLUGIN_POOL_LOG``: the pool's slots in use while ``batch`` decodes (the
     tree's cached prefixes included) and how many requests it holds."""
+    from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    if get_tensor_model_parallel_rank() != 0:
+        return
     allocator = scheduler.token_to_kv_pool_allocator
     line = {"used": int(allocator.size - allocator.available_size()),
             "running": len(batch.reqs)}
