@@ -197,19 +197,24 @@ def serving_cmd(
                                   indent=2) + "\n")
 
 
+def _run_bench(label: str, bench, *args, **kwargs):
+    """``bench(*args, on_step=..., **kwargs)`` under a status line; a ValueError fails."""
+    try:
+        with console.status(label) as status:
+            return bench(*args, on_step=lambda step: status.update(step), **kwargs)
+    except ValueError as e:
+        fail(str(e))
+
+
 def _serving_load(model_path, model, method, ratios, concurrency, context_tokens, new_tokens,
                   pool_tokens, placement, decode_path, out) -> None:
     from kvrag.bench.serving import base_backend
     from kvrag.bench.serving_load import bench_serving_load
 
-    try:
-        with console.status("benchmarking under load") as status:
-            settings, rows = bench_serving_load(
-                model_path, method, ratios, concurrency, context_tokens, new_tokens,
-                pool_tokens, on_step=lambda label: status.update(label), placement=placement,
-                decode_path=decode_path)
-    except ValueError as e:
-        fail(str(e))
+    settings, rows = _run_bench(
+        "benchmarking under load", bench_serving_load, model_path, method, ratios,
+        concurrency, context_tokens, new_tokens, pool_tokens, placement=placement,
+        decode_path=decode_path)
     console.print(
         f"{model} on {placement.device} in {placement.dtype_name}: {settings['requests']} "
         f"requests at once, median {settings['prompt_tokens_median']:.0f}-token prompts, "
@@ -223,14 +228,10 @@ def _serving_shared(model_path, model, method, ratio, questions, context_tokens,
                     pool_tokens, placement, decode_path, out) -> None:
     from kvrag.bench.serving_shared import bench_serving_shared
 
-    try:
-        with console.status("benchmarking a shared corpus") as status:
-            settings, rows = bench_serving_shared(
-                model_path, method, ratio, questions, context_tokens, new_tokens, pool_tokens,
-                on_step=lambda label: status.update(label), placement=placement,
-                decode_path=decode_path)
-    except ValueError as e:
-        fail(str(e))
+    settings, rows = _run_bench(
+        "benchmarking a shared corpus", bench_serving_shared, model_path, method, ratio,
+        questions, context_tokens, new_tokens, pool_tokens, placement=placement,
+        decode_path=decode_path)
     console.print(
         f"{model} on {placement.device} in {placement.dtype_name}: {questions} questions over "
         f"one {settings['corpus_prefix_tokens']:,}-token corpus prefix (kept by the spec: "
