@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +12,7 @@ import typer
 
 from kvrag.cli.common import DeviceOption, DtypeOption, StepProgress, console, fail
 from kvrag.compression import queries_needed
+from kvrag.data.demo import DEMO_PER_TASK, SUBSETS, make_demo
 from kvrag.data.loaders import LOADERS, fingerprint, load_dataset
 from kvrag.data.prompt import prompt_version
 from kvrag.data.schema import DatasetError, Instance
@@ -18,7 +21,8 @@ from kvrag.engines.device import resolve as resolve_placement
 from kvrag.engines.models import ModelNotFoundError, kvrag_home, resolve_model
 from kvrag.engines.sglang_options import SGLangOptions, parse_sglang_args
 from kvrag.engines.sglang_url import ServerUnavailableError
-from kvrag.evaluation.metrics import SCORING_VERSION
+from kvrag.evaluation.judge import AnswerJudge, ChatClient, JudgeUnavailableError
+from kvrag.evaluation.metrics import SCORING_VERSION, task_score
 from kvrag.evaluation.prompt_fit import Fitted, PromptTooLongError, fit_instances, prompt_limit
 from kvrag.evaluation.report import summarize, write_reports
 from kvrag.evaluation.run_lock import RunLock, RunLockedError
@@ -143,6 +147,18 @@ def compare(
     sglang_arg: Annotated[list[str] | None, typer.Option(help=(
         "sglang engine: any other SGLang option as KEY=VALUE (VALUE read as JSON where it "
         "parses), passed unchanged; repeatable."))] = None,
+    judge_url: Annotated[str | None, typer.Option(help=(
+        "Also rate every output 0-100 against the gold answer with an LLM judge served at "
+        "this OpenAI-compatible URL (e.g. `kvrag serve` at http://HOST:PORT/v1); the "
+        "judge's model name is recorded with the run."))] = None,
+    judge_model: Annotated[str | None, typer.Option(
+        help="The judge's model name (default: the first the server lists).")] = None,
+    context_tokens: Annotated[str | None, typer.Option(help=(
+        "A length sweep, e.g. 1000,2000,4000,8000: one sub-run per length into OUT/len-N, "
+        "every question's prompt cut to N tokens (chat template included) by dropping "
+        "non-gold documents, last first; then OUT/sweep.md and OUT/accuracy_vs_length.png. "
+        "With --dataset demo the suite is generated at the longest length, so shorter "
+        "ones hold the same questions over fewer distractors."))] = None,
     fit_context: Annotated[bool, typer.Option(
         "--fit-context", help=(
             "Trim prompts that do not fit by dropping non-gold documents, last first (never "
@@ -174,8 +190,17 @@ def compare(
                         chunk_tokens=chunk_tokens, order=rag_order)
         options = SystemOptions(rag=rag)
         system_list = parse_systems(systems, options)
-        instances = load_dataset(dataset, fmt)
+        lengths = parse_lengths(context_tokens) if context_tokens else []
+        if lengths and (max_prompt_tokens is not None or fit_context):
+            raise ValueError("--context-tokens sets each sub-run's prompt limit and trims to "
+                             "it; leave out --max-prompt-tokens and --fit-context")
+        if lengths and dataset == "demo":
+            instances = make_demo(context_tokens=max(lengths),
+                                  per_task=-(-limit // len(SUBSETS)) if limit else DEMO_PER_TASK)
+        else:
+            instances = load_dataset(dataset, fmt)
         model_path = resolve_model(model, console)
+        judge = AnswerJudge(ChatClient(judge_url, judge_model)) if judge_url else None
         if any(isinstance(s, RagSystem) for s in system_list):
             options.rag_pipeline()  # a bad --chroma-url fails now, before any work
         if (engine == "sglang-url") != (url is not None):
@@ -188,17 +213,19 @@ def compare(
                 if isinstance(s, CompressedContext):
                     check_servable(url, info, s.spec)
     except (SystemSpecError, DatasetError, ModelNotFoundError, ChromaUnavailableError,
-            EmbeddingModelNotFoundError, DeviceError, ServerUnavailableError, ValueError) as e:
+            EmbeddingModelNotFoundError, DeviceError, ServerUnavailableError, ValueError,
+            JudgeUnavailableError) as e:
         fail(str(e))
     instances = instances[:limit] if limit else instances
     try:
-        fitted = _fit(instances, model, model_path, max_new_tokens, max_prompt_tokens,
-                      fit_context)
+        fits = {n: _fit(instances, model, model_path, max_new_tokens, n, True)
+                for n in lengths} or {None: _fit(instances, model, model_path, max_new_tokens,
+                                                 max_prompt_tokens, fit_context)}
     except PromptTooLongError as e:
         fail(str(e))
     run_config = {
         "model": model, "engine": engine, "dataset": dataset,
-        "dataset_sha256": fingerprint(dataset), "max_new_tokens": max_new_tokens,
+        "dataset_sha256": None, "max_new_tokens": max_new_tokens,
         "adapter": str(adapter.resolve()) if adapter is not None else None,
         "prompt_version": prompt_version(), "scoring_version": SCORING_VERSION,
         "chunk_tokens": chunk_tokens, "rag_order": rag_order,
@@ -206,16 +233,50 @@ def compare(
         "rag_index": chroma_url or str(rag.index_dir.resolve()),
         "max_prompt_tokens": max_prompt_tokens, "fit_context": fit_context,
         **placement.to_json(), "url": url,
+        "judge_model": judge.model if judge is not None else None,
     }
     if concurrency is None:
         concurrency = default_concurrency(engine, placement)
-    plan = _Plan(out, run_config, fitted, system_list, model_path, adapter, placement, sglang,
-                 concurrency, seed, api_key)
+    for n, fitted in fits.items():
+        config = run_config | {"dataset_sha256": fingerprint(dataset) if n is None
+                               else instances_sha256(fitted.instances)}
+        if n is not None:
+            config |= {"context_tokens": n, "max_prompt_tokens": n, "fit_context": True}
+        plan = _Plan(out if n is None else out / f"len-{n}", config, fitted, system_list,
+                     model_path, adapter, placement, sglang, concurrency, seed, api_key, judge)
+        try:
+            with RunLock(plan.out):
+                _run(plan)
+        except (RunLockedError, StoreMismatchError) as e:
+            fail(str(e))
+    if lengths:
+        from kvrag.evaluation.across_runs import load_run
+        from kvrag.evaluation.length_sweep import PLOT_NAME, write_sweep
+
+        text = write_sweep([load_run(out / f"len-{n}") for n in lengths], out / PLOT_NAME, seed)
+        console.print(text, markup=False, highlight=False)
+        console.print(f"Length sweep in {out}/ (sweep.md, {PLOT_NAME}; one compare run per "
+                      "length in len-N/)")
+
+
+def parse_lengths(text: str) -> list[int]:
+    """``1000,2000,4000`` as sorted distinct lengths; each must be a positive integer."""
     try:
-        with RunLock(out):
-            _run(plan)
-    except (RunLockedError, StoreMismatchError) as e:
-        fail(str(e))
+        lengths = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ValueError(f"--context-tokens takes comma-separated token counts such as "
+                         f"1000,2000,4000, got {text!r}") from None
+    if not lengths or lengths[0] < 1:
+        raise ValueError(f"--context-tokens needs positive token counts, got {text!r}")
+    return lengths
+
+
+def instances_sha256(instances: list[Instance]) -> str:
+    """sha256 of the instances as kvrag JSONL, for data that has no file of its own."""
+    digest = hashlib.sha256()
+    for instance in instances:
+        digest.update(json.dumps(instance.to_json(), ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def default_concurrency(engine: str, placement: Placement) -> int:
@@ -255,6 +316,7 @@ class _Plan:
     concurrency: int
     seed: int
     api_key: str | None
+    judge: AnswerJudge | None
 
 
 def _run(plan: _Plan) -> None:
@@ -273,18 +335,20 @@ def _run(plan: _Plan) -> None:
         with console.status("Loading model..."):
             eng = _load_engine(engine, plan.model_path, system_list, adapter, plan.placement,
                                plan.sglang, plan.config["url"], plan.api_key)
-        with StepProgress("answering", len(work), "SubEM") as progress:
-            correct: list[float] = []
+        with StepProgress("answering", len(work), "score") as progress:
+            answered: list[float | None] = []
 
             def on_answer(record: dict) -> None:
-                correct.append(record["scores"]["subem"])
-                progress.update(len(correct), f"{100 * sum(correct) / len(correct):.0f}%",
+                answered.append(task_score(record))
+                scored = [v for v in answered if v is not None]
+                progress.update(len(answered),
+                                f"{100 * sum(scored) / len(scored):.0f}%" if scored else "–",
                                 description=record["system"])
 
             try:
                 run_comparison(work, eng, store, max_new_tokens, on_answer,
-                               plan.fitted.docs_dropped, plan.concurrency)
-            except RuntimeError as e:  # the engine refused or lost a request
+                               plan.fitted.docs_dropped, plan.concurrency, plan.judge)
+            except (RuntimeError, JudgeUnavailableError) as e:  # a refused or lost request
                 fail(f"{e}; the {len(store.records)} answers stored in {store.path} are kept "
                      "and a rerun resumes after them")
             finally:
@@ -294,6 +358,9 @@ def _run(plan: _Plan) -> None:
             console.print(f"{eng.retried_alone} compressed requests found the KV pool too full "
                           "to compact and were asked again one at a time; a larger "
                           "--max-total-tokens or a lower --concurrency avoids that.")
+        if plan.judge is not None:
+            console.print(f"Judge {plan.judge.model}: {plan.judge.calls} outputs rated, "
+                          f"{plan.judge.unparsed} replies without a readable rating.")
     else:
         console.print(f"All {total} answers are already in {store.path}; nothing to run.")
     label = model if adapter is None else f"{model} + adapter {adapter}"

@@ -17,8 +17,12 @@ def report(
         help="Comma-separated systems to show (default: all that any run answered).")] = None,
     out: Annotated[Path | None, typer.Option(help="Also write the table to this file.")] = None,
     metric: Annotated[str, typer.Option(
-        help="subem (gold inside the extracted answer), subem_output (gold anywhere in the "
-             "output), em (exact) or f1.")] = "subem",
+        help="task (each task's own metric: SubEM for QA, accuracy for multiple choice, "
+             "ROUGE-L for summaries), subem (gold inside the extracted answer), subem_output "
+             "(gold anywhere in the output), em (exact) or f1.")] = "task",
+    plot: Annotated[Path | None, typer.Option(help=(
+        "Runs of one length sweep (compare --context-tokens): where to draw accuracy "
+        "against length (default: accuracy_vs_length.png beside the first run)."))] = None,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
 ) -> None:
     """Compare runs of one dataset, e.g. the base model and its adapters, system by system.
@@ -28,8 +32,21 @@ def report(
     cache under compression or RAG. SubEM credits any answer that contains the gold one,
     so a verbose model can outscore a terse one; compare with --metric em.
     """
-    from kvrag.evaluation.across_runs import compare_runs, load_runs, render_markdown
+    from kvrag.evaluation.across_runs import compare_runs, load_run, load_runs, render_markdown
+    from kvrag.evaluation.length_sweep import PLOT_NAME, is_sweep, write_sweep
 
+    try:
+        swept = [load_run(path) for path in runs]
+    except FileNotFoundError as e:
+        fail(str(e))
+    if is_sweep(swept):
+        plot = plot or runs[0].parent / PLOT_NAME
+        text = write_sweep(swept, plot, seed)
+        if out is not None:
+            out.write_text(text)
+        console.print(text, markup=False, highlight=False)
+        console.print(f"Accuracy against length drawn in {plot}")
+        return
     try:
         loaded = load_runs(runs)
         table = compare_runs(loaded, systems.split(",") if systems else None, seed, metric)

@@ -50,6 +50,8 @@ def format_doc(number: int, doc: Doc) -> str:
 def instructions(instance: Instance) -> str:
     if instance.task == "mc":
         return f"Choose one option. Finish your reply with: {ANSWER_MARKER} <letter>"
+    if instance.task == "sum":
+        return "Reply with the summary only."
     return f"Finish your reply with: {ANSWER_MARKER} <answer>"
 
 
@@ -78,6 +80,7 @@ def prompt_version() -> str:
     layout, instructions), so results made with another template are never mixed."""
     docs = [Doc("a", "Title A", "Text a."), Doc("b", "Title B", "Text b.")]
     probes = [Instance("v", "Question?", ["x"], docs, ["a"]),
-              Instance("v", "Question?", ["A"], docs, ["a"], task="mc", choices=["x", "y"])]
+              Instance("v", "Question?", ["A"], docs, ["a"], task="mc", choices=["x", "y"]),
+              Instance("v", "Summarize.", ["x"], docs, [], task="sum")]
     text = "\x00".join(json.dumps(build_prompt(p).messages()) for p in probes)
     return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -2,8 +2,10 @@
 
 One JSON object per line:
 ``{"id", "question", "answers": [str], "docs": [{"id", "title", "text"}],
-"gold_doc_ids": [str], "choices": [str] (mc only), "task": "qa"|"mc"}``
-plus the optional ``"subset"`` (a task family name used to group scores).
+"gold_doc_ids": [str], "choices": [str] (mc only), "task": "qa"|"mc"|"sum"}``
+plus the optional ``"subset"`` (a task family name used to group scores) and
+``"provenance"`` (an object saying how the instance was built, kept as is). For ``sum``
+(summarisation) the answers are reference summaries.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TypeVar
 
-TASKS = ("qa", "mc")
+TASKS = ("qa", "mc", "sum")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -43,6 +45,7 @@ class Instance:
     task: str = "qa"
     choices: list[str] = field(default_factory=list)
     subset: str = ""
+    provenance: dict = field(default_factory=dict, compare=False)
 
     @property
     def group(self) -> str:
@@ -62,6 +65,8 @@ class Instance:
             del record["choices"]
         if not self.subset:
             del record["subset"]
+        if not self.provenance:
+            del record["provenance"]
         return record
 
 
@@ -83,7 +88,8 @@ def parse_instance(record: object) -> Instance:
     """Validate one decoded JSON record; raises ValueError saying what is wrong."""
     _require(isinstance(record, dict), "each line must be a JSON object")
     assert isinstance(record, dict)
-    known = {"id", "question", "answers", "docs", "gold_doc_ids", "choices", "task", "subset"}
+    known = {"id", "question", "answers", "docs", "gold_doc_ids", "choices", "task", "subset",
+             "provenance"}
     unknown = sorted(set(record) - known)
     _require(not unknown, f"unknown field(s) {unknown}; allowed: {sorted(known)}")
     for key in ("id", "question"):
@@ -116,9 +122,11 @@ def parse_instance(record: object) -> Instance:
                  f"mc 'answers' must be choice letters among {sorted(valid)}")
     subset = record.get("subset", "")
     _require(isinstance(subset, str), "'subset' must be a string")
+    provenance = record.get("provenance", {})
+    _require(isinstance(provenance, dict), "'provenance' must be an object")
     return Instance(
         id=record["id"], question=record["question"], answers=answers, docs=docs,
-        gold_doc_ids=gold, task=task, choices=choices, subset=subset,
+        gold_doc_ids=gold, task=task, choices=choices, subset=subset, provenance=provenance,
     )
 
 

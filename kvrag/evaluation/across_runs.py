@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kvrag.evaluation.report import bootstrap_ci
+from kvrag.evaluation.metrics import task_score
+from kvrag.evaluation.report import bootstrap_ci, format_ci
 from kvrag.evaluation.store import read_results
 
 
@@ -75,7 +76,12 @@ def load_runs(paths: Sequence[Path]) -> list[Run]:
             for run, path in zip(runs, paths, strict=True)]
 
 
-METRICS = ("subem", "subem_output", "em", "f1")
+METRICS = ("task", "subem", "subem_output", "em", "f1")
+
+
+def _value(record: dict, metric: str) -> float | None:
+    """``task``: the record's task metric (SubEM, accuracy, ROUGE-L); else that score."""
+    return task_score(record) if metric == "task" else record["scores"].get(metric)
 
 
 def _normalized(answer: str) -> str:
@@ -105,26 +111,30 @@ def compare_runs(runs: Sequence[Run], systems: Sequence[str] | None = None,
         ids = sorted(set.intersection(*(set(r.by_system[system]) for r in holders)))
         baseline = holders[0].by_system[system]
         for run in holders:
-            if any(metric not in run.by_system[system][q]["scores"] for q in ids):
+            if metric != "task" and any(metric not in run.by_system[system][q]["scores"]
+                                        for q in ids):
                 raise ValueError(f"run {run.label!r} has no {metric} scores for {system} "
                                  "(made by an older kvrag); rerun it into a new directory")
+        ids = [q for q in ids if all(_value(r.by_system[system][q], metric) is not None
+                                     for r in holders)]  # e.g. a summary has no SubEM
         rows = {}
         for run in holders:
             recs = [run.by_system[system][q] for q in ids]
-            values = [r["scores"][metric] for r in recs]
+            values = [_value(r, metric) for r in recs]
             row = {"n": len(ids), "score": float(np.mean(values)) if ids else None,
                    "ci95": bootstrap_ci(values, seed), "by_group": {}}
             for group in sorted({r["group"] for r in recs}):
-                in_group = [r["scores"][metric] for r in recs if r["group"] == group]
-                row["by_group"][group] = {"n": len(in_group), "score": float(np.mean(in_group))}
+                in_group = [_value(r, metric) for r in recs if r["group"] == group]
+                row["by_group"][group] = {"n": len(in_group), "score": float(np.mean(in_group)),
+                                          "ci95": bootstrap_ci(in_group, seed)}
             if run is not holders[0]:
-                diffs = [a["scores"][metric] - baseline[q]["scores"][metric]
+                diffs = [_value(a, metric) - _value(baseline[q], metric)
                          for q, a in zip(ids, recs, strict=True)]
                 row["vs_baseline"] = {"delta": float(np.mean(diffs)),
                                       "ci95": bootstrap_ci(diffs, seed)}
             full = [run.by_system.get("full", {}).get(q) for q in ids]
             if system != "full" and ids and all(full):
-                base = float(np.mean([f["scores"][metric] for f in full]))
+                base = float(np.mean([_value(f, metric) for f in full]))
                 row["vs_own_full"] = (row["score"] - base) / base if base > 0 else None
                 if all("answer" in r for r in recs + full):
                     same = [float(_normalized(r["answer"]) == _normalized(f["answer"]))
@@ -139,9 +149,10 @@ def compare_runs(runs: Sequence[Run], systems: Sequence[str] | None = None,
 def render_markdown(table: dict) -> str:
     groups = sorted({g for rows in table["systems"].values() for row in rows.values()
                      for g in row["by_group"]})
-    name = {"subem": "SubEM", "subem_output": "SubEM of the whole output", "em": "EM",
-            "f1": "F1"}[table["metric"]]
-    lines = [f"{name} in % (multiple choice: accuracy); Δ is paired against "
+    name = {"task": "Task score", "subem": "SubEM", "subem_output": "SubEM of the whole output",
+            "em": "EM", "f1": "F1"}[table["metric"]]
+    lines = [f"{name} in % (task score: SubEM for QA, accuracy for multiple choice, ROUGE-L "
+             "for summaries; per task with its 95% CI); Δ is paired against "
              f"`{table['baseline']}` on the same questions; the last column is the change "
              "relative to the same model's `full`, and *same answer* is how often the "
              "extracted answer equals the one `full` gave.", "",
@@ -151,8 +162,9 @@ def render_markdown(table: dict) -> str:
              "|---|---|---|" + "---|" * len(groups) + "---|---|---|---|"]
     for system, rows in table["systems"].items():
         for label, row in rows.items():
-            cells = [f"{100 * row['by_group'][g]['score']:.1f}" if g in row["by_group"]
-                     else "–" for g in groups]
+            cells = [f"{100 * row['by_group'][g]['score']:.1f} "
+                     f"{format_ci(row['by_group'][g].get('ci95'))}".rstrip()
+                     if g in row["by_group"] else "–" for g in groups]
             ci = row["ci95"]
             delta = row.get("vs_baseline")
             delta_txt = (f"{100 * delta['delta']:+.1f} [{100 * delta['ci95'][0]:+.1f}, "

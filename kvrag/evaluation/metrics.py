@@ -2,7 +2,9 @@
 
 Normalisation follows SQuAD (lower-case, strip punctuation and articles, squeeze spaces).
 For a multiple-choice instance the extracted letter is what gets scored, so SubEM, EM
-and F1 all equal its accuracy there; ``accuracy`` is None for open questions.
+and F1 all equal its accuracy there; ``accuracy`` is None for open questions. A summary
+(task ``sum``) is the whole output, scored by ROUGE-L F-measure against the best reference.
+Each task declares the metric that represents it (``TASK_METRICS``).
 """
 
 from __future__ import annotations
@@ -11,14 +13,19 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import cache
 
 from kvrag.data.prompt import ANSWER_MARKER, Prompt
 from kvrag.data.schema import LETTERS, Instance
 
 # Bumped whenever a rule below changes a score; a run records it so a resume cannot mix
 # records scored by two rules.
-SCORING_VERSION = 2
+SCORING_VERSION = 3
+
+#: The score that stands for each task in summaries (``judge``, when a judge ran, is
+#: reported beside it for every task).
+TASK_METRICS = {"qa": "subem", "mc": "accuracy", "sum": "rouge_l"}
 
 _MARKER_RE = re.compile(re.escape(ANSWER_MARKER.rstrip(":")) + r"\s*:?", re.IGNORECASE)
 _CITE_RE = re.compile(r"\[\s*DOC\s*(\d+)\s*\]", re.IGNORECASE)
@@ -31,7 +38,7 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-ANSWER_SOURCES = ("marker", "earlier_marker", "before_marker", "no_marker")
+ANSWER_SOURCES = ("marker", "earlier_marker", "before_marker", "no_marker", "whole")
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,8 @@ class Extraction:
     ``marker``: after the last "The answer is:"; ``earlier_marker``: the last marker's
     answer was empty or cut by the token limit, so an earlier marker's answer was used;
     ``before_marker``: the same, with no earlier marker, so the line before the marker;
-    ``no_marker``: no marker at all, the output's first non-empty line.
+    ``no_marker``: no marker at all, the output's first non-empty line; ``whole``: the
+    whole output (a summary).
     """
 
     text: str
@@ -142,6 +150,19 @@ def token_f1(prediction: str, golds: list[str]) -> float:
     return best
 
 
+@cache
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: list[str]) -> float:
+    """ROUGE-L F-measure (``rouge-score``, Porter stemming) against the best reference."""
+    scorer = _rouge_scorer()
+    return max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
 def cited_doc_ids(output: str, prompt: Prompt) -> list[str]:
     """Doc ids of the ``[DOC i]`` tags cited in ``output`` (unknown numbers dropped)."""
     seen: list[str] = []
@@ -157,13 +178,18 @@ class Scores:
     """``subem`` reads the extracted answer (as the paper); ``subem_output`` any gold answer
     anywhere in the whole output (as HELMET scores its RAG tasks)."""
 
-    subem: float
-    subem_output: float
-    em: float
-    f1: float
+    subem: float | None
+    subem_output: float | None
+    em: float | None
+    f1: float | None
     accuracy: float | None
     cite_precision: float | None
     cite_recall: float | None
+    rouge_l: float | None = None
+    judge: float | None = None  # an LLM judge's 0-100 rating, scaled to [0, 1]
+
+    def with_judge(self, rating: float | None) -> Scores:
+        return replace(self, judge=rating)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -175,14 +201,19 @@ def score(
     """(extracted answer, scores) for one model output; ``truncated``: generation stopped
     at the token limit. For multiple choice the extraction's text is the letter read, and
     ``subem_output`` is its accuracy too (a letter found anywhere proves nothing)."""
-    if instance.task == "mc":
+    rouge = None
+    if instance.task == "sum":
+        extraction = Extraction(output.strip(), "whole")
+        subem = subem_output = em = f1 = accuracy = None
+        rouge = rouge_l(extraction.text, instance.answers)
+    elif instance.task == "mc":
         n = len(instance.choices)
         extraction = extract(output, truncated, lambda a: extract_letter(a, n) is not None)
         letter = extract_letter(extraction.text, n) or match_choice(
             extraction.text, instance.choices)
         correct = float(letter is not None and letter in instance.answers)
         subem = subem_output = em = f1 = correct
-        accuracy: float | None = correct
+        accuracy = correct
         if letter:
             extraction = Extraction(letter, extraction.source)
     else:
@@ -197,4 +228,9 @@ def score(
     if cited and instance.gold_doc_ids:
         hits = len(set(cited) & set(instance.gold_doc_ids))
         precision, recall = hits / len(cited), hits / len(instance.gold_doc_ids)
-    return extraction, Scores(subem, subem_output, em, f1, accuracy, precision, recall)
+    return extraction, Scores(subem, subem_output, em, f1, accuracy, precision, recall, rouge)
+
+
+def task_score(record: dict) -> float | None:
+    """A stored record's score under its task's metric."""
+    return record["scores"].get(TASK_METRICS[record.get("task", "qa")])

@@ -12,7 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-METRICS = ("subem", "subem_output", "em", "f1", "accuracy")
+from kvrag.evaluation.metrics import TASK_METRICS, task_score
+
+METRICS = ("subem", "subem_output", "em", "f1", "accuracy", "rouge_l", "judge")
+METRIC_NAMES = {"subem": "SubEM", "subem_output": "SubEM out", "em": "EM", "f1": "F1",
+                "accuracy": "accuracy", "rouge_l": "ROUGE-L", "judge": "judge"}
 N_BOOTSTRAP = 2000
 
 
@@ -67,11 +71,23 @@ def _system_summary(records: list[dict], full: dict[str, dict] | None, seed: int
     groups: dict[str, list[dict]] = {}
     for r in records:
         groups.setdefault(r["group"], []).append(r)
-    out["by_group"] = {
-        g: {"n": len(rs), **{m: _mean(_metric_values(rs, m)) for m in METRICS},
-            "subem_ci95": bootstrap_ci(_metric_values(rs, "subem"), seed)}
-        for g, rs in groups.items()
-    }
+    out["by_group"] = {g: _group_summary(rs, seed) for g, rs in groups.items()}
+    return out
+
+
+def _group_summary(records: list[dict], seed: int) -> dict:
+    """A group's scores, with its task's metric (``metric``, ``score``) and, when a judge
+    ran, the judge's, each with its interval."""
+    out: dict = {"n": len(records), **{m: _mean(_metric_values(records, m)) for m in METRICS},
+                 "subem_ci95": bootstrap_ci(_metric_values(records, "subem"), seed)}
+    metrics = {TASK_METRICS[r.get("task", "qa")] for r in records}
+    out["metric"] = metrics.pop() if len(metrics) == 1 else "mixed"
+    values = [v for r in records if (v := task_score(r)) is not None]
+    out["score"] = _mean(values)
+    out["score_ci95"] = bootstrap_ci(values, seed)
+    judged = _metric_values(records, "judge")
+    if judged:
+        out["judge_ci95"] = bootstrap_ci(judged, seed)
     return out
 
 
@@ -113,13 +129,13 @@ def _fmt(x: float | None, pct: bool = True) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:,.0f}" if abs(x) >= 100 else f"{x:.2f}"
 
 
-def _ci(ci: list[float] | None) -> str:
-    return f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else ""
+def format_ci(ci: list[float] | None) -> str:
+    return f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci and not np.isnan(ci[0]) else ""
 
 
 def _delta(system: dict, metric: str) -> str:
     delta = system.get("vs_full", {}).get(metric)
-    return f"{100 * delta['delta']:+.1f} {_ci(delta['ci95'])}" if delta else "–"
+    return f"{100 * delta['delta']:+.1f} {format_ci(delta['ci95'])}" if delta else "–"
 
 
 def render_markdown(summary: dict) -> str:
@@ -143,7 +159,7 @@ def render_markdown(summary: dict) -> str:
     ]
     for name, s in summary["systems"].items():
         lines.append(
-            f"| {name} | {s['n']} | {_fmt(s['subem'])} | {_ci(s['ci95'].get('subem'))} "
+            f"| {name} | {s['n']} | {_fmt(s['subem'])} | {format_ci(s['ci95'].get('subem'))} "
             f"| {_delta(s, 'subem')} | {_fmt(s['subem_output'])} | {_delta(s, 'subem_output')} "
             f"| {_fmt(s['em'])} | {_fmt(s['f1'])} | {_fmt(s['accuracy'])} "
             f"| {_fmt(s['truncated'])} "
@@ -153,18 +169,37 @@ def render_markdown(summary: dict) -> str:
             f"| {_fmt(s['prompt_tokens_mean'], False)} "
             f"| {_fmt(s.get('prefill_tokens_mean'), False)} | {_fmt(s['latency_s_mean'], False)} |"
         )
-    groups = sorted({g for s in summary["systems"].values() for g in s["by_group"]})
-    if groups:
-        lines += ["", "## SubEM by task (n)", "",
-                  "| system | " + " | ".join(groups) + " |",
-                  "|---|" + "---|" * len(groups)]
-        for name, s in summary["systems"].items():
-            cells = []
-            for g in groups:
-                gs = s["by_group"].get(g)
-                cells.append(f"{_fmt(gs['subem'])} ({gs['n']})" if gs else "–")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += _task_table(summary)
     return "\n".join(lines) + "\n"
+
+
+def _task_table(summary: dict) -> list[str]:
+    """Each group under its task's metric, with its interval (and the judge's, if any)."""
+    systems = summary["systems"]
+    groups = sorted({g for s in systems.values() for g in s["by_group"]})
+    if not groups:
+        return []
+    metric = {g: next(s["by_group"][g]["metric"] for s in systems.values()
+                      if g in s["by_group"]) for g in groups}
+    judged = any("judge_ci95" in gs for s in systems.values() for gs in s["by_group"].values())
+    lines = ["", "## Score by task: each task's metric, 95% CI (n)"
+             + ("; judge: an LLM judge's 0-100 rating" if judged else ""), "",
+             "| system | " + " | ".join(f"{g} ({METRIC_NAMES.get(metric[g], metric[g])})"
+                                       for g in groups) + " |",
+             "|---|" + "---|" * len(groups)]
+    for name, s in systems.items():
+        cells = []
+        for g in groups:
+            gs = s["by_group"].get(g)
+            if gs is None:
+                cells.append("–")
+                continue
+            cell = f"{_fmt(gs['score'])} {format_ci(gs['score_ci95'])} ({gs['n']})"
+            if "judge_ci95" in gs:
+                cell += f"; judge {_fmt(gs['judge'])} {format_ci(gs['judge_ci95'])}"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_accuracy_vs_kv(summary: dict, path: Path) -> None:

@@ -404,3 +404,37 @@ def test_default_concurrency_batches_only_where_it_pays():
     gpu = Placement(torch.device("cuda", 0), torch.bfloat16)
     assert [default_concurrency(e, cpu) for e in ("hf", "sglang", "sglang-url")] == [1, 1, 16]
     assert default_concurrency("sglang", gpu) == 16 and default_concurrency("hf", gpu) == 1
+
+
+def test_a_length_sweep_answers_the_same_questions_at_each_length(tmp_path,
+                                                                  tiny_model_dir) -> None:
+    out = tmp_path / "sweep"
+    args = ("--dataset", "demo", "--limit", "4", "--systems", "full,snapkv:0.5",
+            "--context-tokens", "1200,600")
+    result = compare(out, tiny_model_dir, *args)
+    assert result.exit_code == 0, result.output
+    runs = {n: [json.loads(line) for line in (out / f"len-{n}" / "results.jsonl").open()]
+            for n in (600, 1200)}
+    for n, records in runs.items():
+        config = json.loads((out / f"len-{n}" / "run.json").read_text())
+        assert config["context_tokens"] == n
+        assert all(r["cost"]["prompt_tokens"] <= n for r in records)
+    assert {r["id"] for r in runs[600]} == {r["id"] for r in runs[1200]}
+    assert len(runs[600]) == 8
+    short = {r["id"]: r["cost"]["prompt_tokens"] for r in runs[600] if r["system"] == "full"}
+    long = {r["id"]: r["cost"]["prompt_tokens"] for r in runs[1200] if r["system"] == "full"}
+    assert all(long[q] > short[q] for q in short)  # cut to each length, gold documents kept
+    assert all(r["docs_dropped"] > 0 for r in runs[600])
+    sweep = (out / "sweep.md").read_text()
+    assert "| full |" in sweep and "| snapkv:0.5 |" in sweep and "600" in sweep
+    assert (out / "accuracy_vs_length.png").read_bytes()[:4] == b"\x89PNG"
+    again = compare(out, tiny_model_dir, *args)
+    assert again.exit_code == 0 and again.output.count("nothing to run") == 2
+
+
+def test_a_length_sweep_refuses_a_prompt_limit_of_its_own(tmp_path, tiny_model_dir) -> None:
+    result = compare(tmp_path / "x", tiny_model_dir, "--context-tokens", "600",
+                     "--max-prompt-tokens", "900")
+    assert result.exit_code != 0 and "leave out --max-prompt-tokens" in result.output
+    result = compare(tmp_path / "y", tiny_model_dir, "--context-tokens", "600,lots")
+    assert result.exit_code != 0 and "comma-separated token counts" in result.output

@@ -37,8 +37,8 @@ def test_scores_only_questions_every_run_answered(runs):
     full = table["systems"]["full"]
     assert set(full) == {"smollm2", "sft-ids"}
     assert full["smollm2"]["n"] == 3 and full["smollm2"]["score"] == pytest.approx(1 / 3)
-    assert full["sft-ids"]["by_group"] == {"a": {"n": 2, "score": 1.0},
-                                           "b": {"n": 1, "score": 1.0}}
+    assert full["sft-ids"]["by_group"] == {"a": {"n": 2, "score": 1.0, "ci95": [1.0, 1.0]},
+                                           "b": {"n": 1, "score": 1.0, "ci95": [1.0, 1.0]}}
 
 
 def test_delta_is_paired_against_the_first_run_and_change_against_own_full(runs):
@@ -57,7 +57,7 @@ def test_markdown_has_a_row_per_system_and_model(runs):
     rows = [line for line in text.splitlines() if line.startswith("| full") or
             line.startswith("| snapkv")]
     assert len(rows) == 4
-    assert "| snapkv:0.5 | sft-ids | 3 | 100.0 | 0.0 |" in text
+    assert "| snapkv:0.5 | sft-ids | 3 | 100.0 [100.0, 100.0] | 0.0 [0.0, 0.0] |" in text
 
 
 def test_same_model_runs_get_their_directory_names(tmp_path):
@@ -78,7 +78,7 @@ def test_unknown_system_and_missing_run_are_clear_errors(runs, tmp_path):
     with pytest.raises(ValueError, match="no run answered system 'rag:1024'"):
         compare_runs(runs, ["rag:1024"])
     with pytest.raises(ValueError,
-                       match="unknown metric 'bleu'; use one of subem, subem_output, em, f1"):
+                       match="unknown metric 'bleu'; use one of task, subem, subem_output, em, f1"):
         compare_runs(runs, metric="bleu")
     with pytest.raises(FileNotFoundError, match="not a kvrag compare output"):
         load_run(tmp_path)

@@ -3,6 +3,7 @@ import pytest
 from kvrag.data.prompt import build_prompt
 from kvrag.data.schema import Doc, Instance
 from kvrag.evaluation.metrics import (
+    TASK_METRICS,
     Extraction,
     cited_doc_ids,
     exact_match,
@@ -10,8 +11,10 @@ from kvrag.evaluation.metrics import (
     extract_answer,
     extract_letter,
     normalize,
+    rouge_l,
     score,
     substring_exact_match,
+    task_score,
     token_f1,
 )
 
@@ -143,3 +146,24 @@ def test_a_letter_at_the_token_limit_is_whole() -> None:
     assert letter == Extraction("B", "marker") and s.accuracy == 1.0
     cut, s = score(inst, "It eats b, so B. The answer is: Option", prompt, truncated=True)
     assert cut == Extraction("B", "before_marker") and s.accuracy == 1.0
+
+
+def test_a_summary_is_the_whole_output_scored_by_rouge_l() -> None:
+    inst = Instance("s", "Summarize the book.", ["the fox jumped over the sleeping dog"],
+                    [Doc("p1", "", "A fox. A dog.")], [], task="sum")
+    prompt = build_prompt(inst)
+    answer, s = score(inst, "The fox jumped over a dog.\nThe end.", prompt)
+    assert answer == Extraction("The fox jumped over a dog.\nThe end.", "whole")
+    assert (s.subem, s.em, s.f1, s.accuracy) == (None, None, None, None)
+    # LCS "the fox jumped over dog" = 5 of 7 reference and 8 predicted tokens
+    assert s.rouge_l == pytest.approx(2 * (5 / 8) * (5 / 7) / (5 / 8 + 5 / 7))
+    _, best = score(inst, "the fox jumped over the sleeping dog", prompt)
+    assert best.rouge_l == pytest.approx(1.0)
+    assert rouge_l("jumping foxes", ["foxes jumped"]) == pytest.approx(0.5)  # stemmed
+
+
+def test_each_task_declares_its_metric() -> None:
+    assert TASK_METRICS == {"qa": "subem", "mc": "accuracy", "sum": "rouge_l"}
+    record = {"task": "sum", "scores": {"subem": None, "rouge_l": 0.4}}
+    assert task_score(record) == 0.4
+    assert task_score({"task": "mc", "scores": {"subem": 1.0, "accuracy": 0.0}}) == 0.0

@@ -90,3 +90,24 @@ def test_kv_per_corpus_counts_the_shared_prefix_once() -> None:
                {"cost": {"kv_tokens": 9}}]
     assert kv_tokens_per_corpus(records) == (550 + 110) / 2
     assert kv_tokens_per_corpus([{"cost": {"kv_tokens": 9}}]) is None
+
+
+def test_each_group_is_summarised_under_its_tasks_metric() -> None:
+    records = [rec("q1", "full", 1.0, 10, group="qa"), rec("q2", "full", 0.0, 10, group="qa")]
+    for qid, rouge, judge in (("s1", 0.5, 0.9), ("s2", 0.3, 0.1)):
+        r = rec(qid, "full", 0.0, 10, group="summaries")
+        r["task"] = "sum"
+        r["scores"] |= {"subem": None, "em": None, "f1": None, "rouge_l": rouge, "judge": judge}
+        records.append(r)
+    s = summarize(records, ["full"], ["q1", "q2", "s1", "s2"], {"model": "m", "engine": "e",
+                                                                "dataset": "d"})
+    groups = s["systems"]["full"]["by_group"]
+    assert groups["qa"]["metric"] == "subem" and groups["qa"]["score"] == 0.5
+    assert groups["summaries"]["metric"] == "rouge_l"
+    assert groups["summaries"]["score"] == pytest.approx(0.4)
+    assert groups["summaries"]["judge"] == pytest.approx(0.5)
+    assert "judge_ci95" in groups["summaries"] and "judge_ci95" not in groups["qa"]
+    assert s["systems"]["full"]["subem"] == 0.5  # summaries have no SubEM
+    md = render_markdown(s)
+    assert "summaries (ROUGE-L)" in md and "qa (SubEM)" in md
+    assert "40.0 [30.0, 50.0] (2); judge 50.0 [10.0, 90.0]" in md
