@@ -13,7 +13,7 @@ import typer
 from kvrag.cli.common import DeviceOption, DtypeOption, StepProgress, console, fail
 from kvrag.compression import queries_needed
 from kvrag.data.demo import DEMO_PER_TASK, SUBSETS, make_demo
-from kvrag.data.loaders import LOADERS, fingerprint, load_dataset
+from kvrag.data.loaders import LOADERS, fingerprint, load_corpus, load_dataset
 from kvrag.data.prompt import prompt_version
 from kvrag.data.schema import DatasetError, Instance
 from kvrag.engines.device import DeviceError, Placement
@@ -125,6 +125,9 @@ def compare(
         help="rag systems: a Chroma server URL instead of the embedded store.")] = None,
     chunk_tokens: Annotated[int, typer.Option(
         min=16, help="rag systems: chunk size in model tokens.")] = 128,
+    embed_model: Annotated[Path | None, typer.Option(help=(
+        "rag systems: a sentence-transformers model directory to embed with (default: the "
+        "packaged all-MiniLM-L6-v2)."))] = None,
     rag_order: Annotated[str, typer.Option(
         help=f"rag systems: chunk order in the prompt, {' or '.join(ORDERS)}.")] = "score",
     max_prompt_tokens: Annotated[int | None, typer.Option(min=1, help=(
@@ -187,7 +190,7 @@ def compare(
                              "--mem-fraction-static, --tp-size, --sglang-arg) need "
                              "--engine sglang")
         rag = RagConfig(index_dir=index_dir or kvrag_home() / "index", chroma_url=chroma_url,
-                        chunk_tokens=chunk_tokens, order=rag_order)
+                        chunk_tokens=chunk_tokens, order=rag_order, embed_model=embed_model)
         options = SystemOptions(rag=rag)
         system_list = parse_systems(systems, options)
         lengths = parse_lengths(context_tokens) if context_tokens else []
@@ -199,6 +202,7 @@ def compare(
                                   per_task=-(-limit // len(SUBSETS)) if limit else DEMO_PER_TASK)
         else:
             instances = load_dataset(dataset, fmt)
+            options.corpus = load_corpus(dataset)
         model_path = resolve_model(model, console)
         judge = AnswerJudge(ChatClient(judge_url, judge_model)) if judge_url else None
         if any(isinstance(s, RagSystem) for s in system_list):
@@ -229,7 +233,8 @@ def compare(
         "adapter": str(adapter.resolve()) if adapter is not None else None,
         "prompt_version": prompt_version(), "scoring_version": SCORING_VERSION,
         "chunk_tokens": chunk_tokens, "rag_order": rag_order,
-        "embedding_model": embedding_model_id(),
+        "embedding_model": embedding_model_id(embed_model),
+        "rag_scope": "corpus" if options.corpus is not None else "question",
         "rag_index": chroma_url or str(rag.index_dir.resolve()),
         "max_prompt_tokens": max_prompt_tokens, "fit_context": fit_context,
         **placement.to_json(), "url": url,

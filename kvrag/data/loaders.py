@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kvrag.data.demo import DEMO_PATH, DEMO_SHARED_PATH
-from kvrag.data.schema import DatasetError, Instance, parse_instance, read_jsonl, read_records
+from kvrag.data.schema import DatasetError, Doc, Instance, parse_instance, read_jsonl, read_records
 
 Loader = Callable[[Path], list[Instance]]
 LOADERS: dict[str, Loader] = {}
@@ -32,6 +32,16 @@ def load_kvrag(path: Path) -> list[Instance]:
     return read_jsonl(path)
 
 
+def _ctx_ids(ctxs: list) -> list[str]:
+    """The passages' own ``id``s when every passage has one and they are unique, else
+    positional ``ctx0``, ``ctx1``, ... (a gold passage retrieved twice would otherwise
+    make ids clash)."""
+    ids = [str(ctx["id"]) for ctx in ctxs if isinstance(ctx, dict) and "id" in ctx]
+    if len(ids) == len(ctxs) and len(set(ids)) == len(ids):
+        return ids
+    return [f"ctx{i}" for i in range(len(ctxs))]
+
+
 def _helmet_record(record: dict, lineno: int) -> dict:
     if not isinstance(record, dict) or not isinstance(record.get("ctxs"), list):
         raise ValueError("a HELMET record needs a 'ctxs' list")
@@ -39,10 +49,10 @@ def _helmet_record(record: dict, lineno: int) -> dict:
     if isinstance(answers, str):
         answers = [answers]
     docs, gold = [], []
-    for i, ctx in enumerate(record["ctxs"]):
+    for i, (ctx, doc_id) in enumerate(zip(record["ctxs"], _ctx_ids(record["ctxs"]),
+                                          strict=True)):
         if not isinstance(ctx, dict) or not isinstance(ctx.get("text"), str):
             raise ValueError(f"ctxs[{i}] must be an object with a string 'text'")
-        doc_id = str(ctx.get("id", f"ctx{i}"))
         docs.append({"id": doc_id, "title": str(ctx.get("title", "")), "text": ctx["text"]})
         if any(ctx.get(k) for k in GOLD_KEYS):
             gold.append(doc_id)
@@ -53,24 +63,80 @@ def _helmet_record(record: dict, lineno: int) -> dict:
 
 @register_loader("helmet")
 def load_helmet(path: Path) -> list[Instance]:
-    """HELMET RAG jsonl: ``question``, ``answers``, ``ctxs`` of {title, text, gold flag}.
+    """HELMET RAG jsonl (``data/kilt/*.jsonl``): ``question``, ``answers``, ``ctxs`` of
+    {title, text, has_answer}, as HELMET's data.py ``load_qa`` reads them.
 
-    A passage counts as gold when any of ``GOLD_KEYS`` is truthy on it.
+    A passage counts as gold when any of ``GOLD_KEYS`` is truthy on it (HELMET's own flag
+    is ``has_answer``: the passage contains an answer string). The id is ``id`` (PopQA),
+    ``qid`` or ``_id``, else ``line<n>`` (NQ, TriviaQA, HotpotQA have none). Other fields
+    (``hard_negative_ctxs``, PopQA's entity fields) are ignored; HELMET's ``.json``
+    variant (``{"data": [...]}``) is not read.
     """
     return read_records(path, lambda record, lineno: parse_instance(
         _helmet_record(record, lineno)))
 
 
-def sniff_format(path: Path) -> str:
-    """'helmet' if the first record has ``ctxs``, else 'kvrag'."""
+def _first_line(path: Path) -> object:
+    """The first non-blank line, decoded; None if there is none or it is not JSON."""
     with path.open("rb") as f:
         for raw in f:
             if raw.strip():
                 try:
-                    first = json.loads(raw)
+                    return json.loads(raw)
                 except (json.JSONDecodeError, UnicodeDecodeError):
-                    return "kvrag"  # let the strict reader report the line
-                return "helmet" if isinstance(first, dict) and "ctxs" in first else "kvrag"
+                    return None  # let the strict reader report the line
+    return None
+
+
+def _first_array_item(path: Path, limit: int = 1 << 26) -> object:
+    """The first element of a JSON array file, decoding no more of the file than it
+    needs (up to ``limit`` bytes); None if it cannot be decoded."""
+    decoder = json.JSONDecoder()
+    with path.open("rb") as f:
+        data, size = b"", 1 << 16
+        while True:
+            chunk = f.read(size - len(data))
+            data += chunk
+            text = data.decode("utf-8", errors="ignore").lstrip()[1:].lstrip()
+            try:
+                return decoder.raw_decode(text)[0]
+            except json.JSONDecodeError:
+                if not chunk or size >= limit:
+                    return None
+                size *= 2
+
+
+def _first_char(path: Path) -> bytes:
+    with path.open("rb") as f:
+        while chunk := f.read(4096):
+            if stripped := chunk.lstrip():
+                return stripped[:1]
+    return b""
+
+
+def sniff_format(path: Path) -> str:
+    """Guess a dataset's format from its content.
+
+    A directory -> 'loft'; a JSON array whose first item has ``choice_A`` ->
+    'longbench-v2'; JSONL whose first record has ``context``, ``input`` and ``options``
+    -> 'infinitebench', ``ctxs`` -> 'helmet', ``qid`` and ``query_text`` with a
+    ``corpus.jsonl`` beside the file -> 'loft'; anything else -> 'kvrag' (whose strict
+    reader then says what is wrong).
+    """
+    if path.is_dir():
+        return "loft"
+    if _first_char(path) == b"[":
+        first = _first_array_item(path)
+        return "longbench-v2" if isinstance(first, dict) and "choice_A" in first else "kvrag"
+    first = _first_line(path)
+    if not isinstance(first, dict):
+        return "kvrag"
+    if {"context", "input", "options"} <= first.keys():
+        return "infinitebench"
+    if "ctxs" in first:
+        return "helmet"
+    if {"qid", "query_text"} <= first.keys() and (path.parent / "corpus.jsonl").is_file():
+        return "loft"
     return "kvrag"
 
 
@@ -78,17 +144,59 @@ BUNDLED = {"demo": DEMO_PATH, "demo-shared": DEMO_SHARED_PATH}
 
 
 def dataset_path(spec: str) -> Path:
-    """The file behind a bundled suite's name (``demo``, ``demo-shared``) or a path."""
+    """The file behind a bundled suite's name (``demo``, ``demo-shared``) or a path: a
+    file, or a directory (a LOFT set)."""
     path = BUNDLED.get(spec) or Path(spec).expanduser()
-    if not path.is_file():
-        raise DatasetError(f"{spec}: no such dataset file (use a .jsonl path, or "
-                           f"{' or '.join(map(repr, BUNDLED))})")
+    if not (path.is_file() or path.is_dir()):
+        raise DatasetError(f"{spec}: no such dataset file or directory (use a .jsonl path, "
+                           f"a LOFT directory, or {' or '.join(map(repr, BUNDLED))})")
     return path
 
 
+CORPUS_SUFFIX = ".corpus.jsonl"
+
+
+def corpus_path(spec: str) -> Path | None:
+    """The shared corpus beside a dataset file (``X.corpus.jsonl`` for ``X.jsonl``, as
+    ``kvrag data build`` writes it), or None."""
+    path = dataset_path(spec)
+    if path.is_dir():
+        return None
+    sidecar = path.with_name(path.name.removesuffix(".jsonl") + CORPUS_SUFFIX)
+    return sidecar if sidecar.is_file() else None
+
+
+def load_corpus(spec: str) -> list[Doc] | None:
+    """The dataset's shared corpus (passages as docs) that RAG retrieves from, or None
+    where it has none. A LOFT set's instances hold its whole corpus already."""
+    sidecar = corpus_path(spec)
+    return None if sidecar is None else read_records(sidecar, _corpus_doc)
+
+
+def _corpus_doc(record: object, lineno: int) -> Doc:
+    if not isinstance(record, dict) or not all(
+            isinstance(record.get(k), str) for k in ("id", "title", "text")):
+        raise ValueError("each corpus line needs string 'id', 'title' and 'text'")
+    return Doc(record["id"], record["title"], record["text"])
+
+
 def fingerprint(spec: str) -> str:
-    """sha256 of the dataset file, so results are never reused for changed data."""
-    return hashlib.sha256(dataset_path(spec).read_bytes()).hexdigest()
+    """sha256 of the dataset file (and its shared corpus, if any), so results are never
+    reused for changed data. For a LOFT set (a directory, or a queries file with
+    corpus.jsonl beside it), of the queries and corpus files it reads. Each part but a
+    lone dataset file is prefixed by its name and size."""
+    path = dataset_path(spec)
+    fmt = sniff_format(path)
+    sidecar = corpus_path(spec)
+    if fmt != "loft" and sidecar is None:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for part in public_formats.loft_files(path) if fmt == "loft" else [path, sidecar]:
+        digest.update(f"{part.name}\0{part.stat().st_size}\0".encode())
+        with part.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_dataset(spec: str, fmt: str = "auto") -> list[Instance]:
@@ -100,3 +208,7 @@ def load_dataset(spec: str, fmt: str = "auto") -> list[Instance]:
     if fmt not in LOADERS:
         raise DatasetError(f"unknown dataset format {fmt!r}; known: {sorted(LOADERS)}")
     return LOADERS[fmt](path)
+
+
+# Registers the public benchmark loaders; imported last, as it imports register_loader.
+from kvrag.data import public_formats  # noqa: E402

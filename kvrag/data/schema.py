@@ -56,8 +56,7 @@ class Instance:
     def corpus_id(self) -> str:
         """A hash of the documents (ids, titles, texts, in order): instances with the same
         document list share a corpus, and so can share its cache (compress-once)."""
-        docs = json.dumps([[d.id, d.title, d.text] for d in self.docs], ensure_ascii=False)
-        return hashlib.sha256(docs.encode()).hexdigest()[:16]
+        return docs_digest(self.docs)
 
     def to_json(self) -> dict:
         record = asdict(self)
@@ -68,6 +67,12 @@ class Instance:
         if not self.provenance:
             del record["provenance"]
         return record
+
+
+def docs_digest(docs: Iterable[Doc]) -> str:
+    """A short content hash of a document list (ids, titles, texts, in order)."""
+    text = json.dumps([[d.id, d.title, d.text] for d in docs], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _require(cond: bool, message: str) -> None:

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from kvrag.compression import METHODS, CompressionSpec, SpecError, parse_spec
 from kvrag.data.prompt import Prompt, build_prompt
-from kvrag.data.schema import Instance
+from kvrag.data.schema import Doc, Instance
 from kvrag.engines.base import Engine
 from kvrag.rag_stack.pipeline import RagConfig, RagPipeline
 
@@ -34,6 +34,7 @@ class SystemOptions:
     """Settings some systems need, shared by all systems of a run."""
 
     rag: RagConfig = field(default_factory=RagConfig)
+    corpus: list[Doc] | None = None  # the dataset's shared corpus, which rag retrieves from
     _pipeline: RagPipeline | None = None
 
     def rag_pipeline(self) -> RagPipeline:
@@ -115,7 +116,9 @@ register_system("once", "once:METHOD:RATIO|@TOKENS")(_compressed)
 
 @dataclass(frozen=True)
 class RagSystem:
-    """Retrieve this question's best chunks up to ``budget`` tokens; same prompt and engine."""
+    """Retrieve the best chunks for this question up to ``budget`` tokens, from the
+    dataset's shared corpus where it has one, else from the question's own documents; same
+    prompt and engine."""
 
     budget: int
     options: SystemOptions
@@ -125,7 +128,8 @@ class RagSystem:
         return f"rag:{self.budget}"
 
     def request(self, instance: Instance, engine: Engine) -> Request:
-        ctx = self.options.rag_pipeline().context(instance, self.budget, engine.tokenize)
+        ctx = self.options.rag_pipeline().context(instance, self.budget, engine.tokenize,
+                                                  self.options.corpus)
         extra = {"doc_recall": ctx.doc_recall, "ingest_s": ctx.ingest_s,
                  "retrieval_s": ctx.retrieval_s}
         return Request(build_prompt(instance, docs=ctx.docs), extra=extra)

@@ -1,8 +1,9 @@
 """Chroma clients: embedded ``PersistentClient`` by default, a ``chroma run`` server by URL.
 
-One collection per corpus. A corpus is named by its owner (a dataset instance's id, or
-the name given to ``kvrag rag ingest``); the collection name hashes that name and the chunk
-size, so it is always a valid Chroma name.
+One collection per corpus, chunk size and embedding model. A compare run names a corpus by
+its content (a hash of the documents), so two variants of a question (two context lengths)
+never share a collection; ``kvrag rag ingest`` by the name it is given. The collection
+name hashes all three, so it is always a valid Chroma name.
 """
 
 from __future__ import annotations
@@ -77,6 +78,6 @@ def chroma_server(path: str | Path, timeout_s: float = 60.0) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
-def collection_name(corpus: str, chunk_tokens: int) -> str:
-    digest = hashlib.sha256(f"{corpus}\0{chunk_tokens}".encode()).hexdigest()[:40]
+def collection_name(corpus: str, chunk_tokens: int, embedding: str) -> str:
+    digest = hashlib.sha256(f"{corpus}\0{chunk_tokens}\0{embedding}".encode()).hexdigest()[:40]
     return f"kvrag-{digest}"

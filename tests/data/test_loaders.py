@@ -43,7 +43,7 @@ def test_helmet_duplicate_ids_and_bad_utf8_named(tmp_path: Path) -> None:
 
 def test_demo_and_unknown_format() -> None:
     assert len(load_dataset("demo")) >= 200
-    with pytest.raises(DatasetError, match="unknown dataset format 'loft'"):
-        load_dataset("demo", "loft")
+    with pytest.raises(DatasetError, match="unknown dataset format 'nosuch'"):
+        load_dataset("demo", "nosuch")
     with pytest.raises(DatasetError, match="no such dataset file"):
         load_dataset("missing.jsonl")
