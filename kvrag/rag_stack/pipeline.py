@@ -19,7 +19,7 @@ from kvrag.data.schema import Doc, Instance, docs_digest
 from kvrag.rag_stack.chroma import collection_name, open_client
 from kvrag.rag_stack.embeddings import embedding_model_id, load_embedding
 from kvrag.rag_stack.ingest import IngestStats, chunk_docs, ingest
-from kvrag.rag_stack.retrieve import ORDERS, Chunk, retrieve
+from kvrag.rag_stack.retrieve import ORDERS, Chunk, ranked, retrieve
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,11 @@ class RagPipeline:
         collection = self.client.get_collection(self._collection_name(corpus))
         return retrieve(collection, self.embed, question, budget, count_tokens,
                         self.config.order)
+
+    def top(self, corpus: str, question: str, k: int) -> list[Chunk]:
+        """The ``k`` best chunks of an ingested corpus, best first."""
+        return ranked(self.client.get_collection(self._collection_name(corpus)), self.embed,
+                      question, k)
 
     def context(self, instance: Instance, budget: int, tokenize: Callable[[str], list],
                 corpus: list[Doc] | None = None) -> RagContext:

@@ -33,6 +33,22 @@ class Chunk:
         return format_doc(self.doc_number, self.as_doc())
 
 
+def ranked(collection: Collection, embed: BaseEmbedding, question: str,
+           top_k: int | None = None) -> list[Chunk]:
+    """The collection's chunks (the best ``top_k``, default all), best first."""
+    total = collection.count()
+    if total == 0:
+        return []
+    index = VectorStoreIndex.from_vector_store(ChromaVectorStore(chroma_collection=collection),
+                                               embed_model=embed)
+    hits = index.as_retriever(similarity_top_k=min(top_k or total, total)).retrieve(question)
+    return [Chunk(doc_id=hit.node.metadata["source_id"],
+                  doc_number=int(hit.node.metadata["doc_number"]),
+                  title=hit.node.metadata["title"], position=int(hit.node.metadata["position"]),
+                  text=hit.node.get_content(), score=float(hit.score or 0.0))
+            for hit in hits]
+
+
 def retrieve(
     collection: Collection, embed: BaseEmbedding, question: str, budget: int,
     count_tokens: Callable[[str], int], order: str = "score",
@@ -45,19 +61,11 @@ def retrieve(
     """
     if order not in ORDERS:
         raise ValueError(f"unknown retrieval order {order!r}; use one of {ORDERS}")
-    total = collection.count()
-    if total == 0 or budget <= 0:
+    if budget <= 0:
         return []
-    index = VectorStoreIndex.from_vector_store(ChromaVectorStore(chroma_collection=collection),
-                                               embed_model=embed)
-    hits = index.as_retriever(similarity_top_k=total).retrieve(question)
     chosen: list[Chunk] = []
     context = ""
-    for hit in hits:
-        meta = hit.node.metadata
-        chunk = Chunk(doc_id=meta["source_id"], doc_number=int(meta["doc_number"]),
-                      title=meta["title"], position=int(meta["position"]),
-                      text=hit.node.get_content(), score=float(hit.score or 0.0))
+    for chunk in ranked(collection, embed, question):
         candidate = context + chunk.block()
         if count_tokens(candidate) <= budget:
             chosen.append(chunk)
