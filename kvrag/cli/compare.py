@@ -12,7 +12,7 @@ import typer
 
 from kvrag.cli.common import DeviceOption, DtypeOption, StepProgress, console, fail
 from kvrag.compression import queries_needed
-from kvrag.data.demo import DEMO_PER_TASK, SUBSETS, make_demo
+from kvrag.data.demo import DEMO_PER_TASK, DEMO_SEED, SUBSETS, make_demo
 from kvrag.data.loaders import LOADERS, fingerprint, load_corpus, load_dataset
 from kvrag.data.prompt import prompt_version
 from kvrag.data.schema import DatasetError, Instance
@@ -194,6 +194,8 @@ def compare(
         options = SystemOptions(rag=rag)
         system_list = parse_systems(systems, options)
         lengths = parse_lengths(context_tokens) if context_tokens else []
+        source_sha = (_demo_sha(max(lengths)) if lengths and dataset == "demo"
+                      else fingerprint(dataset))
         if lengths and (max_prompt_tokens is not None or fit_context):
             raise ValueError("--context-tokens sets each sub-run's prompt limit and trims to "
                              "it; leave out --max-prompt-tokens and --fit-context")
@@ -243,8 +245,8 @@ def compare(
     if concurrency is None:
         concurrency = default_concurrency(engine, placement)
     for n, fitted in fits.items():
-        config = run_config | {"dataset_sha256": fingerprint(dataset) if n is None
-                               else instances_sha256(fitted.instances)}
+        config = run_config | {"dataset_sha256": source_sha if n is None
+                               else hashlib.sha256(f"{source_sha}@{n}".encode()).hexdigest()}
         if n is not None:
             config |= {"context_tokens": n, "max_prompt_tokens": n, "fit_context": True}
         plan = _Plan(out if n is None else out / f"len-{n}", config, fitted, system_list,
@@ -276,12 +278,13 @@ def parse_lengths(text: str) -> list[int]:
     return lengths
 
 
-def instances_sha256(instances: list[Instance]) -> str:
-    """sha256 of the instances as kvrag JSONL, for data that has no file of its own."""
-    digest = hashlib.sha256()
-    for instance in instances:
-        digest.update(json.dumps(instance.to_json(), ensure_ascii=False).encode() + b"\n")
-    return digest.hexdigest()
+def _demo_sha(context_tokens: int) -> str:
+    """What identifies the demo generated for a sweep (its first questions do not depend
+    on how many are made, so neither does this). A sweep's sub-run adds its length; the
+    model, also recorded, decides the cut."""
+    recipe = {"demo": "make_demo", "seed": DEMO_SEED, "context_tokens": context_tokens,
+              "demo_file_sha256": fingerprint("demo")}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
 def default_concurrency(engine: str, placement: Placement) -> int:
