@@ -10,7 +10,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import typer  # noqa: E402
 
-from kvrag.cli import bench, data, rag, train  # noqa: E402
+from kvrag.cli import analyze, bench, data, rag, train  # noqa: E402
 from kvrag.cli.compare import compare  # noqa: E402
 from kvrag.cli.report import report  # noqa: E402
 from kvrag.cli.serve import serve  # noqa: E402
@@ -27,3 +27,4 @@ app.add_typer(data.app, name="data")
 app.add_typer(bench.app, name="bench")
 app.add_typer(rag.app, name="rag")
 app.add_typer(train.app, name="train")
+app.add_typer(analyze.app, name="analyze")

@@ -19,7 +19,8 @@ def test_report_writes_the_table_across_runs(tmp_path):
     out = tmp_path / "table.md"
     result = CliRunner().invoke(app, ["report", str(base), str(tuned), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "| full | sft-answer | 1 | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | +100.0" in out.read_text()
+    assert ("| full | sft-answer | 1 | 100.0 [100.0, 100.0] | 100.0 [100.0, 100.0] | +100.0"
+            in out.read_text())
 
 
 def test_report_on_a_folder_without_results_fails_clearly(tmp_path):

@@ -1,0 +1,1 @@
+"""Analyses of how a model reads its in-context documents."""
