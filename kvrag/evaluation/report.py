@@ -47,6 +47,10 @@ def _system_summary(records: list[dict], full: dict[str, dict] | None, seed: int
         out[metric] = _mean(values)
         if values:
             ci[metric] = bootstrap_ci(values, seed)
+    scored = [v for r in records if (v := task_score(r)) is not None]
+    out["score"] = _mean(scored)  # each answer under its task's metric
+    if scored:
+        ci["score"] = bootstrap_ci(scored, seed)
     recalls = [r["doc_recall"] for r in records if r.get("doc_recall") is not None]
     out["doc_recall"] = _mean(recalls)
     out["truncated"] = _mean([float(r["truncated"]) for r in records if "truncated" in r])
@@ -210,14 +214,14 @@ def plot_accuracy_vs_kv(summary: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name, s in summary["systems"].items():
-        if s["subem"] is None or s["kv_tokens_mean"] is None:
+        if s.get("score") is None or s["kv_tokens_mean"] is None:
             continue
-        lo, hi = s["ci95"].get("subem", [s["subem"], s["subem"]])
-        y = 100 * s["subem"]
+        lo, hi = s["ci95"].get("score", [s["score"], s["score"]])
+        y = 100 * s["score"]
         ax.errorbar(s["kv_tokens_mean"], y, yerr=[[y - 100 * lo], [100 * hi - y]],
                     fmt="o", capsize=3, label=f"{name} (n={s['n']})")
     ax.set_xlabel("KV-cache tokens at decode start (mean)")
-    ax.set_ylabel("SubEM (%)")
+    ax.set_ylabel("task score (%): SubEM, MC accuracy, ROUGE-L")
     ax.set_title(f"{summary['model']} on {summary['dataset']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -438,3 +438,31 @@ def test_a_length_sweep_refuses_a_prompt_limit_of_its_own(tmp_path, tiny_model_d
     assert result.exit_code != 0 and "leave out --max-prompt-tokens" in result.output
     result = compare(tmp_path / "y", tiny_model_dir, "--context-tokens", "600,lots")
     assert result.exit_code != 0 and "comma-separated token counts" in result.output
+
+
+FIXTURES = Path(__file__).parents[1] / "data" / "fixtures"
+
+
+@pytest.mark.parametrize(("fixture", "group", "metric"), [
+    ("infinitebench_en_sum.jsonl", "en.sum", "rouge_l"),
+    ("infinitebench_en_mc.jsonl", "en.mc", "accuracy"),
+    ("longbench_v2.json", None, "accuracy"),
+    ("loft/rag/nq/128k", "rag.nq", "subem"),
+])
+def test_public_formats_run_with_their_tasks_metric(tmp_path, tiny_model_dir, fixture, group,
+                                                    metric) -> None:
+    out = tmp_path / "run"
+    result = compare(out, tiny_model_dir, "--dataset", str(FIXTURES / fixture), "--systems",
+                     "full,snapkv:0.5,rag:128", "--index-dir", str(tmp_path / "index"))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("full", "snapkv:0.5", "rag:128"):
+        groups = summary["systems"][name]["by_group"]
+        assert {g["metric"] for g in groups.values()} == {metric}
+        assert group is None or group in groups
+        assert all(0 <= g["score"] <= 1 for g in groups.values())
+    records = [json.loads(line) for line in (out / "results.jsonl").open()]
+    assert all(r["metric"] == metric for r in records)
+    if metric == "rouge_l":
+        assert all(r["answer_from"] == "whole" and r["scores"]["subem"] is None
+                   for r in records)

@@ -139,6 +139,20 @@ def test_sixteen_concurrent_openai_requests_with_compression(tiny_model_dir, tmp
         assert 0.0 <= judge("Where was Ana 1 born?", "[DOC 2] The answer is: Town 1") <= 1.0
         assert judge.calls == 1
 
+        # and as compare's answer judge, rating every output of every system
+        run = tmp_path / "judged-run"
+        result = CliRunner().invoke(app, [
+            "compare", "--out", str(run), "--dataset", str(data), "--model",
+            str(tiny_model_dir), "--systems", "full,snapkv:0.5", "--max-new-tokens", "4",
+            "--judge-url", f"{url}/v1"])
+        assert result.exit_code == 0, result.output
+        assert json.loads((run / "run.json").read_text())["judge_model"] == judge.model
+        records = [json.loads(line) for line in (run / "results.jsonl").open()]
+        assert len(records) == 2 and all("judge" in r["scores"] for r in records)
+        assert all(r["scores"]["judge"] is None or 0 <= r["scores"]["judge"] <= 1
+                   for r in records)
+        assert f"Judge {judge.model}: 2 outputs rated" in result.output
+
         # by default requests may ask only for the server's own spec or none
         body = _post(f"{url}/generate", {"text": "hello there", "sampling_params": {
             "max_new_tokens": 2, "custom_params": {"kvrag_compression": "h2o:0.5"}}})
