@@ -171,7 +171,9 @@ def compare(
     """Run each system on the same questions; resumes where an earlier run into OUT stopped.
 
     Writes OUT/results.jsonl (one line per question and system, flushed as it goes),
-    OUT/summary.json, OUT/summary.md and OUT/accuracy_vs_kv.png.
+    OUT/summary.json, OUT/summary.md and OUT/accuracy_vs_kv.png; with --context-tokens,
+    one such run per length in OUT/len-N/, then OUT/sweep.md and
+    OUT/accuracy_vs_length.png.
     """
     if engine not in ENGINES:
         fail(f"unknown engine {engine!r}; available: {', '.join(ENGINES)}")
