@@ -203,6 +203,15 @@ def summarize_variant(records: Sequence[dict], seed: int) -> dict:
                                             "top10", "doc_mass")} for r in records]}
 
 
+def paired_delta(records: Sequence[dict], base: Sequence[dict], seed: int) -> dict | None:
+    """All-layer NDCG@10 minus the base model's, paired per question, with its 95% CI."""
+    by_id = {r["id"]: r["ndcg"] for r in base}
+    diffs = [r["ndcg"] - by_id[r["id"]] for r in records if r["id"] in by_id]
+    if not diffs:
+        return None
+    return {"n": len(diffs), "delta": float(np.mean(diffs)), "ci95": bootstrap_ci(diffs, seed)}
+
+
 def _fmt(x: float | None) -> str:
     return "–" if x is None or math.isnan(x) else f"{x:.3f}"
 
@@ -221,13 +230,16 @@ def render_markdown(summary: dict) -> str:
         f"{summary['answer_tokens']} tokens of the gold answer (teacher-forced); a document's "
         "mass is their attention on its tokens, averaged over heads and rows; all layers "
         "ranks by the mean of the layers' masses.", "",
-        "| variant | n | NDCG@10 (all layers) | 95% CI | best layer | its NDCG@10 |",
-        "|---|---|---|---|---|---|",
+        "| variant | n | NDCG@10 (all layers) | 95% CI | Δ vs base [95% CI] | best layer "
+        "| its NDCG@10 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, v in variants.items():
         best = v["best_layer"]
+        delta = v.get("vs_base")
+        delta_txt = f"{delta['delta']:+.3f} {_ci(delta['ci95'])}" if delta else "–"
         lines.append(f"| {name} | {v['n']} | {_fmt(v['ndcg'])} | {_ci(v['ci95'])} | "
-                     f"{best['layer'] if best else '–'} | "
+                     f"{delta_txt} | {best['layer'] if best else '–'} | "
                      f"{_fmt(best['ndcg']) if best else '–'} |")
     n_layers = max((len(v["by_layer"]) for v in variants.values()), default=0)
     lines += ["", "## NDCG@10 per layer (95% CI)", "",

@@ -114,7 +114,12 @@ def attention_cmd(
 
 
 def _run(plan: _Plan) -> None:
-    from kvrag.analysis.attention import plot_ndcg_by_layer, render_markdown, summarize_variant
+    from kvrag.analysis.attention import (
+        paired_delta,
+        plot_ndcg_by_layer,
+        render_markdown,
+        summarize_variant,
+    )
     from kvrag.evaluation.store import ResultStore
 
     store = ResultStore(plan.out, plan.config, {"device": str(plan.placement.device)})
@@ -131,6 +136,7 @@ def _run(plan: _Plan) -> None:
                "questions": len(plan.instances) + len(plan.skipped),
                "skipped_no_gold": len(plan.skipped), "skipped_ids": plan.skipped,
                "variants": {}}
+    base: list[dict] = []
     for variant in plan.variants:
         records = sorted((r for r in store.records
                           if r["system"] == variant.key and r["id"] in ids),
@@ -138,6 +144,11 @@ def _run(plan: _Plan) -> None:
         summary["variants"][variant.label] = {
             "adapter": str(variant.adapter) if variant.adapter else None,
             **summarize_variant(records, plan.seed)}
+        if variant.adapter is None:
+            base = records
+        else:
+            summary["variants"][variant.label]["vs_base"] = paired_delta(records, base,
+                                                                         plan.seed)
     (plan.out / "attention.json").write_text(json.dumps(summary, indent=2) + "\n")
     text = render_markdown(summary)
     (plan.out / "attention.md").write_text(text)

@@ -246,26 +246,39 @@ def compare(
     }
     if concurrency is None:
         concurrency = default_concurrency(engine, placement)
+    plans = []
     for n, fitted in fits.items():
         config = run_config | {"dataset_sha256": source_sha if n is None
                                else hashlib.sha256(f"{source_sha}@{n}".encode()).hexdigest()}
         if n is not None:
             config |= {"context_tokens": n, "max_prompt_tokens": n, "fit_context": True}
-        plan = _Plan(out if n is None else out / f"len-{n}", config, fitted, system_list,
-                     model_path, adapter, placement, sglang, concurrency, seed, api_key, judge)
-        try:
-            with RunLock(plan.out):
-                _run(plan)
-        except (RunLockedError, StoreMismatchError) as e:
-            fail(str(e))
-    if lengths:
-        from kvrag.evaluation.across_runs import load_run
-        from kvrag.evaluation.length_sweep import PLOT_NAME, write_sweep
+        plans.append(_Plan(out if n is None else out / f"len-{n}", config, fitted, system_list,
+                           model_path, adapter, placement, sglang, concurrency, seed, api_key,
+                           judge))
+    shared = _SharedEngine()
+    try:
+        for plan in plans:
+            try:
+                with RunLock(plan.out):
+                    _run(plan, shared)
+            except (RunLockedError, StoreMismatchError) as e:
+                fail(str(e))
+    finally:
+        shared.close()
+    _show_sweep(out, lengths, seed)
 
-        text = write_sweep([load_run(out / f"len-{n}") for n in lengths], out / PLOT_NAME, seed)
-        console.print(text, markup=False, highlight=False)
-        console.print(f"Length sweep in {out}/ (sweep.md, {PLOT_NAME}; one compare run per "
-                      "length in len-N/)")
+
+def _show_sweep(out: Path, lengths: list[int], seed: int) -> None:
+    """A sweep's table and plot from its sub-runs (nothing for a single run)."""
+    if not lengths:
+        return
+    from kvrag.evaluation.across_runs import load_run
+    from kvrag.evaluation.length_sweep import PLOT_NAME, write_sweep
+
+    text = write_sweep([load_run(out / f"len-{n}") for n in lengths], out / PLOT_NAME, seed)
+    console.print(text, markup=False, highlight=False)
+    console.print(f"Length sweep in {out}/ (sweep.md, {PLOT_NAME}; one compare run per "
+                  "length in len-N/)")
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -329,7 +342,28 @@ class _Plan:
     judge: AnswerJudge | None
 
 
-def _run(plan: _Plan) -> None:
+class _SharedEngine:
+    """The engine, loaded when a run first has work and kept for a sweep's next sub-runs
+    (an SGLang start costs minutes for a large model)."""
+
+    def __init__(self) -> None:
+        self.engine = None
+
+    def get(self, plan: _Plan):
+        if self.engine is None:
+            with console.status("Loading model..."):
+                self.engine = _load_engine(plan.config["engine"], plan.model_path,
+                                           plan.systems, plan.adapter, plan.placement,
+                                           plan.sglang, plan.config["url"], plan.api_key)
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None and hasattr(self.engine, "close"):
+            self.engine.close()
+        self.engine = None
+
+
+def _run(plan: _Plan, shared: _SharedEngine) -> None:
     """Answer what ``out`` does not hold yet and write the summaries (under the run lock)."""
     out, instances, system_list = plan.out, plan.fitted.instances, plan.systems
     model, engine, dataset = (plan.config[k] for k in ("model", "engine", "dataset"))
@@ -342,9 +376,8 @@ def _run(plan: _Plan) -> None:
     if work:
         console.print(f"{total - len(work)}/{total} answers already in {store.path}; "
                       f"running {len(work)} more with {model} on {engine}.")
-        with console.status("Loading model..."):
-            eng = _load_engine(engine, plan.model_path, system_list, adapter, plan.placement,
-                               plan.sglang, plan.config["url"], plan.api_key)
+        eng = shared.get(plan)
+        retried = getattr(eng, "retried_alone", 0)
         with StepProgress("answering", len(work), "score") as progress:
             answered: list[float | None] = []
 
@@ -361,11 +394,8 @@ def _run(plan: _Plan) -> None:
             except (RuntimeError, JudgeUnavailableError) as e:  # a refused or lost request
                 fail(f"{e}; the {len(store.records)} answers stored in {store.path} are kept "
                      "and a rerun resumes after them")
-            finally:
-                if hasattr(eng, "close"):
-                    eng.close()
-        if getattr(eng, "retried_alone", 0):
-            console.print(f"{eng.retried_alone} compressed requests found the KV pool too full "
+        if retried := getattr(eng, "retried_alone", 0) - retried:
+            console.print(f"{retried} compressed requests found the KV pool too full "
                           "to compact and were asked again one at a time; a larger "
                           "--max-total-tokens or a lower --concurrency avoids that.")
         if plan.judge is not None:

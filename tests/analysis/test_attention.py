@@ -17,6 +17,7 @@ from kvrag.analysis.attention import (
     document_attention,
     key_attention,
     ndcg_at_k,
+    paired_delta,
     rank_docs,
     score_masses,
 )
@@ -193,6 +194,20 @@ def test_cli_base_and_adapter(tiny_model_dir, tmp_path):
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == 6  # the base model's 3 were resumed, not redone
     assert "| lora | 3 |" in (out / "attention.md").read_text()
+    base_ndcg = [q["ndcg"] for q in summary["variants"]["base"]["questions"]]
+    lora_ndcg = [q["ndcg"] for q in lora["questions"]]
+    assert lora["vs_base"]["n"] == 3 and lora["vs_base"]["delta"] == pytest.approx(
+        (sum(lora_ndcg) - sum(base_ndcg)) / 3)
+    assert "vs_base" not in summary["variants"]["base"]
+
+
+def test_paired_delta_pairs_by_question():
+    base = [{"id": "a", "ndcg": 0.5}, {"id": "b", "ndcg": 1.0}]
+    tuned = [{"id": "b", "ndcg": 0.5}, {"id": "a", "ndcg": 1.0}, {"id": "c", "ndcg": 0.0}]
+    delta = paired_delta(tuned, base, seed=0)
+    assert delta["n"] == 2 and delta["delta"] == 0.0
+    assert delta["ci95"][0] <= 0.0 <= delta["ci95"][1]
+    assert paired_delta(tuned, [], seed=0) is None
 
 
 def test_cli_rejects_a_non_adapter_dir(tiny_model_dir, tmp_path):

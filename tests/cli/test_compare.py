@@ -406,13 +406,20 @@ def test_default_concurrency_batches_only_where_it_pays():
     assert default_concurrency("sglang", gpu) == 16 and default_concurrency("hf", gpu) == 1
 
 
-def test_a_length_sweep_answers_the_same_questions_at_each_length(tmp_path,
-                                                                  tiny_model_dir) -> None:
+def test_a_length_sweep_answers_the_same_questions_at_each_length(tmp_path, tiny_model_dir,
+                                                                  monkeypatch) -> None:
+    import kvrag.cli.compare as compare_cli
+
+    loads = []
+    real_load = compare_cli._load_engine
+    monkeypatch.setattr(compare_cli, "_load_engine",
+                        lambda *a, **k: loads.append(1) or real_load(*a, **k))
     out = tmp_path / "sweep"
     args = ("--dataset", "demo", "--limit", "4", "--systems", "full,snapkv:0.5",
             "--context-tokens", "1200,600")
     result = compare(out, tiny_model_dir, *args)
     assert result.exit_code == 0, result.output
+    assert len(loads) == 1  # one engine for every sub-run
     runs = {n: [json.loads(line) for line in (out / f"len-{n}" / "results.jsonl").open()]
             for n in (600, 1200)}
     for n, records in runs.items():
