@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 def free_port() -> int:
@@ -28,3 +33,35 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 300) -> N
             pass
         time.sleep(2)
     raise AssertionError(f"server at {url} not healthy after {timeout} s")
+
+
+@contextmanager
+def chat_stub(model: str, reply: str) -> Iterator[tuple[str, list[dict]]]:
+    """A loopback server speaking the OpenAI chat protocol: it lists ``model`` and answers
+    every chat completion with ``reply``. Yields its /v1 URL and the bodies it received."""
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self._reply({"data": [{"id": model}]})
+
+        def do_POST(self):  # noqa: N802
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self._reply({"choices": [{"message": {"content": reply}}]})
+
+        def _reply(self, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1", seen
+    finally:
+        server.shutdown()

@@ -19,7 +19,7 @@ from pathlib import Path
 from kvrag.data.public_formats import split_context
 from kvrag.data.schema import DatasetError, Doc, Instance, read_records
 from kvrag.evaluation.judge import ChatClient
-from kvrag.evaluation.metrics import normalize
+from kvrag.evaluation.metrics import normalize, substring_exact_match
 from kvrag.evaluation.prompt_fit import prompt_tokens
 from kvrag.rag_stack.pipeline import RagPipeline
 
@@ -108,8 +108,7 @@ def passages(docs: list[Doc], passage_words: int) -> tuple[list[Doc], dict[str, 
 
 def contains_answer(text: str, answers: list[str]) -> bool:
     """A normalised answer occurs in the normalised text, at word boundaries (SubEM)."""
-    padded = f" {normalize(text)} "
-    return any(normalize(a) and f" {normalize(a)} " in padded for a in answers)
+    return substring_exact_match(text, answers) == 1.0
 
 
 class Builder:

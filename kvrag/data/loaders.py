@@ -169,15 +169,10 @@ def corpus_path(spec: str) -> Path | None:
 def load_corpus(spec: str) -> list[Doc] | None:
     """The dataset's shared corpus (passages as docs) that RAG retrieves from, or None
     where it has none. A LOFT set's instances hold its whole corpus already."""
+    from kvrag.rag_stack.sources import read_docs
+
     sidecar = corpus_path(spec)
-    return None if sidecar is None else read_records(sidecar, _corpus_doc)
-
-
-def _corpus_doc(record: object, lineno: int) -> Doc:
-    if not isinstance(record, dict) or not all(
-            isinstance(record.get(k), str) for k in ("id", "title", "text")):
-        raise ValueError("each corpus line needs string 'id', 'title' and 'text'")
-    return Doc(record["id"], record["title"], record["text"])
+    return None if sidecar is None else read_docs(sidecar)
 
 
 def fingerprint(spec: str) -> str:

@@ -4,12 +4,11 @@ embedded Chroma and the packaged MiniLM retriever, SmolLM2's tokenizer."""
 
 import json
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyjokes.jokes_en
 import pytest
+from http_helpers import chat_stub
 from typer.testing import CliRunner
 
 from kvrag.cli.main import app
@@ -145,37 +144,12 @@ def test_a_malformed_question_line_is_named(joke_corpus, tiny_model_dir, tmp_pat
     assert f"{questions}:2: 'answers' must be a list of strings" in result.output
 
 
-class _NoJudge(BaseHTTPRequestHandler):
-    """The judge protocol (OpenAI chat completions) answering "no" to every promotion; a
-    served model runs as a judge in tests/cli/test_serve.py."""
-
-    def do_GET(self):  # noqa: N802
-        self._reply({"data": [{"id": "strict-judge"}]})
-
-    def do_POST(self):  # noqa: N802
-        self.rfile.read(int(self.headers["Content-Length"]))
-        self._reply({"choices": [{"message": {"content": "No."}}]})
-
-    def _reply(self, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
 def test_a_judge_can_reject_promotions(joke_corpus, tiny_model_dir, tmp_path):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _NoJudge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        out = tmp_path / "judged.jsonl"
-        result = build(out, joke_corpus, tiny_model_dir, "--judge-url",
-                       f"http://127.0.0.1:{server.server_port}/v1")
-    finally:
-        server.shutdown()
+    # the judge protocol answering "no" to every promotion; a served model judges compare's
+    # outputs in tests/cli/test_serve.py
+    out = tmp_path / "judged.jsonl"
+    with chat_stub("strict-judge", "No.") as (url, _):
+        result = build(out, joke_corpus, tiny_model_dir, "--judge-url", url)
     assert result.exit_code == 0, result.output
     trinary = load_dataset(str(out))[-1]
     assert trinary.provenance["promoted"] == [] and trinary.provenance["judge"] == "strict-judge"
