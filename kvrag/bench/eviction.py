@@ -1,67 +1,62 @@
 """Trace-driven radix-cache eviction benchmark: recomputed prefill per eviction policy.
 
-The workload is long-context QA: every prompt is a shared instruction header, one of a
-few corpora of a few thousand tokens, and a short one-off question; the answer decoded
-after it is cached too, as SGLang does. Questions pick their corpus from a Zipf
-distribution, so corpora interleave with a skew, and the cache holds only a few corpora.
-Optionally the popularity ranking is redrawn in phases, which rewards policies that age
-a corpus once it stops being asked about.
-
-Each policy replays the same traces on SGLang's own ``UnifiedRadixCache`` with the Python
-TreeCore (the tree the engine runs for ``kvrag-cost``), without memory pools: the replay
-counts capacity itself. Requests run one at a time through the calls the scheduler makes:
-match the prompt, lock the match, evict what the new tokens need beyond the free
-capacity, insert prompt + answer (as ``cache_finished_req`` does), unlock.
+Each policy replays the same traces (``eviction_traces``) on SGLang's own
+``UnifiedRadixCache`` with the Python TreeCore (the tree the engine runs for
+``kvrag-cost``), without memory pools: the replay counts capacity itself. Requests run
+one at a time through the calls the scheduler makes: match the prompt, lock the match,
+evict what the new tokens need beyond the free capacity, insert prompt + answer (as
+``cache_finished_req`` does), unlock. Beside the policies, ``optimal`` is the fewest
+tokens any policy could recompute on the same traces (``eviction_optimum``).
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-POLICIES = ("lru", "lfu", "slru", "kvrag-cost")
+from kvrag.bench.eviction_optimum import optimal_matched
+from kvrag.bench.eviction_traces import Request, Workload, make_trace
+
+POLICIES = ("lru", "lfu", "slru", "kvrag-cost", "kvrag-cost[partial=false]")
+OPTIMAL = "optimal"
+_POLICY = re.compile(r"^([A-Za-z0-9_-]+)(?:\[([^\]]*)\])?$")
 
 
-@dataclass(frozen=True)
-class Workload:
-    corpora: int = 6  # distinct documents
-    corpus_tokens: tuple[int, int] = (2000, 4000)  # length range, uniform
-    questions: int = 300
-    question_tokens: tuple[int, int] = (20, 60)
-    answer_tokens: int = 16  # decoded, then cached behind the question
-    header_tokens: int = 32  # instruction template shared by every prompt
-    zipf: float = 1.0  # corpus of popularity rank r is asked with weight 1 / r ** zipf
-    phases: int = 1  # the popularity ranking is redrawn at the start of each phase
-    cache_corpora: float = 2.5  # cache capacity in mean corpus lengths
+def parse_policy(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME`` or ``NAME[key=value;...]``: a policy and its ``--radix-eviction-policy-config``.
 
-    def capacity(self) -> int:
-        return int(self.cache_corpora * sum(self.corpus_tokens) / 2)
+    Values are JSON (``true``, ``4096``, ``"x"``); a bare word is a string.
+    """
+    match = _POLICY.match(text.strip())
+    if not match:
+        raise ValueError(f"policy {text!r}: expected NAME or NAME[key=value;...]")
+    name, body = match.group(1), match.group(2)
+    config: dict[str, Any] = {}
+    for item in filter(None, (body or "").split(";")):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"policy {text!r}: option {item!r} is not key=value")
+        try:
+            config[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            config[key.strip()] = raw.strip()
+    return name, config
 
 
-Request = tuple[list[int], list[int]]  # (prompt, answer) token ids
-
-
-def make_trace(workload: Workload, seed: int) -> list[Request]:
-    """A seeded trace; token ids never repeat except through a shared header or corpus."""
-    rng = random.Random(seed)
-    next_id = iter(range(1, 1 << 62))
-
-    def fresh(n: int) -> list[int]:
-        return [next(next_id) for _ in range(n)]
-
-    header = fresh(workload.header_tokens)
-    corpora = [fresh(rng.randint(*workload.corpus_tokens)) for _ in range(workload.corpora)]
-    weights = [1 / (rank + 1) ** workload.zipf for rank in range(workload.corpora)]
-    trace = []
-    for phase in range(workload.phases):
-        ranking = rng.sample(corpora, len(corpora))  # ranking[0] is the most asked
-        count = workload.questions * (phase + 1) // workload.phases - len(trace)
-        for corpus in rng.choices(ranking, weights, k=count):
-            question = fresh(rng.randint(*workload.question_tokens))
-            trace.append((header + corpus + question, fresh(workload.answer_tokens)))
-    return trace
+def split_policies(text: str) -> list[str]:
+    """Split a policy list on commas outside brackets."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
 
 
 class _NoPool:
@@ -116,28 +111,31 @@ def replay(trace: Sequence[Request], policy: str, capacity: int,
     return matched
 
 
-def run_eviction_benchmark(policies: Sequence[str] = POLICIES,
+def run_eviction_benchmark(policies: Iterable[str] = POLICIES,
                            seeds: Sequence[int] = (0, 1, 2),
-                           workload: Workload = Workload(),
-                           configs: Mapping[str, Mapping[str, Any]] | None = None,
-                           ) -> list[dict[str, Any]]:
-    """One row per policy, totals over one trace per seed (the same traces for all).
+                           workload: Workload | None = None,
+                           name: str = "custom") -> list[dict[str, Any]]:
+    """One row per policy and one ``optimal`` row: totals over one trace per seed.
 
-    Rows: policy, prompt_tokens, recomputed_tokens (prompt tokens not found in the cache,
-    so prefilled again), hit_rate (matched / prompt tokens), recomputed_vs_lru (None
-    without an lru row, or if lru recomputed nothing). ``configs`` maps a policy to its
-    ``--radix-eviction-policy-config`` options.
+    Rows: workload, policy (as given, options included), prompt_tokens, recomputed
+    (prompt tokens not found in the cache, so prefilled again), hit_rate (matched /
+    prompt tokens), recomputed_vs_lru (None without an lru row, or if lru recomputed
+    nothing) and recomputed_vs_optimal (None if nothing had to be recomputed).
     """
+    workload = workload or Workload()
+    parsed = [(policy, *parse_policy(policy)) for policy in policies]
     traces = [make_trace(workload, seed) for seed in seeds]
+    capacity = workload.capacity()
     prompt_tokens = sum(len(prompt) for trace in traces for prompt, _ in trace)
-    rows = []
-    for policy in policies:
-        config = (configs or {}).get(policy)
-        matched = sum(replay(trace, policy, workload.capacity(), config) for trace in traces)
-        rows.append({"policy": policy, "prompt_tokens": prompt_tokens,
-                     "recomputed_tokens": prompt_tokens - matched,
-                     "hit_rate": matched / prompt_tokens})
-    lru = next((row["recomputed_tokens"] for row in rows if row["policy"] == "lru"), None)
+    matched = {label: sum(replay(trace, policy, capacity, config) for trace in traces)
+               for label, policy, config in parsed}
+    matched[OPTIMAL] = sum(optimal_matched(trace, capacity) for trace in traces)
+    rows = [{"workload": name, "policy": label, "prompt_tokens": prompt_tokens,
+             "recomputed": prompt_tokens - hits, "hit_rate": hits / prompt_tokens}
+            for label, hits in matched.items()]
+    by_policy = {row["policy"]: row["recomputed"] for row in rows}
     for row in rows:
-        row["recomputed_vs_lru"] = row["recomputed_tokens"] / lru if lru else None
+        for key, base in (("recomputed_vs_lru", by_policy.get("lru")),
+                          ("recomputed_vs_optimal", by_policy[OPTIMAL])):
+            row[key] = row["recomputed"] / base if base else None
     return rows

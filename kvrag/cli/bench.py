@@ -352,35 +352,66 @@ def gpu_cmd(
 
 @app.command("eviction")
 def eviction_cmd(
-    policies: Annotated[str, typer.Option(help="Comma-separated radix eviction policies.")] = (
-        "lru,lfu,slru,kvrag-cost"),
+    policies: Annotated[str, typer.Option(
+        help="Comma-separated radix eviction policies, each NAME or NAME[key=value;...] "
+             "with its --radix-eviction-policy-config options.")] = (
+        "lru,lfu,slru,kvrag-cost,kvrag-cost[partial=false]"),
+    workloads: Annotated[str, typer.Option(
+        help="Comma-separated workloads: stationary, phases, bursts, system-prompt.")] = (
+        "stationary,phases,bursts,system-prompt"),
     seeds: Annotated[int, typer.Option(min=1, help="Seeded traces per workload.")] = 3,
     out: Annotated[Path | None, typer.Option(help="Also write the rows as JSON here.")] = None,
 ) -> None:
     """Recomputed prefill tokens and hit rate per eviction policy, on the same traces.
 
     A trace-driven simulation on SGLang's own radix cache (Python tree core) of
-    long-context QA: six 2-4k-token corpora, 300 skewed, interleaved questions, a cache of
-    2.5 corpora; once with stationary popularity, once redrawn in three phases.
-    """
-    from kvrag.bench.eviction import Workload, run_eviction_benchmark
+    long-context QA, one table per workload:
 
-    names = [p.strip() for p in policies.split(",") if p.strip()]
-    results = {}
-    for title, workload in (("stationary", Workload()), ("3 phases", Workload(phases=3))):
+    \b
+    - stationary: 6 corpora of 2-4k tokens asked with Zipf popularity, cache of 2.5;
+    - phases: the same, popularity redrawn twice;
+    - bursts: 12 corpora, about 10 questions in a row on each (LOFT-like);
+    - system-prompt: a 1,024-token system prompt, then a document no one else sends.
+
+    Each table has an `optimal` row: the fewest tokens any policy could recompute
+    (Belady's MIN over tokens; exact when a node's tail may be evicted alone, a lower
+    bound for SGLang's whole-node eviction), and every row's ratio to it and to lru.
+    """
+    from kvrag.bench.eviction import parse_policy, run_eviction_benchmark, split_policies
+    from kvrag.bench.eviction_traces import WORKLOADS
+
+    names = split_policies(policies)
+    chosen = [w.strip() for w in workloads.split(",") if w.strip()]
+    unknown = [w for w in chosen if w not in WORKLOADS]
+    if unknown or not chosen:
+        fail(f"--workloads: unknown {', '.join(unknown) or '(none given)'}; choose from "
+             f"{', '.join(WORKLOADS)}")
+    if not names:
+        fail("--policies: none given")
+    try:
+        for name in names:
+            parse_policy(name)
+    except ValueError as e:
+        fail(f"--policies: {e}")
+    results = []
+    for title in chosen:
+        workload = WORKLOADS[title]
         with console.status(f"replaying {title} traces"):
             try:
-                rows = run_eviction_benchmark(names, tuple(range(seeds)), workload)
+                rows = run_eviction_benchmark(names, tuple(range(seeds)), workload, title)
             except ValueError as e:
                 fail(str(e))
-        results[title] = rows
-        console.print(f"{title}: {workload.corpora} corpora, {workload.questions} questions "
-                      f"x {seeds} seeds, cache {workload.capacity():,} tokens", markup=False)
+        results.extend(rows)
+        console.print(f"{title}: {workload.describe()}; seeds 0-{seeds - 1}", markup=False)
         _print_table(
-            ("policy", "prompt tokens", "recomputed", "hit rate", "recomputed/lru"),
-            [(r["policy"], f"{r['prompt_tokens']:,}", f"{r['recomputed_tokens']:,}",
-              f"{r['hit_rate']:.1%}",
-              "-" if r["recomputed_vs_lru"] is None else f"{r['recomputed_vs_lru']:.2f}")
-             for r in rows])
+            ("policy", "prompt tokens", "recomputed", "hit rate", "recomputed/lru",
+             "recomputed/optimal"),
+            [(r["policy"], f"{r['prompt_tokens']:,}", f"{r['recomputed']:,}",
+              f"{r['hit_rate']:.1%}", _ratio(r["recomputed_vs_lru"]),
+              _ratio(r["recomputed_vs_optimal"])) for r in rows])
     if out is not None:
         out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
