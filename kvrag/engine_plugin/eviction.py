@@ -217,7 +217,7 @@ def _before_classic_delete_leaf(cache, node) -> None:
 
 def _before_unified_evict_leaf(tree_core, node_id, *args, **kwargs) -> None:
     """The unified cache evicts (or demotes to host) each device victim through here."""
-    if isinstance(tree_core.eviction_strategy, KvragCostStrategy):
+    if isinstance(getattr(tree_core, "eviction_strategy", None), KvragCostStrategy):
         tree_core.eviction_strategy.on_evict(tree_core.node_by_id(node_id))
 
 
@@ -229,7 +229,7 @@ def _around_unified_evict_walk(original, cache, request_by_type, tracker,
     (``evict_for_alloc``). A walk stopped by the allocator's own predicate says neither,
     and its victims are evicted whole.
     """
-    strategy = cache.tree_core.eviction_strategy
+    strategy = getattr(cache.tree_core, "eviction_strategy", None)  # the Rust core has none
     if not (isinstance(strategy, KvragCostStrategy) and strategy.partial) \
             or kwargs.get("allocation_reclaim_satisfied") is not None:
         return original(cache, request_by_type, tracker, available_size_targets, **kwargs)

@@ -7,13 +7,13 @@ frees, so eviction order is read from the tree's frees, not from the strategy.
 from __future__ import annotations
 
 import argparse
-import math
+from array import array
 from types import SimpleNamespace
 
 import pytest
 import torch
 from sglang.srt.arg_groups.choices import RADIX_EVICTION_POLICY_CHOICES
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 from sglang.srt.mem_cache.rust_tree_core.adapter import RustUnifiedTreeCore
@@ -93,115 +93,119 @@ def build_tree(cache) -> None:
         insert(cache, b)
 
 
-# kvrag-cost, by hand: H(B) = 1 * (0 + 9/2) = 4.5; H(Q) = 1 * (40 + 5/2) = 42.5;
-# H(P) = 5 * (0 + 41/2) = 102.5 once it is a leaf. No eviction before any access, so L = 0
-# for all of them. Equal H goes least recently used first.
-KVRAG_ORDER = [*BS, *QS, P]
-# lru: questions oldest first; P was last touched by Q4's insert, before B0 and B1.
+# kvrag-cost: every one-off branch (1 hit) has value 0 and they go least recently used
+# first; P, reused 4 times, outlives B0 and B1 although they were used after it.
+KVRAG_ORDER = [*QS, *BS, P]
+# lru: P was last touched by Q4's insert, before B0 and B1.
 LRU_ORDER = [*QS, P, *BS]
 
 
 @pytest.mark.parametrize("tree", TREES)
 @pytest.mark.parametrize(("policy", "order"), [(POLICY_NAME, KVRAG_ORDER), ("lru", LRU_ORDER)])
 def test_eviction_order_on_hand_built_tree(tree: str, policy: str, order: list) -> None:
-    cache, pool = make_cache(tree, policy)
+    cache, pool = make_cache(tree, policy, {"partial": False} if policy == POLICY_NAME else None)
     build_tree(cache)
     assert evict(cache, pool, TOTAL) == [tuple(x) for x in order]
 
 
-@pytest.mark.parametrize("tree", TREES)
-def test_short_one_off_branches_go_before_the_shared_prefix_and_its_questions(tree: str) -> None:
-    kvrag, kvrag_pool = make_cache(tree, POLICY_NAME)
-    lru, lru_pool = make_cache(tree, "lru")
-    for cache in (kvrag, lru):
-        build_tree(cache)
-    assert evict(kvrag, kvrag_pool, 16) == [tuple(b) for b in BS]
-    assert evict(lru, lru_pool, 16) == [tuple(q) for q in QS[:4]]
-    # The level L follows the victims: two branches of H 4.5.
-    assert strategy_of(kvrag).level == 4.5
+def test_partial_eviction_frees_only_the_tail_an_eviction_needs() -> None:
+    """46 tokens are asked for: the questions and B0, B1 free 36, so P gives up its last 10
+    tokens and its first 30 stay cached and still match."""
+    cache, pool = make_cache("unified", POLICY_NAME)
+    build_tree(cache)
+    freed = evict(cache, pool, 4 * len(QS) + 8 * len(BS) + 10)
+    assert freed == [*map(tuple, QS), *map(tuple, BS), tuple(P[30:])]
+    assert cache.match_prefix(MatchPrefixParams(key=RadixKey(P + [7]))).device_prefix_len == 30
+    assert cache.evictable_size() == 30
+
+
+@pytest.mark.parametrize(("tree", "config"), [("unified", {"partial": False}),
+                                              ("classic", None)])
+def test_without_partial_eviction_the_last_victim_goes_whole(tree: str, config) -> None:
+    cache, pool = make_cache(tree, POLICY_NAME, config)
+    build_tree(cache)
+    freed = evict(cache, pool, 4 * len(QS) + 8 * len(BS) + 10)
+    assert freed[-1] == tuple(P)
+    assert cache.match_prefix(MatchPrefixParams(key=RadixKey(P + [7]))).device_prefix_len == 0
 
 
 @pytest.mark.parametrize("tree", TREES)
-@pytest.mark.parametrize(("aging", "victims"), [
-    # X_k arrives after k - 1 evictions: H = 6.5 * (k - 1) + 6.5 overtakes P's 16.5 at k = 3.
-    (1.0, ["X1", "X2", "P"]),
-    (0.0, ["X1", "X2", "X3", "X4"]),
+@pytest.mark.parametrize(("ghosts", "first"), [(4096, "Y"), (0, "X")])
+def test_a_reused_prefix_evicted_and_cached_again_gets_its_history_back(
+        tree: str, ghosts: int, first: str) -> None:
+    """X is used 4 times, evicted, then cached again once, before a one-off Y. With ghosts
+    X has 5 hits since its first use (value > 0) and Y (value 0) goes first; without,
+    both are new and X, the older, goes first."""
+    cache, pool = make_cache(tree, POLICY_NAME, {"ghosts": ghosts, "partial": False})
+    x, y = seq(500, 10), seq(600, 10)
+    for _ in range(4):
+        insert(cache, x)
+    evict(cache, pool, 10)
+    insert(cache, x)
+    insert(cache, y)
+    strategy = strategy_of(cache)
+    node = next(iter(getattr(cache, "tree_core", cache).root_node.children.values()))
+    assert node.key.token_ids[0] == 500
+    assert strategy.history(node)[0] == (5 if ghosts else 1)
+    assert evict(cache, pool, 10) == [tuple(x if first == "X" else y)]
+
+
+def test_the_ghost_table_forgets_the_oldest_first() -> None:
+    strategy = KvragCostStrategy(ghosts=2)
+    root = SimpleNamespace(id=0, parent=None)
+    for k in (1, 2, 3):
+        strategy.on_evict(SimpleNamespace(parent=root, key=RadixKey([k]), hit_count=3,
+                                          creation_time=float(k)))
+    assert list(strategy._ghosts) == [(0, 2), (0, 3)]
+
+
+def stand_in(hits: int, created: float, size: int = 8, key=None) -> SimpleNamespace:
+    """A tree node's attributes the strategy reads, under the root."""
+    root = SimpleNamespace(id=0, parent=None)
+    return SimpleNamespace(id=1, parent=root, key=key or RadixKey(seq(1, size)),
+                           hit_count=hits, creation_time=created, last_access_time=created)
+
+
+@pytest.mark.parametrize(("target", "now", "expected"), [
+    (stand_in(5, 0.0), 10.0, 0.4),           # 4 reuses in 10 clock units
+    (stand_in(1, 0.0), 10.0, 0.0),           # never reused
+    (stand_in(0, 0.0), 10.0, 0.0),           # no hits counted (HiCache write-back)
+    (stand_in(3, 10.0), 10.0, 0.0),          # no time has passed
+    (stand_in(41, 0.0), 400.0, 0.1),         # once popular, idle since: its rate falls
 ])
-def test_aging_evicts_a_popular_prefix_that_stopped_being_used(
-        tree: str, aging: float, victims: list[str]) -> None:
-    cache, pool = make_cache(tree, POLICY_NAME, {"aging": aging})
-    prefix = seq(500, 10)
-    for _ in range(3):
-        insert(cache, prefix)  # 3 hits: H = 3 * (0 + 11/2) = 16.5
-    names = {tuple(prefix): "P"}
-    seen = []
-    for k in range(1, len(victims) + 1):
-        branch = seq(10_000 + 100 * k, 12)  # 1 hit: credit 13/2 = 6.5
-        names[tuple(branch)] = f"X{k}"
-        insert(cache, branch)
-        seen += [names[segment] for segment in evict(cache, pool, 1)]
-    assert seen == victims
-
-
-def node(size: int, hits: int, clock: float, above: tuple[int, ...] = ()) -> SimpleNamespace:
-    """A stand-in for a tree node: the attributes the strategy reads, on a path of ancestors."""
-    parent = SimpleNamespace(key=[], parent=None)  # root
-    for length in above:
-        parent = SimpleNamespace(key=[0] * length, parent=parent)
-    return SimpleNamespace(key=[0] * size, parent=parent, hit_count=hits, last_access_time=clock)
-
-
-# Two evictions: victim H 4.5 at clock 10, then victim H 42.5 at clock 20.
-EVICTIONS = [(node(8, 1, 1.0), 10.0), (node(4, 1, 2.0, above=(40,)), 20.0)]
-
-
-@pytest.mark.parametrize(("options", "target", "expected"), [
-    ({}, node(8, 1, 5.0), 4.5),                                   # 0 + 1 * (0 + 4.5)
-    ({}, node(4, 1, 5.0, above=(32, 8)), 42.5),                    # 0 + 1 * (40 + 2.5)
-    ({}, node(40, 5, 5.0), 102.5),                                 # 0 + 5 * 20.5
-    ({}, node(8, 0, 5.0), 4.5),                                    # 0 hits count as 1
-    ({"frequency_exponent": 0.5}, node(40, 4, 5.0), 41.0),         # 0 + 2 * 20.5
-    ({"frequency_exponent": 0.0}, node(40, 5, 5.0), 20.5),         # 0 + 1 * 20.5
-    ({}, node(8, 1, 15.0), 9.0),                                   # 4.5 + 4.5
-    ({}, node(8, 1, 20.0), 9.0),                                   # 20 is not before 20
-    ({}, node(8, 2, 25.0), 51.5),                                  # 42.5 + 2 * 4.5
-    ({"aging": 0.5}, node(8, 1, 25.0), 25.75),                     # 0.5 * 42.5 + 4.5
-    ({"aging": 0.0}, node(8, 1, 25.0), 4.5),
-])
-def test_priority_formula(options: dict, target: SimpleNamespace, expected: float) -> None:
-    strategy = KvragCostStrategy(**options)
-    for victim, clock in EVICTIONS:
-        strategy.on_evict(victim, clock)
+def test_value_is_the_reuse_rate_since_first_cached(target, now: float, expected: float) -> None:
+    strategy = KvragCostStrategy()
+    strategy.clock = lambda: now
     assert strategy.get_priority(target) == (pytest.approx(expected), target.last_access_time)
 
 
-def test_level_never_decreases_and_old_history_is_dropped(monkeypatch) -> None:
-    monkeypatch.setattr(eviction, "HISTORY", 2)
+def test_a_prefix_that_stops_being_used_falls_below_one_in_use() -> None:
+    """A: 40 reuses by clock 100, then none; B: cached at 100, reused every 10 units."""
     strategy = KvragCostStrategy()
-    for clock, size in enumerate([2, 4, 6, 2, 8], start=1):  # victim H = (size + 1) / 2
-        strategy.on_evict(node(size, 1, 0.0), float(clock))
-    assert strategy.level == 4.5
-    # The 5th entry overflowed 2 * HISTORY: the two oldest (levels 1.5, 2.5) are forgotten,
-    # and accesses before the oldest remembered eviction read the last forgotten level.
-    assert [strategy.level_at(t) for t in (0.5, 3.5, 4.5, 9.0)] == [2.5, 3.5, 3.5, 4.5]
+    a = stand_in(41, 0.0)
+    values = []
+    for now in (150.0, 600.0):
+        strategy.clock = lambda now=now: now
+        b = stand_in(1 + int((now - 100) / 10), 100.0)
+        values.append((strategy.value(a), strategy.value(b)))
+    assert values[0][0] > values[0][1] and values[1][0] < values[1][1]
 
 
 def test_config_reaches_the_strategy_through_sglang() -> None:
-    strategy = get_eviction_strategy(POLICY_NAME, {"frequency_exponent": 0.5, "aging": 0})
+    strategy = get_eviction_strategy(POLICY_NAME, {"partial": False, "ghosts": 8})
     assert isinstance(strategy, KvragCostStrategy)
-    assert (strategy.frequency_exponent, strategy.aging) == (0.5, 0)
+    assert (strategy.partial, strategy.ghosts) == (False, 8)
     default = get_eviction_strategy(POLICY_NAME.upper(), None)
-    assert (default.frequency_exponent, default.aging) == (1.0, 1.0)
+    assert (default.partial, default.ghosts) == (True, 4096)
 
 
 @pytest.mark.parametrize(("config", "message"), [
-    ({"decay": 2}, r"does not take 'decay'; allowed keys: aging, frequency_exponent"),
-    ({"aging": 1.5}, r"aging must be in \[0, 1\], got 1.5"),
-    ({"aging": -0.1}, r"aging must be in \[0, 1\]"),
-    ({"frequency_exponent": -1}, r"frequency_exponent must be >= 0"),
-    ({"frequency_exponent": "1"}, r"frequency_exponent must be a number, got '1'"),
-    ({"aging": True}, r"aging must be a number, got True"),
-    ({"frequency_exponent": math.nan}, r"frequency_exponent must be a number"),
+    ({"decay": 2}, r"does not take 'decay'; allowed keys: ghosts, partial"),
+    ({"partial": "yes"}, r"partial must be true or false, got 'yes'"),
+    ({"partial": 1}, r"partial must be true or false"),
+    ({"ghosts": -1}, r"ghosts must be an integer >= 0, got -1"),
+    ({"ghosts": 1.5}, r"ghosts must be an integer >= 0"),
+    ({"ghosts": True}, r"ghosts must be an integer >= 0, got True"),
 ])
 def test_invalid_options_say_what_is_allowed(config: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -212,10 +216,10 @@ def test_server_cli_accepts_the_policy_and_its_json_options() -> None:
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
     args = parser.parse_args(["--model-path", "m", "--radix-eviction-policy", POLICY_NAME,
-                              "--radix-eviction-policy-config", '{"aging": 0.25}'])
+                              "--radix-eviction-policy-config", '{"ghosts": 16}'])
     strategy = get_eviction_strategy(args.radix_eviction_policy,
                                      args.radix_eviction_policy_config)
-    assert strategy.aging == 0.25
+    assert strategy.ghosts == 16
     with pytest.raises(SystemExit):  # the choices are enforced, so the name had to be added
         parser.parse_args(["--model-path", "m", "--radix-eviction-policy", "kvrag-nope"])
 
@@ -226,8 +230,12 @@ def test_registration_is_idempotent() -> None:
     assert RADIX_EVICTION_POLICY_CHOICES.count(POLICY_NAME) == 1
     assert _EVICTION_POLICY_FACTORIES[POLICY_NAME] == KvragCostStrategy.from_config
     for target, hook in [(eviction._RESOLVE_CORE, eviction._prefer_python_core),
+                         (eviction._CLASSIC_EVICT, eviction._before_classic_evict),
                          (eviction._CLASSIC_DELETE_LEAF, eviction._before_classic_delete_leaf),
-                         (eviction._UNIFIED_EVICT_LEAF, eviction._before_unified_evict_leaf)]:
+                         (eviction._UNIFIED_EVICT_LEAF, eviction._before_unified_evict_leaf),
+                         (eviction._UNIFIED_EVICT_WALK, eviction._around_unified_evict_walk),
+                         (eviction._UNIFIED_EVICT_VICTIM,
+                          eviction._around_unified_evict_victim)]:
         assert [h for _, h, _ in HookRegistry._hooks[target]].count(hook) == 1
         assert target in HookRegistry._patched
 
@@ -235,30 +243,41 @@ def test_registration_is_idempotent() -> None:
 @pytest.mark.parametrize("core", [None, "rust"])
 def test_unified_cache_runs_kvrag_cost_on_the_python_core(monkeypatch, core: str | None) -> None:
     monkeypatch.delenv("SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND", raising=False)
-    cache, _ = make_cache("unified", POLICY_NAME, {"aging": 0.5}, core=core)
+    cache, _ = make_cache("unified", POLICY_NAME, {"ghosts": 3}, core=core)
     assert type(cache.tree_core) is UnifiedTreeCore
-    assert strategy_of(cache).aging == 0.5
+    assert strategy_of(cache).ghosts == 3
     other, _ = make_cache("unified", "lru", core=core)  # the hook leaves other policies alone
     assert type(other.tree_core) is RustUnifiedTreeCore
 
 
 @pytest.mark.parametrize("tree", TREES)
 def test_a_stored_compressed_prefix_is_cheap_to_hold_for_what_it_saves(tree: str) -> None:
-    """A compress-once entry of 20 kept slots standing for a 200-token prefix: kvrag-cost
-    scores it by the prefill it saves, 200 * 201 / 2 over 20 slots = 1005, so a plain
-    40-token prefix (41/2 = 20.5) goes first although it was used later; lru drops the
-    older compressed one."""
+    """A compress-once entry of 20 kept slots standing for a 200-token prefix saves 10
+    prompt tokens per slot on a hit; a plain 40-token prefix saves 1. Both are reused
+    once, the plain one later, so lru drops the compressed one first and kvrag-cost the
+    plain one. A question branch under the stored prefix is not mistaken for one."""
     from kvrag.compression import parse_spec
     from kvrag.engine_plugin.once import key_tokens, namespace
 
     spec = parse_spec("once:snapkv:0.9")
     stored = key_tokens(seq(7000, 200), spec, 20)
+    space = namespace(spec, None)
     orders = {}
     for policy in (POLICY_NAME, "lru"):
-        cache, pool = make_cache(tree, policy)
-        cache.insert(InsertParams(key=RadixKey(stored, namespace(spec, None)),
-                                  value=torch.tensor(seq(9000, 20))))
-        insert(cache, P)
-        orders[policy] = evict(cache, pool, 60)
-    assert orders[POLICY_NAME] == [tuple(P), tuple(seq(9000, 20))]
-    assert orders["lru"] == [tuple(seq(9000, 20)), tuple(P)]
+        cache, pool = make_cache(tree, policy, {"partial": False} if policy == POLICY_NAME
+                                 else None)
+        for _ in range(2):
+            cache.insert(InsertParams(key=RadixKey(stored, space),
+                                      value=torch.tensor(seq(9000, 20))))
+        cache.insert(InsertParams(key=RadixKey(array("q", [*stored, 5, 6]), space),
+                                  value=torch.tensor([*seq(9000, 20), 1, 2])))
+        for _ in range(2):
+            insert(cache, P)
+        orders[policy] = evict(cache, pool, 62)
+    assert orders[POLICY_NAME] == [(1, 2), tuple(P), tuple(seq(9000, 20))]
+    assert orders["lru"] == [(1, 2), tuple(seq(9000, 20)), tuple(P)]
+    branch = SimpleNamespace(parent=SimpleNamespace(parent=SimpleNamespace(parent=None)),
+                             key=RadixKey(list(stored) + [5, 6], space))
+    assert eviction.stored_length(branch) is None
+    branch.parent = branch.parent.parent  # a child of the root: the stored prefix itself
+    assert eviction.stored_length(branch) == 200

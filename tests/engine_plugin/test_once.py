@@ -41,7 +41,10 @@ def served(tiny_model_dir):
                     "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE"):
             mp.setenv(var, "1")
         mp.setenv("KVRAG_PLUGIN_RECORD_KEPT", "1")
-        engine = SGLangEngine(tiny_model_dir, max_total_tokens=8192, chunked_prefill_size=1024)
+        # kvrag serve's eviction policy: stored prefixes are scored by what they save, and
+        # never trimmed by its partial eviction.
+        engine = SGLangEngine(tiny_model_dir, max_total_tokens=8192, chunked_prefill_size=1024,
+                              radix_eviction_policy="kvrag-cost")
     yield engine
     engine.close()
 
