@@ -65,7 +65,8 @@ def serve(
     eviction_policy: Annotated[str, typer.Option(
         help=f"Radix-cache eviction: {', '.join(EVICTION_POLICIES)}.")] = "kvrag-cost",
     eviction_config: Annotated[str | None, typer.Option(
-        help='JSON options of the policy, e.g. \'{"frequency_exponent": 0.5}\'.')] = None,
+        help='JSON options of the policy; kvrag-cost takes '
+             '\'{"partial": true, "ghosts": 4096}\' (the defaults).')] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 30000,
     api_key: Annotated[str | None, typer.Option(
