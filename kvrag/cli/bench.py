@@ -353,7 +353,7 @@ def gpu_cmd(
 @app.command("eviction")
 def eviction_cmd(
     policies: Annotated[str, typer.Option(
-        help="Comma-separated radix eviction policies, each NAME or NAME[key=value;...] "
+        help="Comma-separated radix eviction policies, each NAME or NAME\\[key=value;...] "
              "with its --radix-eviction-policy-config options.")] = (
         "lru,lfu,slru,kvrag-cost,kvrag-cost[partial=false]"),
     workloads: Annotated[str, typer.Option(
@@ -365,13 +365,10 @@ def eviction_cmd(
     """Recomputed prefill tokens and hit rate per eviction policy, on the same traces.
 
     A trace-driven simulation on SGLang's own radix cache (Python tree core) of
-    long-context QA, one table per workload:
-
-    \b
-    - stationary: 6 corpora of 2-4k tokens asked with Zipf popularity, cache of 2.5;
-    - phases: the same, popularity redrawn twice;
-    - bursts: 12 corpora, about 10 questions in a row on each (LOFT-like);
-    - system-prompt: a 1,024-token system prompt, then a document no one else sends.
+    long-context QA, one table per workload. stationary: 6 corpora of 2-4k tokens asked
+    with Zipf popularity, a cache of 2.5. phases: the same, popularity redrawn twice.
+    bursts: 12 corpora, about 10 questions in a row on each (LOFT-like). system-prompt: a
+    1,024-token system prompt, then a document no other request sends.
 
     Each table has an `optimal` row: the fewest tokens any policy could recompute
     (Belady's MIN over tokens; exact when a node's tail may be evicted alone, a lower
