@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -22,13 +23,36 @@ def sft_cmd(
         help="A .jsonl dataset, or 'demo' for the demo training split (seed 1, disjoint "
              "from the evaluation suite).")] = "demo",
     model: Annotated[str, typer.Option(help="Packaged model name or checkpoint dir.")] = "smollm2",
-    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 50,
+    steps: Annotated[int | None, typer.Option(
+        min=1, help="Optimizer steps (default 50, or what --epochs makes).")] = None,
+    epochs: Annotated[float | None, typer.Option(
+        min=0.0, help="Passes over the training examples, instead of --steps.")] = None,
     grad_accum: Annotated[int, typer.Option(min=1, help="Examples per step.")] = 4,
     lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 2e-4,
+    warmup_steps: Annotated[int, typer.Option(
+        min=0, help="Steps over which the learning rate rises linearly to --lr.")] = 0,
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
     limit: Annotated[int | None, typer.Option(min=1, help="Use the first N instances.")] = None,
+    context_tokens: Annotated[int | None, typer.Option(
+        min=100, help="Training prompts of about this many tokens: the demo split is "
+                      "generated at this length; a dataset's instances drop non-gold "
+                      "documents until their prompt fits. Evaluate at full length to "
+                      "measure transfer to longer contexts.")] = None,
+    per_task: Annotated[int | None, typer.Option(
+        min=1, help="Demo split only: instances per task family (default 50).")] = None,
     groups: Annotated[str | None, typer.Option(
         help="Train only on these comma-separated task groups (e.g. multiple_choice).")] = None,
+    val_size: Annotated[int, typer.Option(
+        min=0, help="Hold out this many training instances (seeded draw) and score the "
+                    "adapter on them by the task metric (SubEM for qa).")] = 0,
+    eval_every: Annotated[int | None, typer.Option(
+        min=1, help="Steps between validation scores (default: 10 with --val-size). The "
+                    "best-scoring adapter is the one written to OUT.")] = None,
+    patience: Annotated[int, typer.Option(
+        min=0, help="Stop after this many validations without a better score (0: "
+                    "never).")] = 0,
+    val_max_new_tokens: Annotated[int, typer.Option(
+        min=1, help="Answer budget of a validation answer (compare's default).")] = 64,
     compress: Annotated[str | None, typer.Option(
         help="Compression-aware training, e.g. snapkv:0.5: score targets from the "
              "compressed prompt cache.")] = None,
@@ -48,51 +72,97 @@ def sft_cmd(
     from transformers import AutoTokenizer
 
     from kvrag.compression import SpecError, parse_spec
+    from kvrag.data.demo import DEMO_PER_TASK
     from kvrag.data.loaders import load_dataset
     from kvrag.data.schema import DatasetError
     from kvrag.engines.device import DeviceError, resolve
     from kvrag.engines.models import ModelNotFoundError, resolve_model
+    from kvrag.evaluation.prompt_fit import PromptLimit, fit_instances
     from kvrag.train.examples import build_examples, demo_train_split, select_groups
     from kvrag.train.formats import FORMATS, FormatError
     from kvrag.train.sft import CHECKPOINTING_FROM_TOKENS, LoraSettings, SFTConfig, train_sft
+    from kvrag.train.validation import Validator, split_validation
 
     if fmt not in FORMATS:
         fail(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if per_task is not None and dataset != "demo":
+        fail("--per-task sizes the demo split; a dataset is used as it is (see --limit)")
+    if (eval_every or patience) and not val_size:
+        fail("--eval-every and --patience score held-out instances: give --val-size N")
     try:
         placement = resolve(device, dtype)
         if compress:
             parse_spec(compress)
-        instances = demo_train_split() if dataset == "demo" else load_dataset(dataset)
-        instances = select_groups(instances, groups.split(",")) if groups else instances
-        instances = instances[:limit] if limit else instances
         model_path = resolve_model(model, console)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if dataset == "demo":
+            sizes = {"context_tokens": context_tokens} if context_tokens else {}
+            instances = demo_train_split(**sizes, per_task=per_task or DEMO_PER_TASK)
+        else:
+            instances = load_dataset(dataset)
+            if context_tokens:
+                instances = fit_instances(instances, tokenizer, PromptLimit(
+                    context_tokens, "--context-tokens"), trim=True).instances
+        instances = select_groups(instances, groups.split(",")) if groups else instances
+        instances = instances[:limit] if limit else instances
+        instances, held_out = split_validation(instances, val_size, seed)
         count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
         examples = build_examples(instances, fmt, seed, count)
+        validator = (Validator(tokenizer, build_examples(held_out, fmt, seed, count),
+                               val_max_new_tokens) if held_out else None)
         if gradient_checkpointing is None:
             longest = max((count(ex.prompt.text) for ex in examples), default=0)
             gradient_checkpointing = not compress and longest > CHECKPOINTING_FROM_TOKENS
+        if epochs is not None:
+            steps = max(1, math.ceil(epochs * len(examples) / grad_accum))
+        steps = steps or 50
         cfg = SFTConfig(fmt=fmt, steps=steps, grad_accum=grad_accum, lr=lr, seed=seed,
+                        warmup_steps=warmup_steps,
+                        eval_every=(eval_every or 10) if held_out else 0, patience=patience,
                         compress=compress, dtype=placement.dtype_name,
                         gradient_checkpointing=gradient_checkpointing,
                         lora=LoraSettings(r=rank, alpha=2 * rank))
     except (SpecError, DatasetError, ModelNotFoundError, FormatError, DeviceError,
             ValueError) as e:
         fail(str(e))
+    validating = (f"; validation on {len(held_out)} held-out instances every "
+                  f"{cfg.eval_every} steps" if held_out else "")
+    validating = (f"; validation on {len(held_out)} held-out instances every "
+                  f"{cfg.eval_every} steps" if held_out else "")
     console.print(f"SFT of {model} on {len(examples)} {dataset} examples, format {fmt}"
                   f"{f', compression-aware ({compress})' if compress else ''}: {steps} steps x "
                   f"{grad_accum} examples on {placement.device} in {placement.dtype_name}"
-                  f"{', gradient checkpointing' if gradient_checkpointing else ''}")
+                  f"{', gradient checkpointing' if gradient_checkpointing else ''}{validating}")
+    last = {"loss": "–", "val": "–"}
+
+    def show(step: int) -> None:
+        value = last["loss"] + (f" | val {last['val']}" if held_out else "")
+        progress.update(step, value)
+
+    def on_step(step: int, loss: float) -> None:
+        last["loss"] = f"{loss:.3f}"
+        show(step)
+
+    def on_eval(step: int, value: float) -> None:
+        last["val"] = f"{value:.3f}"
+        show(step)
+
     with StepProgress("step", steps, "loss") as progress:
         try:
             result = train_sft(model_path, examples, cfg, out, device=placement.device,
-                               on_step=lambda step, loss: progress.update(step, f"{loss:.3f}"))
+                               on_step=on_step, on_eval=on_eval,
+                               validate=(lambda m: validator(m).score) if validator else None)
         except ValueError as e:
             fail(str(e))
     console.print(f"Adapter in {result.adapter_dir} ({result.steps} steps"
                   f"{f', resumed at step {result.resumed_from}' if result.resumed_from else ''}"
+                  f"{', stopped early' if result.stopped_early else ''}"
                   f", {result.seconds:.0f} s); loss {result.per_step[0]:.3f} -> "
                   f"{result.per_step[-1]:.3f}")
+    if result.evals:
+        scores = ", ".join(f"{step}: {value:.3f}" for step, value in result.evals)
+        console.print(f"validation score by step: {scores}; kept the adapter of step "
+                      f"{result.best_step}", markup=False)
 
 
 @app.command("grpo")

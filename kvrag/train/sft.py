@@ -48,6 +48,9 @@ class SFTConfig:
     lr: float = 2e-4
     seed: int = 0
     save_every: int = 10  # steps between checkpoints
+    warmup_steps: int = 0  # the learning rate rises linearly to ``lr`` over these steps
+    eval_every: int = 0  # steps between validation scores (0: no validation)
+    patience: int = 0  # validations without a better score before stopping (0: never)
     compress: str | None = None  # e.g. "snapkv:0.5": compression-aware training
     dtype: str = "float32"  # of the base model (kvrag.engines.device.DTYPES)
     # Re-run each layer's forward in the backward instead of keeping its activations: what
@@ -57,6 +60,8 @@ class SFTConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
+        if self.patience and not self.eval_every:
+            raise ValueError("--patience needs validation: give --val-size and --eval-every")
         if self.compress and self.gradient_checkpointing:
             raise ValueError("gradient checkpointing does not go with compression-aware "
                              "training (its prefill needs the KV cache checkpointed layers "
@@ -122,16 +127,31 @@ class TrainResult:
     resumed_from: int
     seconds: float
     per_step: list[float]  # training loss per step (SFT), or mean reward per step (GRPO)
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, validation score)
+    best_step: int | None = None  # the step whose adapter was kept (with validation)
+    stopped_early: bool = False
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Multiplier of the learning rate at 0-based ``step``: linear warm-up, then 1."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
 
 def train_sft(
     model_path: Path, examples: Sequence[Example], cfg: SFTConfig, out: Path,
     on_step: Callable[[int, float], None] = lambda step, loss: None,
     device: str | torch.device = "cpu",
+    validate: Callable[[torch.nn.Module], float] | None = None,
+    on_eval: Callable[[int, float], None] = lambda step, score: None,
 ) -> TrainResult:
     """Train a LoRA adapter into ``out`` (a standard PEFT directory); resumes from
     ``out/checkpoint`` when an earlier run with the same config was interrupted (on any
-    device: only ``cfg`` has to match)."""
+    device: only ``cfg`` has to match).
+
+    With ``validate`` (a model's held-out score, higher is better) every
+    ``cfg.eval_every`` steps, the best-scoring adapter is kept in ``out/best`` and is the
+    one written to ``out``; ``cfg.patience`` validations without a better score stop the
+    run early."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -158,17 +178,25 @@ def train_sft(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
             target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
     model.train()
+    if cfg.eval_every and validate is None:
+        raise ValueError("eval_every is set but there are no validation examples")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.lr)
-    start, losses = 0, []
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_factor(step, cfg.warmup_steps))
+    start, losses, evals = 0, [], []
     if state is not None:
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device))
+        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt"))
         start, losses = state["step"], state["losses"]
+        evals = [tuple(e) for e in state["evals"]]
+    best = out / "best"
     # one fixed order per epoch, the same on a resumed run
     order = [i for epoch in range(cfg.steps * cfg.grad_accum // len(items) + 1)
              for i in random.Random(cfg.seed + epoch).sample(range(len(items)), len(items))]
     t0 = time.perf_counter()
-    for step in range(start, cfg.steps):
+    step = start
+    while step < cfg.steps and not _patience_spent(evals, cfg.patience):
         optimizer.zero_grad()
         total = 0.0
         for k in range(cfg.grad_accum):
@@ -176,26 +204,60 @@ def train_sft(
             (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
         optimizer.step()
+        scheduler.step()
+        step += 1
         losses.append(total)
-        on_step(step + 1, total)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            _save_state(model, optimizer, checkpoint, cfg, step + 1, losses)
-    model.save_pretrained(out)
+        on_step(step, total)
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            model.eval()
+            value = validate(model)
+            model.train()
+            if not evals or value > max(v for _, v in evals):
+                _save_whole(model.save_pretrained, best)
+            evals.append((step, value))
+            on_eval(step, value)
+        if step % cfg.save_every == 0 or step == cfg.steps \
+                or _patience_spent(evals, cfg.patience):
+            _save_state(model, optimizer, scheduler, checkpoint, cfg, step, losses, evals)
+    if evals:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copyfile(best / name, out / name)
+    else:
+        model.save_pretrained(out)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    return TrainResult(out, cfg.steps, start, time.perf_counter() - t0, losses)
+    best_step = max(evals, key=lambda e: e[1])[0] if evals else None
+    return TrainResult(out, step, start, time.perf_counter() - t0, losses, evals, best_step,
+                       stopped_early=step < cfg.steps)
 
 
-def _save_state(model, optimizer, checkpoint: Path, cfg: SFTConfig, step: int,
-                losses: list[float]) -> None:
-    """Adapter, optimizer and step, written whole or not at all."""
-    tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+def _patience_spent(evals: list[tuple[int, float]], patience: int) -> bool:
+    """``patience`` validations in a row without beating the best before them."""
+    if not patience or len(evals) <= patience:
+        return False
+    scores = [v for _, v in evals]
+    return max(scores[-patience:]) <= max(scores[:-patience])
+
+
+def _save_whole(save: Callable[[Path], None], path: Path) -> None:
+    """Write a directory with ``save`` so that it is complete or absent, never half."""
+    tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(
-        {"step": step, "losses": losses, "config": asdict(cfg)}))
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    tmp.rename(checkpoint)
+    save(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def _save_state(model, optimizer, scheduler, checkpoint: Path, cfg: SFTConfig, step: int,
+                losses: list[float], evals: list[tuple[int, float]]) -> None:
+    """Adapter, optimizer, schedule, step and validation scores, written whole or not at all."""
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps(
+            {"step": step, "losses": losses, "evals": evals, "config": asdict(cfg)}))
+
+    _save_whole(save, checkpoint)
 
 
 def _load_state(checkpoint: Path, cfg: SFTConfig) -> dict | None:

@@ -153,3 +153,55 @@ def test_sft_says_where_it_trains_and_checkpoints_long_prompts(tmp_path, tiny_mo
                                       str(tiny_model_dir), "--out", str(tmp_path / "a"),
                                       "--compress", "snapkv:0.5"])
     assert not seen["cfg"].gradient_checkpointing  # compression-aware: never by default
+
+
+@pytest.mark.slow
+def test_sft_validates_on_held_out_instances_and_keeps_the_best(tmp_path, tiny_model_dir):
+    data = _dataset(tmp_path / "gold.jsonl", gold=True)
+    out = tmp_path / "adapter"
+    result = CliRunner().invoke(app, [
+        "train", "sft", "--dataset", str(data), "--model", str(tiny_model_dir), "--out",
+        str(out), "--epochs", "2", "--grad-accum", "1", "--warmup-steps", "1",
+        "--val-size", "1", "--eval-every", "1", "--val-max-new-tokens", "4",
+        "--context-tokens", "100"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    # 1 training instance (the other held out), 2 epochs of 1 example per step: 2 steps
+    assert "on 1 " in text and "gold.jsonl examples" in text and ": 2 steps x 1 examples" in text
+    assert "validation on 1 held-out instances every 1 steps" in text
+    assert "validation score by step: 1: 0.000, 2: 0.000; kept the adapter of step 1" in text
+    assert (out / "best" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--patience", "2"], "give --val-size N"),
+    (["--eval-every", "2"], "give --val-size N"),
+    (["--val-size", "2"], "--val-size 2 leaves nothing to train on"),
+    (["--per-task", "3"], "--per-task sizes the demo split"),
+])
+def test_sft_validation_options_are_checked(tmp_path, tiny_model_dir, args, message):
+    data = _dataset(tmp_path / "gold.jsonl", gold=True)
+    result = CliRunner().invoke(app, ["train", "sft", "--dataset", str(data), "--model",
+                                      str(tiny_model_dir), "--out", str(tmp_path / "a"), *args])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+@pytest.mark.slow
+def test_sft_on_a_short_demo_split(tmp_path, tiny_model_dir):
+    """--context-tokens and --per-task size the demo training split: 4 families x 1."""
+    from transformers import AutoTokenizer
+
+    from kvrag.evaluation.prompt_fit import prompt_tokens
+    from kvrag.train.examples import demo_train_split
+
+    result = CliRunner().invoke(app, [
+        "train", "sft", "--model", str(tiny_model_dir), "--out", str(tmp_path / "a"),
+        "--per-task", "1", "--context-tokens", "600", "--steps", "1", "--grad-accum", "1"])
+    assert result.exit_code == 0, result.output
+    assert "on 4 demo examples" in " ".join(result.output.split())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    short = [prompt_tokens(tokenizer, i) for i in demo_train_split(context_tokens=600,
+                                                                   per_task=1)]
+    full = [prompt_tokens(tokenizer, i) for i in demo_train_split(per_task=1)]
+    assert max(short) < 1000 < min(full)
