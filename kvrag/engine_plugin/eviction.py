@@ -69,8 +69,9 @@ class KvragCostStrategy(EvictionStrategy):
     - ``h``: SGLang's ``hit_count``, one per request that inserted a path through the
       node, its creator included (so ``h - 1`` reuses). The unified tree counts none
       under HiCache write-back, where every value is 0 and the order is LRU;
-    - ``c``: the node's ``creation_time``, kept when SGLang splits a node; with a ghost,
-      the hits and creation time of the same prefix's earlier nodes;
+    - ``c``: the node's ``creation_time`` (the unified tree keeps it when it splits a
+      node; the classic tree's split restarts it); with a ghost, the hits and creation
+      time of the same prefix's earlier nodes;
     - ``now``: the tree's clock (the unified tree's access counter, or
       ``time.monotonic()`` for the classic tree);
     - ``e / s``: prompt tokens a hit saves per slot the node holds: 1 for an ordinary
@@ -126,7 +127,8 @@ class KvragCostStrategy(EvictionStrategy):
     def history(self, node: Any) -> tuple[float, float]:
         """``(h, c)``: the node's hits and creation time, with its ghost's added."""
         hits, created = node.hit_count, node.creation_time
-        ghost = self._ghosts.get(_ghost_key(node)) if self.ghosts else None
+        ghost = (self._ghosts.get(_ghost_key(node))
+                 if self.ghosts and node.parent is not None else None)
         if ghost is not None and ghost[1] < created:
             hits += ghost[0]
             created = ghost[1]
