@@ -135,7 +135,7 @@ def test_sft_says_where_it_trains_and_checkpoints_long_prompts(tmp_path, tiny_mo
 
     seen = {}
 
-    def fake_train(model_path, examples, cfg, out, on_step, device):  # records the call only
+    def fake_train(model_path, examples, cfg, out, device, **callbacks):  # records the call
         seen.update(cfg=cfg, device=device)
         raise ValueError("stopped before training")
 
