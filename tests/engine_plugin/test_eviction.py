@@ -250,8 +250,23 @@ def test_unified_cache_runs_kvrag_cost_on_the_python_core(monkeypatch, core: str
     assert type(other.tree_core) is RustUnifiedTreeCore
 
 
+@pytest.fixture
+def counting_clock(monkeypatch) -> None:
+    """The classic tree reads ``time.monotonic()``: a counter makes its ages exact."""
+    import itertools
+    import time
+
+    from sglang.srt.mem_cache import radix_cache
+
+    ticks = itertools.count()
+    clock = SimpleNamespace(monotonic=lambda: float(next(ticks)), perf_counter=time.perf_counter)
+    monkeypatch.setattr(radix_cache, "time", clock)
+    monkeypatch.setattr(eviction, "time", clock)
+
+
 @pytest.mark.parametrize("tree", TREES)
-def test_a_stored_compressed_prefix_is_cheap_to_hold_for_what_it_saves(tree: str) -> None:
+def test_a_stored_compressed_prefix_is_cheap_to_hold_for_what_it_saves(
+        tree: str, counting_clock) -> None:
     """A compress-once entry of 20 kept slots standing for a 200-token prefix saves 10
     prompt tokens per slot on a hit; a plain 40-token prefix saves 1. Both are reused
     once, the plain one later, so lru drops the compressed one first and kvrag-cost the
