@@ -21,7 +21,7 @@ from kvrag.engines.device import resolve as resolve_placement
 from kvrag.engines.models import ModelNotFoundError, kvrag_home, resolve_model
 from kvrag.engines.sglang_options import SGLangOptions, parse_sglang_args
 from kvrag.engines.sglang_url import ServerUnavailableError
-from kvrag.evaluation.judge import AnswerJudge, ChatClient, JudgeUnavailableError
+from kvrag.evaluation.judge import ChatClient, Judge, JudgeUnavailableError
 from kvrag.evaluation.metrics import SCORING_VERSION, task_score
 from kvrag.evaluation.prompt_fit import Fitted, PromptTooLongError, fit_instances, prompt_limit
 from kvrag.evaluation.report import summarize, write_reports
@@ -151,9 +151,10 @@ def compare(
         "sglang engine: any other SGLang option as KEY=VALUE (VALUE read as JSON where it "
         "parses), passed unchanged; repeatable."))] = None,
     judge_url: Annotated[str | None, typer.Option(help=(
-        "Also rate every output 0-100 against the gold answer with an LLM judge served at "
-        "this OpenAI-compatible URL (e.g. `kvrag serve` at http://HOST:PORT/v1); the "
-        "judge's model name is recorded with the run."))] = None,
+        "Also rate every output 0-100 with an LLM judge shown the question, the gold "
+        "answer and the documents the output cites, served at this OpenAI-compatible URL "
+        "(e.g. `kvrag serve` at http://HOST:PORT/v1); the judge's model name is recorded "
+        "with the run."))] = None,
     judge_model: Annotated[str | None, typer.Option(
         help="The judge's model name (default: the first the server lists).")] = None,
     context_tokens: Annotated[str | None, typer.Option(help=(
@@ -208,7 +209,7 @@ def compare(
             instances = load_dataset(dataset, fmt)
             options.corpus = load_corpus(dataset)
         model_path = resolve_model(model, console)
-        judge = AnswerJudge(ChatClient(judge_url, judge_model)) if judge_url else None
+        judge = Judge(ChatClient(judge_url, judge_model)) if judge_url else None
         if any(isinstance(s, RagSystem) for s in system_list):
             options.rag_pipeline()  # a bad --chroma-url fails now, before any work
         if (engine == "sglang-url") != (url is not None):
@@ -339,7 +340,7 @@ class _Plan:
     concurrency: int
     seed: int
     api_key: str | None
-    judge: AnswerJudge | None
+    judge: Judge | None
 
 
 class _SharedEngine:

@@ -13,6 +13,41 @@ from kvrag.cli.common import DeviceOption, DtypeOption, StepProgress, console, f
 app = typer.Typer(help="Fine-tune LoRA adapters (PEFT) for in-context retrieval.",
                   no_args_is_help=True)
 
+ContextTokensOption = Annotated[int | None, typer.Option(
+    min=100, help="Training prompts of about this many tokens: the demo split is generated "
+                  "at this length; a dataset's instances drop non-gold documents until their "
+                  "prompt fits. Evaluate at full length to measure transfer to longer "
+                  "contexts.")]
+PerTaskOption = Annotated[int | None, typer.Option(
+    min=1, help="Demo split only: instances per task family (default 50).")]
+CompressOption = Annotated[str | None, typer.Option(
+    help="Compression-aware training, e.g. snapkv:0.5: the prompt's documents are "
+         "compressed after its prefill and the model learns from that cache (SFT scores "
+         "its targets there, GRPO samples and scores its completions there).")]
+
+
+def _training_instances(dataset: str, tokenizer, context_tokens: int | None,
+                        per_task: int | None, groups: str | None, limit: int | None) -> list:
+    """The demo training split or a dataset, fitted to ``context_tokens``, then the chosen
+    task groups and the first ``limit``."""
+    from kvrag.data.demo import DEMO_PER_TASK
+    from kvrag.data.loaders import load_dataset
+    from kvrag.evaluation.prompt_fit import PromptLimit, fit_instances
+    from kvrag.train.examples import demo_train_split, select_groups
+
+    if per_task is not None and dataset != "demo":
+        fail("--per-task sizes the demo split; a dataset is used as it is (see --limit)")
+    if dataset == "demo":
+        sizes = {"context_tokens": context_tokens} if context_tokens else {}
+        instances = demo_train_split(**sizes, per_task=per_task or DEMO_PER_TASK)
+    else:
+        instances = load_dataset(dataset)
+        if context_tokens:
+            instances = fit_instances(instances, tokenizer, PromptLimit(
+                context_tokens, "--context-tokens"), trim=True).instances
+    instances = select_groups(instances, groups.split(",")) if groups else instances
+    return instances[:limit] if limit else instances
+
 
 @app.command("sft")
 def sft_cmd(
@@ -33,13 +68,8 @@ def sft_cmd(
         min=0, help="Steps over which the learning rate rises linearly to --lr.")] = 0,
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
     limit: Annotated[int | None, typer.Option(min=1, help="Use the first N instances.")] = None,
-    context_tokens: Annotated[int | None, typer.Option(
-        min=100, help="Training prompts of about this many tokens: the demo split is "
-                      "generated at this length; a dataset's instances drop non-gold "
-                      "documents until their prompt fits. Evaluate at full length to "
-                      "measure transfer to longer contexts.")] = None,
-    per_task: Annotated[int | None, typer.Option(
-        min=1, help="Demo split only: instances per task family (default 50).")] = None,
+    context_tokens: ContextTokensOption = None,
+    per_task: PerTaskOption = None,
     groups: Annotated[str | None, typer.Option(
         help="Train only on these comma-separated task groups (e.g. multiple_choice).")] = None,
     val_size: Annotated[int, typer.Option(
@@ -53,9 +83,7 @@ def sft_cmd(
                     "never).")] = 0,
     val_max_new_tokens: Annotated[int, typer.Option(
         min=1, help="Answer budget of a validation answer (compare's default).")] = 64,
-    compress: Annotated[str | None, typer.Option(
-        help="Compression-aware training, e.g. snapkv:0.5: score targets from the "
-             "compressed prompt cache.")] = None,
+    compress: CompressOption = None,
     seed: Annotated[int, typer.Option(help="Seed of document order and sampling.")] = 0,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -72,39 +100,27 @@ def sft_cmd(
     from transformers import AutoTokenizer
 
     from kvrag.compression import SpecError, parse_spec
-    from kvrag.data.demo import DEMO_PER_TASK
-    from kvrag.data.loaders import load_dataset
     from kvrag.data.schema import DatasetError
     from kvrag.engines.device import DeviceError, resolve
     from kvrag.engines.models import ModelNotFoundError, resolve_model
-    from kvrag.evaluation.prompt_fit import PromptLimit, fit_instances
-    from kvrag.train.examples import build_examples, demo_train_split, select_groups
+    from kvrag.train.compressed import check_trainable
+    from kvrag.train.examples import build_examples
     from kvrag.train.formats import FORMATS, FormatError
     from kvrag.train.sft import CHECKPOINTING_FROM_TOKENS, LoraSettings, SFTConfig, train_sft
     from kvrag.train.validation import Validator, split_validation
 
     if fmt not in FORMATS:
         fail(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if per_task is not None and dataset != "demo":
-        fail("--per-task sizes the demo split; a dataset is used as it is (see --limit)")
     if (eval_every or patience) and not val_size:
         fail("--eval-every and --patience score held-out instances: give --val-size N")
     try:
         placement = resolve(device, dtype)
         if compress:
-            parse_spec(compress)
+            check_trainable(parse_spec(compress))
         model_path = resolve_model(model, console)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        if dataset == "demo":
-            sizes = {"context_tokens": context_tokens} if context_tokens else {}
-            instances = demo_train_split(**sizes, per_task=per_task or DEMO_PER_TASK)
-        else:
-            instances = load_dataset(dataset)
-            if context_tokens:
-                instances = fit_instances(instances, tokenizer, PromptLimit(
-                    context_tokens, "--context-tokens"), trim=True).instances
-        instances = select_groups(instances, groups.split(",")) if groups else instances
-        instances = instances[:limit] if limit else instances
+        instances = _training_instances(dataset, tokenizer, context_tokens, per_task, groups,
+                                        limit)
         instances, held_out = split_validation(instances, val_size, seed)
         count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
         examples = build_examples(instances, fmt, seed, count)
@@ -125,8 +141,6 @@ def sft_cmd(
     except (SpecError, DatasetError, ModelNotFoundError, FormatError, DeviceError,
             ValueError) as e:
         fail(str(e))
-    validating = (f"; validation on {len(held_out)} held-out instances every "
-                  f"{cfg.eval_every} steps" if held_out else "")
     validating = (f"; validation on {len(held_out)} held-out instances every "
                   f"{cfg.eval_every} steps" if held_out else "")
     console.print(f"SFT of {model} on {len(examples)} {dataset} examples, format {fmt}"
@@ -170,8 +184,9 @@ def grpo_cmd(
     out: Annotated[Path, typer.Option(help="Adapter directory (a standard PEFT adapter).")],
     reward: Annotated[str, typer.Option(
         help="Reward: ao (answer), id (cited ids + answer), id+c (+ copied documents), "
-             "id+q (+ quotes of <= 30 tokens), judge (a served judge model rates the "
-             "reasoning, plus answer; needs --judge-url).")] = "ao",
+             "id+q (+ quotes of <= 30 tokens), judge (a served judge model, shown the "
+             "question, gold answer and cited documents, rates 0-100; plus answer; needs "
+             "--judge-url).")] = "ao",
     dataset: Annotated[str, typer.Option(
         help="A .jsonl dataset, or 'demo' for the demo training split.")] = "demo",
     model: Annotated[str, typer.Option(help="Packaged model name or checkpoint dir.")] = "smollm2",
@@ -185,6 +200,9 @@ def grpo_cmd(
     limit: Annotated[int | None, typer.Option(min=1, help="Use the first N instances.")] = None,
     groups: Annotated[str | None, typer.Option(
         help="Train only on these comma-separated task groups (e.g. multiple_choice).")] = None,
+    context_tokens: ContextTokensOption = None,
+    per_task: PerTaskOption = None,
+    compress: CompressOption = None,
     seed: Annotated[int, typer.Option(help="Seed of document order and sampling.")] = 0,
     init_adapter: Annotated[Path | None, typer.Option(
         exists=True, file_okay=False,
@@ -205,14 +223,15 @@ def grpo_cmd(
     """
     from transformers import AutoTokenizer
 
-    from kvrag.data.loaders import load_dataset
+    from kvrag.compression import SpecError, parse_spec
     from kvrag.data.schema import DatasetError
     from kvrag.engines.device import DeviceError, resolve
     from kvrag.engines.models import ModelNotFoundError, resolve_model
-    from kvrag.train.examples import build_examples, demo_train_split, select_groups
+    from kvrag.evaluation.judge import ChatClient, Judge, JudgeUnavailableError
+    from kvrag.train.compressed import check_trainable
+    from kvrag.train.examples import build_examples
     from kvrag.train.formats import FormatError
     from kvrag.train.grpo import GRPOSettings, train_grpo
-    from kvrag.train.judge import JudgeUnavailableError, ServedJudge
     from kvrag.train.rewards import REWARDS
     from kvrag.train.sft import LoraSettings
 
@@ -222,20 +241,21 @@ def grpo_cmd(
         fail("--reward judge needs --judge-url, and --judge-url is only for --reward judge")
     try:
         placement = resolve(device, dtype)
-    except DeviceError as e:
+        if compress:
+            check_trainable(parse_spec(compress))
+    except (DeviceError, SpecError) as e:
         fail(str(e))
     judge = None
     if judge_url is not None:
         try:
-            judge = ServedJudge(judge_url, judge_model)
+            judge = Judge(ChatClient(judge_url, judge_model))
         except JudgeUnavailableError as e:
             fail(str(e))
     try:
-        instances = demo_train_split() if dataset == "demo" else load_dataset(dataset)
-        instances = select_groups(instances, groups.split(",")) if groups else instances
-        instances = instances[:limit] if limit else instances
         model_path = resolve_model(model, console)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
+        instances = _training_instances(dataset, tokenizer, context_tokens, per_task, groups,
+                                        limit)
         count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
         # the citing rewards need gold ids: building "ids" targets checks that up front
         examples = build_examples(instances, "answer" if reward in ("ao", "judge") else "ids",
@@ -244,10 +264,11 @@ def grpo_cmd(
         fail(str(e))
     cfg = GRPOSettings(reward=reward, steps=steps, num_generations=generations,
                        batch_size=batch_size, max_completion_tokens=max_completion_tokens,
-                       lr=lr, seed=seed, dtype=placement.dtype_name,
+                       lr=lr, seed=seed, dtype=placement.dtype_name, compress=compress,
                        lora=LoraSettings(r=rank, alpha=2 * rank),
                        init_adapter=str(init_adapter) if init_adapter else None)
-    console.print(f"GRPO of {model} on {len(examples)} {dataset} prompts, reward {reward}: "
+    console.print(f"GRPO of {model} on {len(examples)} {dataset} prompts, reward {reward}"
+                  f"{f', completions from the {compress} cache' if compress else ''}: "
                   f"{steps} steps x {batch_size} completions ({generations} per prompt)"
                   f"{f', from adapter {init_adapter}' if init_adapter else ''} on "
                   f"{placement.device} in {placement.dtype_name}")
@@ -260,7 +281,7 @@ def grpo_cmd(
             fail(str(e))
     if judge is not None:
         console.print(f"Judge {judge.model}: {judge.calls} completions rated, "
-                      f"{judge.unparsed} replies without a 0-10 score (scored 0)")
+                      f"{judge.unparsed} replies without a readable rating (scored 0)")
     console.print(f"Adapter in {result.adapter_dir} ({result.steps} steps, "
                   f"{result.seconds:.0f} s); mean reward per step: "
                   f"{', '.join(f'{r:.2f}' for r in result.per_step)}")

@@ -1,10 +1,11 @@
-"""A judge model served over an OpenAI-compatible API, and the answer judge that scores
-compare outputs 0-100 against the gold answer (Loong's protocol: the judge sees the
-question, the gold answer and the output).
+"""A judge model served over an OpenAI-compatible API, and the one judge prompt that rates
+an output 0-100 (Loong's protocol, grounded as the study's judge reward: the judge sees the
+question, the gold answer, the documents the output cites and the output).
 
-Point it at ``kvrag serve`` (or any ``/v1`` server). A reply without a readable score
-scores None and is counted in ``unparsed``, so a judge that cannot follow the
-instruction shows up in the summary instead of silently scoring 0.
+Compare's judge metric and GRPO's ``judge`` reward both go through ``Judge``. Point it at
+``kvrag serve`` (or any ``/v1`` server). A reply without a readable rating is None and is
+counted in ``unparsed``, so a judge that cannot follow the instruction shows up in the
+summary instead of silently scoring 0.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ import json
 import re
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
+
+from kvrag.data.prompt import Prompt
+from kvrag.data.schema import Instance
+from kvrag.evaluation.metrics import cited_numbers
 
 
 class JudgeUnavailableError(RuntimeError):
@@ -61,28 +67,76 @@ class ChatClient:
                 "`kvrag serve --model MODEL` and pass --judge-url http://HOST:PORT/v1") from e
 
 
-ANSWER_PROMPT = (
-    "You are a judge of answers to questions. Compare the assistant's answer with the gold "
-    "answer and rate how correct and complete it is, from 0 (wrong) to 100 (fully "
-    "correct). Reply with the rating only, in the form: [[RATING]]\n\n"
+#: The one judge prompt: compare's judge metric and GRPO's judge reward both ask it. As the
+#: study's judge scores grounding, it is shown the documents the output cites, as the
+#: model saw them (for RAG, the retrieved chunks), beside the question and gold answer.
+JUDGE_PROMPT = (
+    "You are a judge of answers to questions about a collection of documents. Rate the "
+    "response from 0 to 100. Give 100 when its final answer agrees with the gold answer and "
+    "everything it claims is supported by the documents it cites; less when the answer is "
+    "incomplete or its claims are not supported by the cited documents; 0 when the answer is "
+    "wrong or missing. Reply with the rating only, in the form: [[RATING]]\n\n"
     "[Question]\n{question}\n\n[Gold answer]\n{gold}\n\n"
-    "[The Start of the Assistant's Answer]\n{output}\n[The End of the Assistant's Answer]"
+    "[Documents the response cites]\n{evidence}\n\n"
+    "[The Start of the Response]\n{output}\n[The End of the Response]"
 )
+#: The rating scale of ``JUDGE_PROMPT``; ratings are divided by its top to lie in [0, 1].
+RATING_MAX = 100
+#: A judge model's context is not the evaluated model's: at most this many cited documents,
+#: each cut to this many characters, are shown.
+MAX_EVIDENCE_DOCS = 8
+MAX_EVIDENCE_CHARS = 1500
+NO_EVIDENCE = "(none: the response cites no document)"
+
 _BRACKETED = re.compile(r"\[\[\s*(\d{1,3})\s*\]\]")
 _BARE = re.compile(r"(?<![\d.])(\d{1,3})(?![\d.]\d)")
+_DOC_START = re.compile(r"^\[DOC (\d+)\] ", re.MULTILINE)
 
 
 def parse_rating(reply: str) -> float | None:
     """The rating 0-100 in ``reply`` (``[[N]]`` first, else the first bare integer),
     scaled to [0, 1]; None if there is none or it is out of range."""
     match = _BRACKETED.search(reply) or _BARE.search(reply)
-    if match is None or int(match.group(1)) > 100:
+    if match is None or int(match.group(1)) > RATING_MAX:
         return None
-    return int(match.group(1)) / 100
+    return int(match.group(1)) / RATING_MAX
 
 
-class AnswerJudge:
-    """``judge(question, golds, output) -> score in [0, 1] or None``."""
+def prompt_documents(prompt: Prompt) -> dict[int, str]:
+    """``[DOC i]`` number -> that block of the prompt (title and text), as shown."""
+    starts = list(_DOC_START.finditer(prompt.context))
+    ends = [m.start() for m in starts[1:]] + [len(prompt.context)]
+    return {int(m.group(1)): prompt.context[m.start():end].strip()
+            for m, end in zip(starts, ends, strict=True)}
+
+
+@dataclass(frozen=True)
+class JudgeCase:
+    """What the judge is shown about one output."""
+
+    question: str
+    golds: list[str]
+    output: str
+    evidence: list[str]  # the cited ``[DOC i]`` blocks, in citation order
+
+    @classmethod
+    def of(cls, instance: Instance, prompt: Prompt, output: str) -> JudgeCase:
+        shown = prompt_documents(prompt)
+        evidence = [shown[n] for n in cited_numbers(output) if n in shown]
+        evidence = evidence[:MAX_EVIDENCE_DOCS]
+        return cls(instance.question, list(instance.answers), output, evidence)
+
+    def render(self) -> str:
+        docs = [doc if len(doc) <= MAX_EVIDENCE_CHARS else doc[:MAX_EVIDENCE_CHARS] + " [...]"
+                for doc in self.evidence]
+        return JUDGE_PROMPT.format(question=self.question, gold=" | ".join(self.golds),
+                                   evidence="\n\n".join(docs) or NO_EVIDENCE,
+                                   output=self.output)
+
+
+class Judge:
+    """``judge(case) -> rating in [0, 1]``, or None for a reply without a readable rating
+    (counted in ``unparsed``)."""
 
     def __init__(self, client: ChatClient) -> None:
         self.client = client
@@ -93,9 +147,8 @@ class AnswerJudge:
     def model(self) -> str:
         return self.client.model
 
-    def __call__(self, question: str, golds: list[str], output: str) -> float | None:
-        reply = self.client.complete(ANSWER_PROMPT.format(
-            question=question, gold=" | ".join(golds), output=output), max_tokens=12)
+    def __call__(self, case: JudgeCase) -> float | None:
+        reply = self.client.complete(case.render(), max_tokens=12)
         self.calls += 1
         rating = parse_rating(reply)
         if rating is None:

@@ -163,11 +163,16 @@ def rouge_l(prediction: str, references: list[str]) -> float:
     return max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
 
 
+def cited_numbers(output: str) -> list[int]:
+    """The ``[DOC i]`` numbers ``output`` cites, first citation first, each once."""
+    return list(dict.fromkeys(int(m.group(1)) for m in _CITE_RE.finditer(output)))
+
+
 def cited_doc_ids(output: str, prompt: Prompt) -> list[str]:
     """Doc ids of the ``[DOC i]`` tags cited in ``output`` (unknown numbers dropped)."""
     seen: list[str] = []
-    for m in _CITE_RE.finditer(output):
-        doc_id = prompt.doc_tags.get(int(m.group(1)))
+    for number in cited_numbers(output):
+        doc_id = prompt.doc_tags.get(number)
         if doc_id is not None and doc_id not in seen:
             seen.append(doc_id)
     return seen

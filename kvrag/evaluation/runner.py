@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from kvrag.data.schema import Instance
 from kvrag.engines.base import Engine
-from kvrag.evaluation.judge import AnswerJudge
+from kvrag.evaluation.judge import Judge, JudgeCase
 from kvrag.evaluation.metrics import TASK_METRICS, score
 from kvrag.evaluation.store import ResultStore
 from kvrag.evaluation.systems import System
@@ -34,14 +34,15 @@ def run_comparison(
     on_answer: Callable[[dict], None] = lambda record: None,
     docs_dropped: Mapping[str, int] | None = None,
     concurrency: int = 1,
-    judge: AnswerJudge | None = None,
+    judge: Judge | None = None,
 ) -> None:
     """Answer each pair and store it the moment it lands.
 
     ``concurrency`` > 1 keeps that many requests in flight on an engine that batches
     (``generate_many``); answers then land in completion order. ``docs_dropped``:
     documents trimmed per instance id, recorded with its answers. ``judge`` rates every
-    output the same way (``scores.judge``).
+    output the same way, shown the documents it cites from its own prompt
+    (``scores.judge``).
     """
     jobs = ((instance, system, system.request(instance, engine)) for instance, system in work)
     many = getattr(engine, "generate_many", None)
@@ -55,8 +56,8 @@ def run_comparison(
         extracted, scores = score(instance, generation.text, request.prompt,
                                   generation.truncated)
         if judge is not None:
-            scores = scores.with_judge(judge(instance.question, instance.answers,
-                                             generation.text))
+            scores = scores.with_judge(judge(JudgeCase.of(instance, request.prompt,
+                                                          generation.text)))
         record = {
             "id": instance.id, "group": instance.group, "task": instance.task,
             "metric": TASK_METRICS[instance.task],

@@ -4,7 +4,9 @@ Each prompt is the shared corpus-in-context chat prompt; TRL samples ``num_gener
 completions per prompt and scores each with one kvrag reward (``rewards.REWARDS``), which
 sees the completion, its instance and the prompt (for the ``[DOC i]`` numbering).
 TRL checkpoints every ``save_every`` steps under ``OUT/trainer``; a rerun resumes from the
-last one. The adapter lands in ``OUT`` as a standard PEFT directory.
+last one. The adapter lands in ``OUT`` as a standard PEFT directory. With ``compress``
+(compression-aware GRPO), completions are sampled and scored from each prompt's compressed
+cache (``kvrag.train.compressed``), as SFT's ``compress`` scores its targets.
 """
 
 from __future__ import annotations
@@ -37,13 +39,23 @@ class GRPOSettings:
     seed: int = 0
     save_every: int = 10
     dtype: str = "float32"  # of the base model; bfloat16/float16 also switch on TRL's autocast
+    # e.g. "snapkv:0.5": sample and score completions from the compressed prompt cache
+    compress: str | None = None
     # Re-runs each layer's forward in the backward. Without it, one step of 4 SmolLM2
-    # completions over 2.5k-token prompts was killed for memory at 24 GB.
-    gradient_checkpointing: bool = True
+    # completions over 2.5k-token prompts was killed for memory at 24 GB. None: on, except
+    # with ``compress``, whose prefill needs the KV cache that checkpointed layers drop.
+    gradient_checkpointing: bool | None = None
     # continue training this LoRA adapter (e.g. an SFT one that learned the answer format)
     # instead of a fresh one; the KL reference is then that adapter, as TRL does
     init_adapter: str | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = not self.compress
+        if self.compress and self.gradient_checkpointing:
+            raise ValueError("gradient checkpointing does not go with compression-aware GRPO "
+                             "(its prefill needs the KV cache checkpointed layers drop)")
 
 
 def reward_for_trl(name: str, examples: Sequence[Example], judge: JudgeFn | None = None,
@@ -76,11 +88,18 @@ def train_grpo(
     from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOConfig
 
+    from kvrag.compression import parse_spec
+    from kvrag.engines import hf_attention
+    from kvrag.engines.chat import encode_prompt
+    from kvrag.train.compressed import check_trainable
     from kvrag.train.grpo_trainer import CompletionOnlyGRPOTrainer
 
     if cfg.batch_size % cfg.num_generations:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of num_generations "
                          f"{cfg.num_generations}")
+    spec = parse_spec(cfg.compress) if cfg.compress else None
+    if spec is not None:
+        check_trainable(spec)
     device = torch.device(device)
     if device.type == "cuda":
         # the Trainer (through Accelerate) trains on the current CUDA device
@@ -108,7 +127,14 @@ def train_grpo(
                 on_step(state.global_step, float(logs["reward"]))
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[cfg.dtype])
+    # kvrag's attention function records the queries compression scores with
+    attention = {"attn_implementation": hf_attention.NAME} if spec is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[cfg.dtype], **attention)
+    spans = {}
+    if spec is not None:
+        for ex in examples:
+            enc = encode_prompt(tokenizer, ex.prompt)
+            spans[tuple(enc.input_ids)] = enc.span
     peft_config = None
     if cfg.init_adapter:
         model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
@@ -120,7 +146,7 @@ def train_grpo(
     trainer = CompletionOnlyGRPOTrainer(
         model=model, reward_funcs=reward_for_trl(cfg.reward, examples, judge, count_tokens),
         args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,
-        callbacks=[Progress()],
+        callbacks=[Progress()], compress=spec, spans=spans,
     )
     resume = get_last_checkpoint(str(work)) if work.exists() else None
     t0 = time.perf_counter()

@@ -19,11 +19,13 @@ from collections.abc import Callable
 
 from kvrag.data.prompt import ANSWER_MARKER, Prompt
 from kvrag.data.schema import Instance
+from kvrag.evaluation.judge import JudgeCase
 from kvrag.evaluation.metrics import cited_doc_ids, score
 from kvrag.train.formats import MAX_QUOTE_TOKENS, CountTokens, count_words, require_gold
 
 Reward = Callable[[str, Instance, Prompt], float]
-JudgeFn = Callable[[str, str], float]  # (question, completion) -> quality in [0, 1]
+# kvrag.evaluation.judge.Judge: a rating in [0, 1], None when the reply had none
+JudgeFn = Callable[[JudgeCase], float | None]
 
 _MARKER = ANSWER_MARKER.rstrip(":").lower()  # evaluation accepts the marker without colon
 _QUOTE_LINE = re.compile(r'^\s*\[\s*DOC\s*(\d+)\s*\]\s*"(.*)"\s*$', re.IGNORECASE | re.MULTILINE)
@@ -123,16 +125,20 @@ def reward_id_quotes(
 
 
 def judge_reward(score_fn: JudgeFn) -> Reward:
-    """R_R+Judge: 0.5 * judge score + 0.5 * answer SubEM; 0 without the answer marker.
+    """R_R+Judge: 0.5 * judge rating + 0.5 * answer SubEM; 0 without the answer marker.
 
-    ``score_fn(question, completion)`` rates the reasoning (quality, grounding,
-    correctness) in [0, 1]; it is not called on a format violation.
+    ``score_fn`` is shown the question, the gold answers, the documents the completion
+    cites and the completion (``JudgeCase``), and rates correctness and grounding in
+    [0, 1]; a reply without a rating (None) counts 0. It is not called on a format
+    violation.
     """
 
     def reward_judge(completion: str, instance: Instance, prompt: Prompt) -> float:
         if _reasoning(completion) is None:
             return 0.0
-        judged = score_fn(instance.question, completion)
+        judged = score_fn(JudgeCase.of(instance, prompt, completion))
+        if judged is None:
+            judged = 0.0
         if not 0.0 <= judged <= 1.0:
             raise ValueError(
                 f"judge scored instance {instance.id!r} {judged}, outside [0, 1]; "
@@ -155,8 +161,8 @@ def get_reward(
     ``count_tokens`` (pass the model's tokenizer in training)."""
     if name == "judge":
         if judge is None:
-            raise ValueError("reward 'judge' needs a judge: a (question, completion) -> "
-                             "[0, 1] scoring function")
+            raise ValueError("reward 'judge' needs a judge: a JudgeCase -> [0, 1] scoring "
+                             "function (kvrag.evaluation.judge.Judge)")
         return judge_reward(judge)
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; known: {sorted([*REWARDS, 'judge'])}")

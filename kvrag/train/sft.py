@@ -101,24 +101,10 @@ def target_loss(model, item: Encoded, spec: CompressionSpec | None) -> torch.Ten
         # [tokens, vocab] logits would dominate memory and time
         out = model(input_ids=ids, logits_to_keep=ids.shape[1] - cut + 1)
         return torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), labels[0, cut:])
-    from kvrag.compression import kept_positions
-    from kvrag.engines import hf_attention
-    from kvrag.engines.hf import gather_cache
+    from kvrag.train.compressed import continuation_logits
 
-    hooks = hf_attention.AttentionHooks(captured={},
-                                        capture_last=spec.build().queries_needed())
-    with hf_attention.attention_hooks(hooks):
-        out = model(input_ids=ids[:, :cut], use_cache=True, logits_to_keep=1)
-    layers = out.past_key_values.layers
-    kept = kept_positions(spec, [layer.keys[0] for layer in layers],
-                          [hooks.captured[i] for i in range(len(layers))], item.span)
-    cache = gather_cache(out.past_key_values, kept)
-    positions = torch.arange(cut, ids.shape[1], device=device)[None]
-    rest = model(input_ids=ids[:, cut:], position_ids=positions, past_key_values=cache)
-    # the first target token is predicted by the prompt's last position
-    logits = torch.cat([out.logits[:, -1:], rest.logits[:, :-1]], dim=1)
+    logits = continuation_logits(model, ids[:, :cut], ids[:, cut:], item.span, spec)
     return torch.nn.functional.cross_entropy(logits[0].float(), labels[0, cut:])
-
 
 @dataclass(frozen=True)
 class TrainResult:

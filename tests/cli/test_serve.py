@@ -20,9 +20,10 @@ from typer.testing import CliRunner
 
 from kvrag.cli.main import app
 from kvrag.cli.serve import SGLangOptions, parse_sglang_args, server_command
+from kvrag.data.prompt import build_prompt
 from kvrag.data.schema import Doc, Instance, write_jsonl
 from kvrag.engines.device import resolve as resolve_placement
-from kvrag.train.judge import ServedJudge
+from kvrag.evaluation.judge import ChatClient, Judge, JudgeCase
 
 
 def test_invalid_compression_is_refused_before_start():
@@ -135,9 +136,12 @@ def test_sixteen_concurrent_openai_requests_with_compression(tiny_model_dir, tmp
         assert (tmp_path / "adapter" / "adapter_config.json").exists()
         # both completions get to the judge only with the answer marker (else reward 0)
         assert re.search(r"Judge \S+: [0-2] completions rated", result.output), result.output
-        judge = ServedJudge(f"{url}/v1")
-        assert 0.0 <= judge("Where was Ana 1 born?", "[DOC 2] The answer is: Town 1") <= 1.0
-        assert judge.calls == 1
+        judge = Judge(ChatClient(f"{url}/v1"))
+        instance = Instance("q0", "Where was Ana 1 born?", ["Town 1"], docs, ["d1"])
+        rating = judge(JudgeCase.of(instance, build_prompt(instance),
+                                    "[DOC 2] The answer is: Town 1"))
+        assert rating is None or 0.0 <= rating <= 1.0
+        assert judge.calls == 1 and judge.unparsed == (rating is None)
 
         # and as compare's answer judge, rating every output of every system
         run = tmp_path / "judged-run"

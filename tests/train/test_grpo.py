@@ -23,7 +23,7 @@ def test_trl_reward_scores_each_completion_against_its_own_case(small_instances)
                    [{"role": "assistant", "content": "The answer is: Town 2"}]]
     assert score(prompts=[None, None], completions=completions, example=[0, 1]) == [1.0, 0.0]
     judged: list[str] = []
-    judge = reward_for_trl("judge", examples, judge=lambda q, c: judged.append(c) or 0.5)
+    judge = reward_for_trl("judge", examples, judge=lambda case: judged.append(case.output) or 0.5)
     assert judge(prompts=[None], completions=completions[:1], example=[0]) == [0.75]
     assert judged == ["The answer is: Town 1"]
 
@@ -33,8 +33,8 @@ def test_a_grpo_step_runs_with_each_reward(reward, tiny_model_dir, tmp_path, sma
     examples = build_examples(small_instances(2), "ids", 0, count_words)
     judged: list[str] = []
 
-    def judge(question: str, completion: str) -> float:
-        judged.append(completion)
+    def judge(case) -> float:
+        judged.append(case.output)
         return 0.5
 
     cfg = GRPOSettings(reward=reward, steps=1, num_generations=2, batch_size=2,
@@ -133,3 +133,92 @@ def test_grpo_trains_a_bfloat16_base_with_autocast(tiny_model_dir, tmp_path, sma
     assert len(result.per_step) == 1
     weights = load_file(result.adapter_dir / "adapter_model.safetensors")
     assert weights and all(w.dtype == torch.float32 for w in weights.values())
+
+
+def test_compressed_grpo_samples_and_scores_from_the_compressed_cache(
+        tiny_model_dir, tmp_path, small_instances, monkeypatch):
+    import kvrag.train.compressed as compressed
+
+    prefills: list[int] = []
+    real = compressed.compressed_prefill
+
+    def counting(model, prompt_ids, span, spec):
+        prefills.append(prompt_ids.shape[1])
+        return real(model, prompt_ids, span, spec)
+
+    monkeypatch.setattr(compressed, "compressed_prefill", counting)
+    sampled: list[str] = []
+    rewards = itertools.cycle([0.0, 1.0])
+
+    def reward(completion, instance, prompt):
+        sampled.append(completion)
+        return next(rewards)
+
+    monkeypatch.setattr("kvrag.train.grpo.get_reward", lambda name, **kw: reward)
+    examples = build_examples(small_instances(2), "answer", 0, count_words)
+    cfg = GRPOSettings(reward="ao", steps=1, num_generations=2, batch_size=2,
+                       max_completion_tokens=6, compress="snapkv:0.5",
+                       lora=LoraSettings(r=4, alpha=8))
+    assert cfg.gradient_checkpointing is False  # the compressed prefill needs the KV cache
+    result = train_grpo(tiny_model_dir, examples, cfg, tmp_path / "grpo")
+    assert len(result.per_step) == 1 and len(sampled) == 2
+    # one prefill samples the group's two completions; each completion's log-probs are then
+    # scored from its own compressed prefill (the policy's, and the reference's for the KL)
+    assert len(prefills) >= 1 + 2 and len(set(prefills)) == 1
+    saved = json.loads((result.adapter_dir / "train_config.json").read_text())
+    assert saved["compress"] == "snapkv:0.5"
+
+
+def test_compressed_scoring_with_nothing_evicted_is_trls(tiny_model_dir, tmp_path,
+                                                       small_instances):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from kvrag.compression import parse_spec
+    from kvrag.engines import hf_attention
+    from kvrag.engines.chat import encode_prompt
+    from kvrag.train.grpo_trainer import CompletionOnlyGRPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    example = build_examples(small_instances(1), "answer", 0, count_words)[0]
+    enc = encode_prompt(tokenizer, example.prompt)
+
+    def trainer(spec: str) -> CompletionOnlyGRPOTrainer:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir,
+                                                     attn_implementation=hf_attention.NAME)
+        args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2,
+                          num_generations=2, use_cpu=True, report_to="none",
+                          gradient_checkpointing=False)
+        return CompletionOnlyGRPOTrainer(
+            model=model, args=args, reward_funcs=lambda completions, **kw: [0.0] * 2,
+            train_dataset=Dataset.from_list([{"prompt": example.prompt.messages()}] * 2),
+            processing_class=tokenizer, peft_config=LoraConfig(r=4, lora_alpha=8,
+                                                               task_type="CAUSAL_LM"),
+            compress=parse_spec(spec), spans={tuple(enc.input_ids): enc.span})
+
+    completion = torch.tensor([[11, 12, 13, 14], [21, 22, 0, 0]])
+    prompt = torch.tensor([enc.input_ids] * 2)
+    input_ids = torch.cat([prompt, completion], 1)
+    mask = torch.ones_like(input_ids)
+    mask[1, -2:] = 0  # a completion that ended early
+    scored = mask[:, -4:].bool()
+    kept_all = trainer("snapkv:0.0")
+    ours = kept_all._get_per_token_logps_and_entropies(kept_all.model, input_ids, mask, 4,
+                                                       compute_entropy=True)
+    trl = GRPOTrainer._get_per_token_logps_and_entropies(kept_all, kept_all.model, input_ids,
+                                                         mask, 4, compute_entropy=True)
+    torch.testing.assert_close(ours[0][scored], trl[0][scored], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours[1][scored], trl[1][scored], atol=1e-4, rtol=1e-4)
+    half = trainer("snapkv:0.9")
+    evicted = half._get_per_token_logps_and_entropies(half.model, input_ids, mask, 4)[0]
+    assert (evicted[scored] - ours[0][scored]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="differ from kvrag's encoding"):
+        half._get_per_token_logps_and_entropies(half.model, input_ids[:, 1:], mask[:, 1:], 4)
+
+
+def test_compressed_grpo_refuses_checkpointing_and_untrainable_specs():
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        GRPOSettings(compress="snapkv:0.5", gradient_checkpointing=True)
+    assert GRPOSettings().gradient_checkpointing is True

@@ -104,26 +104,30 @@ def test_id_quotes_counts_tokens_with_the_given_counter() -> None:
 
 
 @pytest.mark.parametrize(
-    ("completion", "judged", "expected"),
+    ("completion", "judged", "expected", "evidence"),
     [
-        ("Ada was born in Oslo, says [DOC 2].\n" + ANSWER, 0.8, 0.9),
-        ("Reasoning.\nThe answer is: Rome", 0.6, 0.3),
-        ("Reasoning.\n" + ANSWER, 0.0, 0.5),
+        ("Ada was born in Oslo, says [DOC 2].\n" + ANSWER, 0.8, 0.9, [COPY_A.strip()]),
+        ("[DOC 3] and [DOC 1] and [DOC 3].\nThe answer is: Rome", 0.6, 0.3,
+         [COPY_B.strip(), f"[DOC 1] Bo Finch\n{C.text}"]),
+        ("Reasoning [DOC 9].\n" + ANSWER, 0.0, 0.5, []),  # no such document
+        ("Reasoning.\n" + ANSWER, None, 0.5, []),  # a reply without a rating counts 0
     ],
 )
-def test_judge(completion: str, judged: float, expected: float) -> None:
-    calls = []
+def test_judge_sees_question_gold_and_cited_documents(completion, judged, expected, evidence):
+    cases = []
 
-    def score_fn(question: str, text: str) -> float:
-        calls.append((question, text))
+    def score_fn(case):
+        cases.append(case)
         return judged
 
     assert judge_reward(score_fn)(completion, INST, PROMPT) == pytest.approx(expected)
-    assert calls == [(INST.question, completion)]
+    [case] = cases
+    assert (case.question, case.golds, case.output) == (INST.question, ["Oslo"], completion)
+    assert case.evidence == evidence
 
 
 def test_judge_is_not_called_on_a_format_violation() -> None:
-    def score_fn(question: str, text: str) -> float:
+    def score_fn(case) -> float:
         raise AssertionError("judge called")
 
     assert get_reward("judge", judge=score_fn)("Oslo", INST, PROMPT) == 0.0
@@ -131,7 +135,7 @@ def test_judge_is_not_called_on_a_format_violation() -> None:
 
 def test_judge_score_outside_unit_interval_is_an_error() -> None:
     with pytest.raises(ValueError, match=r"instance 'q1' 7.*scale the judge's score"):
-        judge_reward(lambda q, c: 7)(ANSWER, INST, PROMPT)
+        judge_reward(lambda case: 7)(ANSWER, INST, PROMPT)
 
 
 FROG = Doc("f", "The frog", "The frog eats kelp.")

@@ -1,0 +1,105 @@
+"""Compression in the training loop: a prompt's compressed KV cache, with gradients, and
+what the model predicts from it.
+
+SFT's ``--compress`` scores its targets this way and GRPO's samples and scores its
+completions this way, so an adapter learns to answer from what a compressed server keeps.
+The kept positions come from the same scoring code the engines use (question-aware: the
+whole prompt is prefilled before the documents are compressed); gradients reach the
+prompt through the kept entries, the selection itself is not differentiated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvrag.compression import CompressionSpec, SpecError, kept_positions
+
+
+def check_trainable(spec: CompressionSpec) -> None:
+    """Refuse specs that training cannot reproduce, saying why."""
+    method = spec.build()
+    if spec.once:
+        raise SpecError(f"{spec.name}: training compresses each prompt with its question "
+                        "(question-aware); drop 'once:'")
+    if method.dynamic:
+        raise SpecError(f"{spec.method} keeps the whole cache and picks keys per decoded token; "
+                        "train with a method that evicts (e.g. snapkv:0.5)")
+    if method.reconstruction:
+        raise SpecError(f"{spec.method} scores with a second forward pass over the documents, "
+                        "which training does not run; train with snapkv, pyramidkv, tova, ...")
+
+
+def compressed_prefill(model, prompt_ids: torch.Tensor, span: tuple[int, int],
+                       spec: CompressionSpec):
+    """Prefill ``prompt_ids`` [1, n], compress its documents' cache.
+
+    Returns (cache of the kept entries, logits [1, 1, vocab] of the token after the prompt).
+    """
+    from kvrag.engines import hf_attention
+    from kvrag.engines.hf import gather_cache
+
+    hooks = hf_attention.AttentionHooks(captured={},
+                                        capture_last=spec.build().queries_needed())
+    with hf_attention.attention_hooks(hooks):
+        out = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)
+    layers = out.past_key_values.layers
+    kept = kept_positions(spec, [layer.keys[0] for layer in layers],
+                          [hooks.captured[i] for i in range(len(layers))], span)
+    return gather_cache(out.past_key_values, kept), out.logits[:, -1:]
+
+
+def continuation_logits(model, prompt_ids: torch.Tensor, continuation: torch.Tensor,
+                        span: tuple[int, int], spec: CompressionSpec) -> torch.Tensor:
+    """Logits [1, m, vocab] predicting each of the ``continuation`` [1, m] tokens after
+    ``prompt_ids`` [1, n], read from the compressed prompt cache at the tokens' real
+    positions."""
+    cache, first = compressed_prefill(model, prompt_ids, span, spec)
+    n, m = prompt_ids.shape[1], continuation.shape[1]
+    if m == 1:
+        return first
+    positions = torch.arange(n, n + m - 1, device=prompt_ids.device)[None]
+    rest = model(input_ids=continuation[:, :-1], position_ids=positions, past_key_values=cache)
+    return torch.cat([first, rest.logits], dim=1)
+
+
+def expand_cache(cache, rows: int):
+    """``cache`` of batch 1 repeated ``rows`` times (one copy per sampled completion)."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for layer, entry in enumerate(cache.layers):
+        out.update(entry.keys.expand(rows, -1, -1, -1).contiguous(),
+                   entry.values.expand(rows, -1, -1, -1).contiguous(), layer)
+    return out
+
+
+@torch.no_grad()
+def sample_compressed(model, prompt_ids: list[int], span: tuple[int, int],
+                      spec: CompressionSpec, rows: int, max_new_tokens: int,
+                      temperature: float, stop: set[int],
+                      generator: torch.Generator | None = None) -> list[list[int]]:
+    """``rows`` completions sampled at ``temperature`` from the compressed prompt cache;
+    each ends with its first ``stop`` token, or after ``max_new_tokens``."""
+    device = model.device
+    ids = torch.tensor([prompt_ids], device=device)
+    cache, first = compressed_prefill(model, ids, span, spec)
+    cache = expand_cache(cache, rows)
+    logits = first[:, -1].expand(rows, -1)
+    stop_t = torch.tensor(sorted(stop), device=device)
+    out = torch.empty(rows, 0, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        out = torch.cat([out, token[:, None]], dim=1)
+        done |= torch.isin(token, stop_t)
+        if bool(done.all()) or t + 1 == max_new_tokens:
+            break
+        position = torch.full((rows, 1), len(prompt_ids) + t, device=device)
+        logits = model(input_ids=token[:, None], position_ids=position,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+    completions = []
+    for row in out.tolist():
+        end = next((i for i, tok in enumerate(row) if tok in stop), len(row) - 1)
+        completions.append(row[:end + 1])
+    return completions
