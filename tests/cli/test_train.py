@@ -205,3 +205,30 @@ def test_sft_on_a_short_demo_split(tmp_path, tiny_model_dir):
                                                                    per_task=1)]
     full = [prompt_tokens(tokenizer, i) for i in demo_train_split(per_task=1)]
     assert max(short) < 1000 < min(full)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("snapkv:1.5", "0 <= RATIO < 1"),
+    ("once:snapkv:0.5", "drop 'once:'"),
+    ("kvzip:0.5", "second forward pass"),
+])
+@pytest.mark.parametrize("command", ["sft", "grpo"])
+def test_untrainable_compression_is_refused(command, spec, message, tmp_path, tiny_model_dir):
+    result = CliRunner().invoke(app, ["train", command, "--compress", spec, "--model",
+                                      str(tiny_model_dir), "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.slow
+def test_compression_aware_grpo_on_a_short_demo_split(tmp_path, tiny_model_dir):
+    out = tmp_path / "a"
+    result = CliRunner().invoke(app, [
+        "train", "grpo", "--model", str(tiny_model_dir), "--out", str(out), "--per-task", "1",
+        "--context-tokens", "600", "--compress", "snapkv:0.5", "--steps", "1",
+        "--generations", "2", "--batch-size", "2", "--max-completion-tokens", "4",
+        "--rank", "4"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "on 4 demo prompts" in said and "completions from the snapkv:0.5 cache" in said
+    assert json.loads((out / "train_config.json").read_text())["compress"] == "snapkv:0.5"
