@@ -58,8 +58,16 @@ def continuation_logits(model, prompt_ids: torch.Tensor, continuation: torch.Ten
     if m == 1:
         return first
     positions = torch.arange(n, n + m - 1, device=prompt_ids.device)[None]
-    rest = model(input_ids=continuation[:, :-1], position_ids=positions, past_key_values=cache)
-    return torch.cat([first, rest.logits], dim=1)
+    if len({layer.keys.shape[2] for layer in cache.layers}) == 1:
+        rest = model(input_ids=continuation[:, :-1], position_ids=positions,
+                     past_key_values=cache).logits
+    else:
+        # layers keep different counts (pyramidkv) and transformers builds one mask, for
+        # layer 0's length: one token at a time needs no mask
+        rest = torch.cat([model(input_ids=continuation[:, t:t + 1],
+                                position_ids=positions[:, t:t + 1],
+                                past_key_values=cache).logits for t in range(m - 1)], dim=1)
+    return torch.cat([first, rest], dim=1)
 
 
 def expand_cache(cache, rows: int):

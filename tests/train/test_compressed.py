@@ -69,9 +69,10 @@ def test_samples_end_at_their_first_stop_token(engine, prompt):
     assert all(row[-1] in stop or len(row) == 12 for row in cut)
 
 
-def test_continuation_logits_are_the_decoding_logits(engine, prompt):
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv"])
+def test_continuation_logits_are_the_decoding_logits(engine, prompt, method):
     # scoring a continuation in one block equals decoding it token by token
-    spec = parse_spec("snapkv:0.5")
+    spec = parse_spec(f"{method}:0.5")
     enc = engine.encode(prompt)
     ids = torch.tensor([enc.input_ids])
     continuation = torch.tensor([[5, 17, 99, 3]])
