@@ -50,14 +50,17 @@ def compressed_prefill(model, prompt_ids: torch.Tensor, span: tuple[int, int],
 
 def continuation_logits(model, prompt_ids: torch.Tensor, continuation: torch.Tensor,
                         span: tuple[int, int], spec: CompressionSpec) -> torch.Tensor:
-    """Logits [1, m, vocab] predicting each of the ``continuation`` [1, m] tokens after
-    ``prompt_ids`` [1, n], read from the compressed prompt cache at the tokens' real
-    positions."""
+    """Logits [rows, m, vocab] predicting each of the ``continuation`` [rows, m] tokens
+    after ``prompt_ids`` [1, n], read from the prompt's compressed cache (prefilled once for
+    every row) at the tokens' real positions."""
     cache, first = compressed_prefill(model, prompt_ids, span, spec)
-    n, m = prompt_ids.shape[1], continuation.shape[1]
+    n, (rows, m) = prompt_ids.shape[1], continuation.shape
+    first = first.expand(rows, -1, -1)
     if m == 1:
         return first
-    positions = torch.arange(n, n + m - 1, device=prompt_ids.device)[None]
+    if rows > 1:
+        cache = expand_cache(cache, rows)
+    positions = torch.arange(n, n + m - 1, device=prompt_ids.device).expand(rows, -1)
     if len({layer.keys.shape[2] for layer in cache.layers}) == 1:
         rest = model(input_ids=continuation[:, :-1], position_ids=positions,
                      past_key_values=cache).logits

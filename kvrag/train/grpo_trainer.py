@@ -72,17 +72,24 @@ class CompletionOnlyGRPOTrainer(GRPOTrainer):
     def _compressed_logps(self, model, input_ids, attention_mask, logits_to_keep,
                           compute_entropy):
         cut = input_ids.size(1) - logits_to_keep
-        logps, entropies = [], []
+        rows_of: dict[tuple[int, ...], list[int]] = {}
         for row in range(input_ids.size(0)):
             prompt = input_ids[row, :cut][attention_mask[row, :cut].bool()]
+            rows_of.setdefault(tuple(prompt.tolist()), []).append(row)
+        logps = torch.empty(input_ids.size(0), logits_to_keep, device=input_ids.device)
+        entropies = torch.empty_like(logps) if compute_entropy else None
+        # a group's completions share one compressed prefill of their prompt
+        for prompt, rows in rows_of.items():
+            completions = input_ids[rows, cut:]
             with self.accelerator.autocast():
-                logits = continuation_logits(model, prompt[None], input_ids[row:row + 1, cut:],
-                                             self._span(tuple(prompt.tolist())), self.compress)
+                logits = continuation_logits(
+                    model, torch.tensor([prompt], device=input_ids.device), completions,
+                    self._span(prompt), self.compress)
             log_probs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
-            logps.append(log_probs.gather(-1, input_ids[row:row + 1, cut:, None])[..., 0])
-            if compute_entropy:
-                entropies.append(-(log_probs.exp() * log_probs).sum(-1))
-        return (torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None)
+            logps[rows] = log_probs.gather(-1, completions[..., None])[..., 0]
+            if entropies is not None:
+                entropies[rows] = -(log_probs.exp() * log_probs).sum(-1)
+        return logps, entropies, None
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
                                            batch_size=None, compute_entropy=False,

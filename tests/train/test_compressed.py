@@ -90,6 +90,14 @@ def test_continuation_logits_are_the_decoding_logits(engine, prompt, method):
     full = engine.model(input_ids=torch.cat([ids, continuation], 1)).logits[:, ids.shape[1] - 1:-1]
     torch.testing.assert_close(whole, full, atol=1e-4, rtol=1e-4)  # nothing evicted: the plain
     assert (block - whole).abs().max() > 1e-3  # evicting half changes what the model predicts
+    # a group's completions share one prefill; each row still scores as if alone
+    other = torch.tensor([[8, 2, 41, 7]])
+    with torch.no_grad():
+        both = continuation_logits(engine.model, ids, torch.cat([continuation, other]),
+                                   enc.span, spec)
+        alone = continuation_logits(engine.model, ids, other, enc.span, spec)
+    torch.testing.assert_close(both[0], block[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(both[1], alone[0], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("spec", "message"), [
