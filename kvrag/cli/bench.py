@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from kvrag.cli.common import DeviceOption, DtypeOption, console, fail
-from kvrag.compression import METHODS, SpecError, queries_needed
+from kvrag.compression import METHODS, SpecError, queries_needed, split_specs
 from kvrag.engines.models import ModelNotFoundError, resolve_model
 
 app = typer.Typer(help="Benchmarks (medians and ratios to a same-run baseline).",
@@ -53,7 +53,7 @@ def compression_cmd(
 
     try:
         placement = resolve(device, dtype)
-        specs = default_specs([m.strip() for m in methods.split(",")],
+        specs = default_specs(split_specs(methods),
                               [float(r) for r in ratios.split(",")])
         model_path = resolve_model(model, console)
     except (SpecError, ModelNotFoundError, ValueError) as e:  # DeviceError is a ValueError

@@ -46,7 +46,10 @@ ENGINES = ("hf", "sglang", "sglang-url")
 # Measured on the 200 demo questions with SmolLM2 (README): its full-context answers end
 # within 43 tokens or loop until any limit (4%).
 DEFAULT_MAX_NEW_TOKENS = 64
-SYSTEMS_HELP = f"Comma-separated systems; known: {', '.join(SYSTEM_HELP.values())}."
+SYSTEMS_HELP = (f"Comma-separated systems; known: {', '.join(SYSTEM_HELP.values())}. "
+                "OPTIONS: [key=value;...], the method's settings (snapkv[window=32;kernel=7]) "
+                "and chunk=C (keep whole chunks of C tokens) or chunk=sentence, and "
+                "heads=shared (one kept set for all KV heads of a layer).")
 
 
 def _load_engine(name: str, model_path: Path, systems: list[System], adapter: Path | None,

@@ -47,9 +47,11 @@ def report(
         console.print(text, markup=False, highlight=False)
         console.print(f"Accuracy against length drawn in {plot}")
         return
+    from kvrag.compression.spec import split_specs
+
     try:
         loaded = load_runs(runs)
-        table = compare_runs(loaded, systems.split(",") if systems else None, seed, metric)
+        table = compare_runs(loaded, split_specs(systems) if systems else None, seed, metric)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     text = render_markdown(table)

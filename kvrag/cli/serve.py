@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from kvrag.cli.common import DeviceOption, DtypeOption, console, fail
-from kvrag.compression import SpecError, parse_spec
+from kvrag.compression import SpecError, parse_spec, split_specs
 from kvrag.engine_plugin import config
 from kvrag.engines.device import DeviceError, Placement
 from kvrag.engines.device import resolve as resolve_placement
@@ -53,8 +53,9 @@ def serve(
     model: Annotated[str, typer.Option(
         help="A packaged model name (smollm2) or a local HF checkpoint dir.")] = "smollm2",
     compression: Annotated[str | None, typer.Option(
-        help="Server default, e.g. snapkv:0.5, or once:snapkv:0.5 (each corpus compressed "
-             "once and shared by its questions; requests then name the corpus with "
+        help="Server default, e.g. snapkv:0.5, snapkv[chunk=16]:0.5 (whole 16-token chunks; "
+             "see kvrag compare --help for the options), or once:snapkv:0.5 (each corpus "
+             "compressed once and shared by its questions; requests then name the corpus with "
              "custom_params.kvrag_span, the documents' [start, end) token span, the corpus "
              "prefix ending where it ends); requests may override it with "
              "custom_params.kvrag_compression (or 'none').")] = None,
@@ -125,7 +126,7 @@ def _allowed_specs(allow: str | None, compression: str | None) -> str:
     """The ``KVRAG_ALLOWED_REQUEST_SPECS`` value: '' for any, else checked spec names."""
     if allow is not None and allow.strip().lower() == "any":
         return ""
-    items = [x.strip() for x in allow.split(",")] if allow else [compression or "none", "none"]
+    items = split_specs(allow) if allow else [compression or "none", "none"]
     names = []
     for item in items:
         if item.lower() == "none":

@@ -17,7 +17,14 @@ from kvrag.compression import (  # noqa: F401  (each module registers its method
 )
 from kvrag.compression.base import METHODS, HeadShard, Method, ScoringInput
 from kvrag.compression.select import kept_positions, layer_budgets, select_kept
-from kvrag.compression.spec import CompressionSpec, SpecError, parse_spec, queries_needed
+from kvrag.compression.spec import (
+    CompressionSpec,
+    SpecError,
+    parse_spec,
+    queries_needed,
+    split_specs,
+)
 
 __all__ = ["METHODS", "CompressionSpec", "HeadShard", "Method", "ScoringInput", "SpecError",
-           "kept_positions", "layer_budgets", "parse_spec", "queries_needed", "select_kept"]
+           "kept_positions", "layer_budgets", "parse_spec", "queries_needed", "select_kept",
+           "split_specs"]

@@ -26,7 +26,7 @@ from kvrag.compression.base import (
 @dataclass
 class H2O(Method):
     name = "h2o"
-    chunk: int = 512  # queries per step, bounding memory to q_heads x chunk x n floats
+    query_block: int = 512  # queries per step, bounding memory to q_heads x chunk x n floats
 
     def queries_needed(self) -> None:
         return None
@@ -35,8 +35,9 @@ class H2O(Method):
         if inp.queries.shape[1] != inp.n:
             raise ValueError("h2o scores with every prompt query; capture all of them")
         total = torch.zeros(inp.queries.shape[0], inp.n, device=inp.keys.device)
-        for start in range(0, inp.n, self.chunk):
-            positions = torch.arange(start, min(start + self.chunk, inp.n), device=inp.keys.device)
+        for start in range(0, inp.n, self.query_block):
+            end = min(start + self.query_block, inp.n)
+            positions = torch.arange(start, end, device=inp.keys.device)
             attn = causal_attention(inp.queries[:, positions], inp.keys, positions)
             total += attn.sum(dim=1)
         return group_mean(total, inp.group)

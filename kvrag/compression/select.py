@@ -35,16 +35,76 @@ def layer_budgets(method: Method, keep: int, n_layers: int, n_evictable: int) ->
     return budgets
 
 
+def shared_scores(scores: torch.Tensor, shard: HeadShard = WHOLE) -> torch.Tensor:
+    """[kv_heads, n] -> the mean over every KV head of the layer (all tensor-parallel
+    ranks'), the same row for each head, so each keeps the same tokens."""
+    mean = shard.all_query_heads(scores).mean(dim=0)
+    return mean.expand(scores.shape[0], -1).clone()
+
+
+def chunk_starts(span: tuple[int, int], chunk: int | str,
+                 sentence_ends: torch.Tensor | None = None) -> torch.Tensor:
+    """Ascending positions where the evictable span's chunks start: every ``chunk`` tokens,
+    or after each token that ends a sentence (``sentence_ends``: bool [n])."""
+    start, end = span
+    if isinstance(chunk, int):
+        return torch.arange(start, end, chunk)
+    if sentence_ends is None:
+        raise ValueError("chunk=sentence needs the prompt's sentence ends (the engine passes "
+                         "them from its tokenizer)")
+    after = torch.nonzero(sentence_ends[start:end - 1].cpu()).flatten() + start + 1
+    return torch.cat([torch.tensor([start]), after])
+
+
+def chunk_priority(scores: torch.Tensor, span: tuple[int, int],
+                   starts: torch.Tensor) -> torch.Tensor:
+    """Scores rewritten so that ``select_kept`` keeps whole chunks.
+
+    scores: [kv_heads, n]; ``starts``: where each chunk of the span begins. Chunks are
+    ranked by their tokens' mean score (the summed score, for chunks of equal length), ties
+    to the earlier chunk; inside the span a token's new score orders it by its chunk's
+    rank, then by its own score. Keeping the top ``keep`` then takes the best chunks whole,
+    and the best tokens of the next chunk for a remainder shorter than it, so every budget
+    is met exactly.
+    """
+    start, end = span
+    kv_heads, n_doc = scores.shape[0], end - start
+    if n_doc == 0:
+        return scores
+    inside = scores[:, start:end].double()
+    chunk_of = torch.searchsorted(starts.to(scores.device),
+                                  torch.arange(start, end, device=scores.device), right=True) - 1
+    n_chunks = len(starts)
+    sums = torch.zeros(kv_heads, n_chunks, dtype=inside.dtype, device=scores.device)
+    sums.index_add_(1, chunk_of, inside)
+    means = sums / torch.bincount(chunk_of, minlength=n_chunks)
+    order = torch.sort(means, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(n_chunks, device=scores.device).expand(kv_heads, -1))
+    # lexicographic (chunk rank, then token score): sort by the minor key, then the major
+    by_score = torch.sort(inside, dim=1, descending=True, stable=True).indices
+    by_chunk = torch.sort(rank.gather(1, chunk_of[by_score]), dim=1, stable=True).indices
+    token_order = by_score.gather(1, by_chunk)  # [kv_heads, n_doc], best first
+    priority = torch.empty_like(inside).scatter_(
+        1, token_order, torch.arange(n_doc, 0, -1, dtype=inside.dtype,
+                                     device=scores.device).expand(kv_heads, -1))
+    out = scores.double().clone()
+    out[:, start:end] = priority
+    return out
+
+
 def kept_positions(
     spec: CompressionSpec, keys: list[torch.Tensor], queries: list[torch.Tensor],
     span: tuple[int, int], shard: HeadShard = WHOLE,
     repeat: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    sentence_ends: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Per layer, [kv_heads, kept] positions to keep, by the shared scoring code.
 
     keys[layer]: [kv_heads, n, d]; queries[layer]: [q_heads, m, d] (the prompt's last m);
     ``shard``: the KV heads these are, under tensor parallelism; ``repeat[layer]``: the
-    (queries, keys) of a reconstruction pass, for methods that score with one.
+    (queries, keys) of a reconstruction pass, for methods that score with one;
+    ``sentence_ends``: bool [n], the tokens that end a sentence, for ``chunk=sentence``.
     Scores only choose indices, so no gradient flows through them; they are computed in
     float32 whatever the cache's dtype, so bfloat16 rounding does not decide ties.
     """
@@ -54,6 +114,7 @@ def kept_positions(
     budgets = layer_budgets(method, spec.kept(n_doc), n_layers, n_doc)
     if method.reconstruction and repeat is None:
         raise ValueError(f"{method.name} scores with a reconstruction pass; none was given")
+    starts = chunk_starts(span, spec.chunk, sentence_ends) if spec.chunk is not None else None
     out = []
     with torch.no_grad():
         for layer, (k, q) in enumerate(zip(keys, queries, strict=True)):
@@ -61,5 +122,10 @@ def kept_positions(
             inp = ScoringInput(k.detach().float(), q.detach().float(), layer, n_layers, shard,
                                None if rq is None else rq.detach().float(),
                                None if rk is None else rk.detach().float())
-            out.append(select_kept(method.score(inp), span, budgets[layer]))
+            scores = method.score(inp)
+            if spec.shared_heads:
+                scores = shared_scores(scores, shard)
+            if starts is not None:
+                scores = chunk_priority(scores, span, starts)
+            out.append(select_kept(scores, span, budgets[layer]))
     return out

@@ -1,7 +1,16 @@
-"""Compression spec strings: ``METHOD:RATIO`` or ``METHOD@TOKENS``, optionally ``once:``.
+"""Compression spec strings: ``METHOD:RATIO`` or ``METHOD@TOKENS``, optionally ``once:``
+and options in brackets: ``METHOD[key=value;key=value]:RATIO``.
 
 RATIO is the fraction of evictable (document) tokens removed, 0 <= RATIO < 1, the kvpress
 convention; TOKENS is an absolute number of document tokens kept.
+
+Options are the method's own settings (``snapkv[window=32;kernel=7]:0.5``) and two that
+every scoring method takes, which decide how scores become a kept set (select.py):
+
+- ``chunk=C`` keeps whole chunks of C document tokens, the best-scoring first, instead of
+  single tokens (ChunkKV, arXiv 2502.00299); ``chunk=sentence`` makes each sentence a chunk;
+- ``heads=shared`` keeps one set per layer for all its KV heads (their scores averaged)
+  instead of one per head (``heads=per-head``, the default).
 
 ``once:METHOD:RATIO`` compresses the corpus prefix (system turn, header, documents) once,
 before any question is seen, and answers every question over that corpus from the same
@@ -13,6 +22,9 @@ question included, is prefilled before the documents are compressed (question-aw
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -24,13 +36,60 @@ class SpecError(ValueError):
 
 
 ONCE = "once:"
+SENTENCE = "sentence"
+HEADS = ("per-head", "shared")
+#: Options every method takes, and what each allows.
+SELECTION_OPTIONS = {
+    "chunk": f"a whole number of tokens >= 1, or {SENTENCE!r}",
+    "heads": " or ".join(repr(h) for h in HEADS),
+}
+_SPEC = re.compile(r"(?P<method>[^\[:@]*)(?:\[(?P<options>[^\]]*)\])?(?P<rest>.*)")
 
 
 def _usage() -> str:
     return (f"use METHOD:RATIO with 0 <= RATIO < 1 (fraction of document tokens removed) or "
             f"METHOD@TOKENS with TOKENS >= 1 (document tokens kept), either optionally "
-            f"prefixed with {ONCE} (compress the corpus once for all its questions); methods: "
-            f"{', '.join(sorted(METHODS))}")
+            f"with options METHOD[key=value;...] and prefixed with {ONCE} (compress the "
+            f"corpus once for all its questions); methods: {', '.join(sorted(METHODS))}")
+
+
+def method_options(method: str) -> dict[str, type]:
+    """The settings ``method`` takes in a spec, with their types."""
+    cls = METHODS[method]
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _allowed(method: str) -> str:
+    cls = METHODS[method]
+    own = [f"{name} ({kind.__name__}, default {getattr(cls, name)!r})"
+           for name, kind in method_options(method).items()]
+    common = [f"{name} ({allowed})" for name, allowed in SELECTION_OPTIONS.items()]
+    return f"{method} takes: {', '.join(own + common)}"
+
+
+def _canonical(method: str, key: str, value: str) -> str:
+    """``value`` of option ``key`` as the name writes it; SpecError if it is not allowed."""
+    kinds = method_options(method)
+    if key == "chunk":
+        if value.lower() == SENTENCE:
+            return SENTENCE
+        if value.isdigit() and int(value) >= 1:
+            return str(int(value))
+    elif key == "heads":
+        if value.lower() in HEADS:
+            return value.lower()
+    elif key in kinds:
+        kind = kinds[key]
+        try:
+            return str(int(value)) if kind is int else repr(kind(value))
+        except ValueError:
+            pass
+    else:
+        raise SpecError(f"unknown option {key!r} for {method}; {_allowed(method)}")
+    raise SpecError(f"{key}={value!r} is not allowed for {method}; {_allowed(method)}")
 
 
 @dataclass(frozen=True)
@@ -39,6 +98,7 @@ class CompressionSpec:
     ratio: float | None = None
     budget: int | None = None
     once: bool = False  # compress the corpus prefix once, before any question
+    options: tuple[tuple[str, str], ...] = ()  # (key, value) pairs, sorted by key
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -49,19 +109,49 @@ class CompressionSpec:
             raise SpecError(f"ratio {self.ratio} is out of range; {_usage()}")
         if self.budget is not None and self.budget < 1:
             raise SpecError(f"budget {self.budget} is out of range; {_usage()}")
-        if self.once and self.build().dynamic:
+        keys = [key for key, _ in self.options]
+        if len(set(keys)) != len(keys):
+            raise SpecError(f"an option is given twice in {keys}; {_allowed(self.method)}")
+        canonical = tuple(sorted((k, _canonical(self.method, k, v)) for k, v in self.options))
+        object.__setattr__(self, "options", canonical)
+        method = self.build()
+        if self.once and method.dynamic:
             raise SpecError(f"{self.method} keeps the whole cache and picks keys per decoded "
                             f"token, so there is nothing to compress once; drop {ONCE!r}")
+        if method.dynamic and self.selection_options:
+            raise SpecError(f"{self.method} picks keys per decoded token, not one kept set "
+                            f"after prefill, so it takes no {' or '.join(SELECTION_OPTIONS)}")
 
     @property
     def name(self) -> str:
+        method = self.method
+        if self.options:
+            method += "[" + ";".join(f"{k}={v}" for k, v in self.options) + "]"
         # repr: the shortest text that reads back as the same float, so no two ratios collide
-        base = f"{self.method}:{self.ratio!r}" if self.ratio is not None else \
-            f"{self.method}@{self.budget}"
+        base = f"{method}:{self.ratio!r}" if self.ratio is not None else f"{method}@{self.budget}"
         return ONCE + base if self.once else base
 
+    @property
+    def selection_options(self) -> dict[str, str]:
+        return {k: v for k, v in self.options if k in SELECTION_OPTIONS}
+
+    @property
+    def chunk(self) -> int | str | None:
+        """Tokens per kept chunk, ``"sentence"``, or None (token by token)."""
+        value = self.selection_options.get("chunk")
+        return value if value in (None, SENTENCE) else int(value)
+
+    @property
+    def shared_heads(self) -> bool:
+        return self.selection_options.get("heads") == "shared"
+
     def build(self) -> Method:
-        return METHODS[self.method]()
+        kinds = method_options(self.method)
+        settings = {k: kinds[k](v) for k, v in self.options if k in kinds}
+        try:
+            return METHODS[self.method](**settings)
+        except ValueError as err:
+            raise SpecError(f"{self.name}: {err}; {_allowed(self.method)}") from None
 
     def kept(self, n_evictable: int) -> int:
         """How many of ``n_evictable`` document tokens this spec keeps."""
@@ -77,18 +167,49 @@ def queries_needed(specs: Iterable[CompressionSpec]) -> int | None:
     return None if None in needed else max(needed, default=0)
 
 
+def _parse_options(text: str, spec: str) -> tuple[tuple[str, str], ...]:
+    options = []
+    for item in text.split(";"):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not key or not eq or not value:
+            raise SpecError(f"cannot read option {item.strip()!r} in {spec!r}; write "
+                            "METHOD[key=value;key=value]")
+        options.append((key, value))
+    return tuple(options)
+
+
 def parse_spec(text: str) -> CompressionSpec:
     text = text.strip()
     if text.startswith(ONCE):
         return replace(parse_spec(text[len(ONCE):]), once=True)
-    for sep in (":", "@"):
-        if sep in text:
-            method, value = text.split(sep, 1)
-            try:
-                number = float(value) if sep == ":" else int(value)
-            except ValueError:
-                raise SpecError(f"cannot read {value!r} in {text!r}; {_usage()}") from None
-            if sep == ":":
-                return CompressionSpec(method, ratio=float(number))
-            return CompressionSpec(method, budget=int(number))
-    raise SpecError(f"{text!r} has no ratio or budget; {_usage()}")
+    match = _SPEC.fullmatch(text)
+    assert match is not None  # every part of the pattern may be empty
+    method, rest = match["method"].strip(), match["rest"].strip()
+    options = _parse_options(match["options"], text) if match["options"] is not None else ()
+    if rest.startswith("["):
+        raise SpecError(f"unclosed '[' in {text!r}; {_usage()}")
+    if not rest:
+        raise SpecError(f"{text!r} has no ratio or budget; {_usage()}")
+    sep, value = rest[0], rest[1:]
+    try:
+        if sep == ":":
+            return CompressionSpec(method, ratio=float(value), options=options)
+        if sep == "@":
+            return CompressionSpec(method, budget=int(value), options=options)
+    except ValueError as err:
+        if isinstance(err, SpecError):
+            raise
+        raise SpecError(f"cannot read {value!r} in {text!r}; {_usage()}") from None
+    raise SpecError(f"cannot read {rest!r} in {text!r}; {_usage()}")
+
+
+def split_specs(text: str) -> list[str]:
+    """A comma-separated list of specs, split on the commas outside brackets."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    items.append(text[start:].strip())
+    return items

@@ -32,11 +32,13 @@ Shapes follow SGLang: q [tokens, q_heads * head_dim], pool buffers [slot, kv_hea
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from sglang.srt.arg_groups.model_override_base import resolved_view
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
@@ -162,6 +164,7 @@ class KvragAttnBackend(AttentionBackend):
         # plans the inner backend's reads (kv_loc_plan) over req_to_token rows
         self.translator = getattr(model_runner, "kv_index_translator", None)
         self.allocator = model_runner.token_to_kv_pool_allocator
+        self.server_args = model_runner.server_args
         self.layer_ids = list(range(self.pool.start_layer,
                                     self.pool.start_layer + self.pool.layer_num))
         device = self.req_to_token.device
@@ -359,7 +362,7 @@ class KvragAttnBackend(AttentionBackend):
     # --- called by the scheduler hook after a request's last prefill chunk ---
     def compress(self, row: int, *, rid: str, protected: int, spec: CompressionSpec,
                  span: tuple[int, int], make_room: Callable[[int], object] | None = None,
-                 ) -> CompactionResult | None:
+                 sentence_ends: torch.Tensor | None = None) -> CompactionResult | None:
         """Compress the prompt KV of the request in ``row``; None leaves it uncompressed."""
         tail = self.tails.pop(row, None)
         if tail is None or len(tail.layers) != len(self.layer_ids) or tail.end < span[1]:
@@ -382,7 +385,7 @@ class KvragAttnBackend(AttentionBackend):
             self.pool, self.allocator, self.req_to_token[row], rid=rid, n=n,
             protected=protected, layer_ids=self.layer_ids,
             queries=[tail.layers[lid] for lid in self.layer_ids], spec=spec, span=span,
-            make_room=make_room, shard=self.shard,
+            make_room=make_room, shard=self.shard, sentence_ends=sentence_ends,
         )
         if result is None:
             self.rows.free_rows(physical)
@@ -398,6 +401,16 @@ class KvragAttnBackend(AttentionBackend):
         self.shift[row] = resident.shift
         self._uneven += resident.uneven
         return result
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The model's tokenizer, loaded for the first ``chunk=sentence`` request (the
+        scheduler's own is not reachable from here, and absent under --skip-tokenizer-init)."""
+        from transformers import AutoTokenizer
+
+        args = resolved_view(self.server_args)
+        return AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path,
+                                             trust_remote_code=args.trust_remote_code)
 
     def release(self, row: int) -> _Resident | None:
         """Forget a request leaving ``row``; what it held if it was compacted."""

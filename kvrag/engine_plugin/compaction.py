@@ -67,19 +67,21 @@ def compact(
     pool, allocator, row: torch.Tensor, *, rid: str, n: int, protected: int,
     layer_ids: list[int], queries: list[torch.Tensor], spec: CompressionSpec,
     span: tuple[int, int], make_room: Callable[[int], object] | None = None,
-    shard: HeadShard = WHOLE,
+    shard: HeadShard = WHOLE, sentence_ends: torch.Tensor | None = None,
 ) -> CompactionResult | None:
     """Compress positions ``[0, n)`` of ``row`` in ``pool``; None if no slots to spare.
 
     pool: SGLang KV pool (``get_key_buffer(layer_id)`` -> [slots, kv_heads, d]);
     queries[i]: [m, q_heads, d] captured at prefill for ``layer_ids[i]``;
     make_room(k): evict unlocked radix-cache entries until k slots can be allocated;
-    shard: this rank's KV heads under tensor parallelism.
+    shard: this rank's KV heads under tensor parallelism;
+    sentence_ends: bool [>= n], the tokens that end a sentence, for ``chunk=sentence``.
     """
     t0 = time.perf_counter()
     ctx = row[:n].clone()
     keys = [pool.get_key_buffer(lid)[ctx].transpose(0, 1) for lid in layer_ids]
-    kept = kept_positions(spec, keys, [q.transpose(0, 1) for q in queries], span, shard)
+    kept = kept_positions(spec, keys, [q.transpose(0, 1) for q in queries], span, shard,
+                          sentence_ends=sentence_ends)
     keep = [int(k.shape[1]) for k in kept]
     kmax = max(keep)
     own = row[protected:n].clone()

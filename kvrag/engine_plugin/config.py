@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from kvrag.compression import CompressionSpec, Method, SpecError, parse_spec
+from kvrag.compression import CompressionSpec, Method, SpecError, parse_spec, split_specs
 
 ENV_COMPRESSION = "KVRAG_COMPRESSION"
 ENV_INNER_BACKEND = "KVRAG_INNER_BACKEND"
@@ -81,8 +81,7 @@ def allowed_request_specs() -> set[str] | None:
     if not text:
         return None
     names = set()
-    for item in text.split(","):
-        item = item.strip()
+    for item in split_specs(text):
         names.add("none" if item.lower() == "none" else parse_spec(item).name)
     return names
 

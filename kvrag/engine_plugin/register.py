@@ -38,6 +38,8 @@ import sys
 import types
 
 from kvrag.compression import SpecError
+from kvrag.compression.sentences import sentence_ends_for
+from kvrag.compression.spec import SENTENCE
 from kvrag.engine_plugin import config, hooks
 
 logger = logging.getLogger(__name__)
@@ -369,10 +371,12 @@ def _around_prefill(original, scheduler, batch, *args, **kwargs):
                 continue
         elif not last:
             continue
+        ends = sentence_ends_for(req.kvrag.spec, req.origin_input_ids,
+                                 active.tokenizer) if req.kvrag.spec.chunk == SENTENCE else None
         free_before = allocator.available_size()
         done = active.compress(
             row, rid=req.rid, protected=req.kv.cache_protected_len,
-            spec=req.kvrag.spec, span=req.kvrag.span,
+            spec=req.kvrag.spec, span=req.kvrag.span, sentence_ends=ends,
             make_room=lambda k: allocator.evict_to_free_tokens(scheduler.tree_cache, k))
         if done is None:
             continue

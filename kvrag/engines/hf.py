@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from kvrag.compression import CompressionSpec, kept_positions
 from kvrag.compression.kvzip import REPEAT_PROMPT
+from kvrag.compression.sentences import sentence_ends_for
 from kvrag.data.prompt import Prompt
 from kvrag.engines import hf_attention
 from kvrag.engines.base import Cost, Generation
@@ -180,7 +181,8 @@ class HFEngine(TokenizerMethods):
             repeat = self._reconstruction(pre, span) if method.reconstruction else None
             kept = kept_positions(
                 spec, [pre.cache.layers[layer].keys[0] for layer in range(self.n_layers)],
-                [pre.queries[layer] for layer in range(self.n_layers)], span, repeat=repeat)
+                [pre.queries[layer] for layer in range(self.n_layers)], span, repeat=repeat,
+                sentence_ends=sentence_ends_for(spec, pre.ids, self.tokenizer))
         cache = gather_cache(pre.cache, kept)
         return CompressedCache(cache, kept, time.perf_counter() - t0)
 

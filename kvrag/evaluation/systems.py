@@ -2,18 +2,20 @@
 
 A system spec is a string: ``full``, a compression spec (``snapkv:0.5`` removes half the
 document tokens from the cache, ``snapkv@512`` keeps 512, ``once:snapkv:0.5`` compresses
-each corpus once for all its questions), or ``rag:BUDGET``. The
-part before ``:`` or ``@`` picks the factory. Every system answers through the same
+each corpus once for all its questions, ``snapkv[chunk=16]:0.5`` keeps whole 16-token
+chunks), or ``rag:BUDGET``. The part before ``[``, ``:`` or ``@`` picks the factory; a list
+of specs splits on the commas outside brackets. Every system answers through the same
 engine and the same prompt builder, so only what the system changes differs.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kvrag.compression import METHODS, CompressionSpec, SpecError, parse_spec
+from kvrag.compression import METHODS, CompressionSpec, SpecError, parse_spec, split_specs
 from kvrag.data.prompt import Prompt, build_prompt
 from kvrag.data.schema import Doc, Instance
 from kvrag.engines.base import Engine
@@ -109,7 +111,8 @@ def _compressed(spec: str, options: SystemOptions) -> System:
 
 
 for _method in METHODS:
-    register_system(_method, f"{_method}:RATIO|@TOKENS")(_compressed)
+    _options = "" if METHODS[_method].dynamic else "[OPTIONS]"
+    register_system(_method, f"{_method}{_options}:RATIO|@TOKENS")(_compressed)
 # the corpus compressed once, question-agnostic, for all its questions (spec.py)
 register_system("once", "once:METHOD:RATIO|@TOKENS")(_compressed)
 
@@ -146,7 +149,7 @@ def _rag(spec: str, options: SystemOptions) -> System:
 
 def parse_system(spec: str, options: SystemOptions | None = None) -> System:
     spec = spec.strip()
-    prefix = spec.split(":", 1)[0].split("@", 1)[0]
+    prefix = re.split(r"[:@\[]", spec, maxsplit=1)[0]
     if prefix not in SYSTEMS:
         known = ", ".join(SYSTEM_HELP[p] for p in sorted(SYSTEMS))
         raise SystemSpecError(
@@ -157,7 +160,7 @@ def parse_system(spec: str, options: SystemOptions | None = None) -> System:
 
 def parse_systems(specs: str, options: SystemOptions | None = None) -> list[System]:
     """Parse a comma-separated list, refusing empty entries and duplicates."""
-    names = [s.strip() for s in specs.split(",")]
+    names = split_specs(specs)
     if not all(names):
         raise SystemSpecError(f"empty system name in {specs!r}")
     options = options or SystemOptions()

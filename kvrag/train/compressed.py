@@ -30,8 +30,9 @@ def check_trainable(spec: CompressionSpec) -> None:
 
 
 def compressed_prefill(model, prompt_ids: torch.Tensor, span: tuple[int, int],
-                       spec: CompressionSpec):
-    """Prefill ``prompt_ids`` [1, n], compress its documents' cache.
+                       spec: CompressionSpec, sentence_ends: torch.Tensor | None = None):
+    """Prefill ``prompt_ids`` [1, n], compress its documents' cache (``sentence_ends``:
+    what ``kept_positions`` needs for ``chunk=sentence``).
 
     Returns (cache of the kept entries, logits [1, 1, vocab] of the token after the prompt).
     """
@@ -44,16 +45,18 @@ def compressed_prefill(model, prompt_ids: torch.Tensor, span: tuple[int, int],
         out = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)
     layers = out.past_key_values.layers
     kept = kept_positions(spec, [layer.keys[0] for layer in layers],
-                          [hooks.captured[i] for i in range(len(layers))], span)
+                          [hooks.captured[i] for i in range(len(layers))], span,
+                          sentence_ends=sentence_ends)
     return gather_cache(out.past_key_values, kept), out.logits[:, -1:]
 
 
 def continuation_logits(model, prompt_ids: torch.Tensor, continuation: torch.Tensor,
-                        span: tuple[int, int], spec: CompressionSpec) -> torch.Tensor:
+                        span: tuple[int, int], spec: CompressionSpec,
+                        sentence_ends: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [rows, m, vocab] predicting each of the ``continuation`` [rows, m] tokens
     after ``prompt_ids`` [1, n], read from the prompt's compressed cache (prefilled once for
     every row) at the tokens' real positions."""
-    cache, first = compressed_prefill(model, prompt_ids, span, spec)
+    cache, first = compressed_prefill(model, prompt_ids, span, spec, sentence_ends)
     n, (rows, m) = prompt_ids.shape[1], continuation.shape
     first = first.expand(rows, -1, -1)
     if m == 1:
@@ -88,12 +91,13 @@ def expand_cache(cache, rows: int):
 def sample_compressed(model, prompt_ids: list[int], span: tuple[int, int],
                       spec: CompressionSpec, rows: int, max_new_tokens: int,
                       temperature: float, stop: set[int],
-                      generator: torch.Generator | None = None) -> list[list[int]]:
+                      generator: torch.Generator | None = None,
+                      sentence_ends: torch.Tensor | None = None) -> list[list[int]]:
     """``rows`` completions sampled at ``temperature`` from the compressed prompt cache;
     each ends with its first ``stop`` token, or after ``max_new_tokens``."""
     device = model.device
     ids = torch.tensor([prompt_ids], device=device)
-    cache, first = compressed_prefill(model, ids, span, spec)
+    cache, first = compressed_prefill(model, ids, span, spec, sentence_ends)
     cache = expand_cache(cache, rows)
     logits = first[:, -1].expand(rows, -1)
     stop_t = torch.tensor(sorted(stop), device=device)

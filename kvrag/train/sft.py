@@ -90,7 +90,8 @@ def encode_example(tokenizer, example: Example) -> Encoded:
     return Encoded(enc.input_ids + target, [IGNORE] * len(enc.input_ids) + target, enc.span)
 
 
-def target_loss(model, item: Encoded, spec: CompressionSpec | None) -> torch.Tensor:
+def target_loss(model, item: Encoded, spec: CompressionSpec | None,
+                tokenizer=None) -> torch.Tensor:
     """Mean cross-entropy of the target tokens, from a full or a compressed prompt cache."""
     device = model.device
     ids = torch.tensor([item.input_ids], device=device)
@@ -101,9 +102,11 @@ def target_loss(model, item: Encoded, spec: CompressionSpec | None) -> torch.Ten
         # [tokens, vocab] logits would dominate memory and time
         out = model(input_ids=ids, logits_to_keep=ids.shape[1] - cut + 1)
         return torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), labels[0, cut:])
+    from kvrag.compression.sentences import sentence_ends_for
     from kvrag.train.compressed import continuation_logits
 
-    logits = continuation_logits(model, ids[:, :cut], ids[:, cut:], item.span, spec)
+    logits = continuation_logits(model, ids[:, :cut], ids[:, cut:], item.span, spec,
+                                 sentence_ends_for(spec, item.input_ids[:cut], tokenizer))
     return torch.nn.functional.cross_entropy(logits[0].float(), labels[0, cut:])
 
 @dataclass(frozen=True)
@@ -186,7 +189,7 @@ def train_sft(
         optimizer.zero_grad()
         total = 0.0
         for k in range(cfg.grad_accum):
-            loss = target_loss(model, items[order[step * cfg.grad_accum + k]], spec)
+            loss = target_loss(model, items[order[step * cfg.grad_accum + k]], spec, tokenizer)
             (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
         optimizer.step()

@@ -126,7 +126,7 @@ def test_h2o_refuses_partial_queries(inp: ScoringInput) -> None:
 def test_h2o(inp: ScoringInput) -> None:
     per_head = [[sum(attention_row(inp, h, p)[j] for p in range(N)) for j in range(N)]
                 for h in range(Q_HEADS)]
-    torch.testing.assert_close(H2O(chunk=5).score(inp), torch.tensor(group_average(per_head)))
+    torch.testing.assert_close(H2O(query_block=5).score(inp), torch.tensor(group_average(per_head)))
 
 
 def test_knorm(inp: ScoringInput) -> None:

@@ -1,7 +1,10 @@
+from unittest.mock import patch
+
 import pytest
 import torch
 
-from kvrag.compression import layer_budgets, select_kept
+from kvrag.compression import kept_positions, layer_budgets, parse_spec, select_kept
+from kvrag.compression.knorm import KNorm
 from kvrag.compression.pyramidkv import PyramidKV
 from kvrag.compression.snapkv import SnapKV
 
@@ -29,3 +32,64 @@ def test_keep_all_and_keep_none() -> None:
 def test_layer_budgets_checked() -> None:
     assert layer_budgets(SnapKV(), 7, 3, 10) == [7, 7, 7]
     assert sum(layer_budgets(PyramidKV(), 7, 3, 10)) == 21
+
+
+def _kept_layer(spec: str, scores: torch.Tensor, span: tuple[int, int], **kw) -> torch.Tensor:
+    """What ``kept_positions`` keeps in one layer whose method scores ``scores``."""
+    keys = torch.zeros(scores.shape[0], scores.shape[1], 4)
+    queries = torch.zeros(scores.shape[0], 1, 4)
+    with patch.object(KNorm, "score", lambda self, inp: scores):
+        return kept_positions(parse_spec(spec), [keys], [queries], span, **kw)[0]
+
+
+@pytest.mark.parametrize(("n", "span", "chunk", "ratio"),
+                         [(300, (10, 290), 16, 0.5), (300, (0, 300), 7, 0.3),
+                          (101, (1, 100), 16, 0.9), (64, (4, 60), 1, 0.5)])
+def test_chunks_are_kept_whole_and_the_budget_exactly(n, span, chunk, ratio) -> None:
+    scores = torch.randn(3, n, generator=torch.Generator().manual_seed(n))
+    spec = f"knorm[chunk={chunk}]:{ratio}"
+    kept = _kept_layer(spec, scores, span)
+    keep = parse_spec(spec).kept(span[1] - span[0])
+    chunks = [list(range(s, min(s + chunk, span[1]))) for s in range(span[0], span[1], chunk)]
+    for head in kept.tolist():
+        inside = [p for p in head if span[0] <= p < span[1]]
+        assert len(inside) == keep
+        assert set(range(span[0])) | set(range(span[1], n)) <= set(head)
+        partial = [c for c in chunks if 0 < len(set(c) & set(inside)) < len(c)]
+        assert len(partial) <= 1  # whole chunks, and one cut short for the remainder
+        whole = [c for c in chunks if set(c) <= set(inside)]
+        # the whole chunks are the best by mean score
+        means = sorted((scores[kept.tolist().index(head), c].mean().item() for c in chunks),
+                       reverse=True)
+        assert sorted(scores[kept.tolist().index(head), c].mean().item()
+                      for c in whole) == sorted(means[:len(whole)])
+
+
+def test_chunks_win_by_their_total_not_their_best_token() -> None:
+    scores = torch.zeros(1, 12)
+    scores[0, 0] = 10.0  # one spike in chunk 0
+    scores[0, 4:8] = 3.0  # chunk 1 scores more in all
+    assert _kept_layer("knorm[chunk=4]:0.6667", scores, (0, 12)).tolist() == [[4, 5, 6, 7]]
+    assert _kept_layer("knorm:0.6667", scores, (0, 12)).tolist() == [[0, 4, 5, 6]]
+
+
+def test_sentence_chunks_follow_the_sentence_ends() -> None:
+    scores = torch.zeros(1, 10)
+    scores[0, 6] = 5.0
+    ends = torch.zeros(10, dtype=torch.bool)
+    ends[[2, 5, 8]] = True  # sentences 0-2, 3-5, 6-8, 9
+    kept = _kept_layer("knorm[chunk=sentence]:0.7", scores, (0, 10), sentence_ends=ends)
+    assert kept.tolist() == [[6, 7, 8]]
+    with pytest.raises(ValueError, match="sentence ends"):
+        _kept_layer("knorm[chunk=sentence]:0.7", scores, (0, 10))
+
+
+def test_shared_heads_keep_one_set_from_the_mean_score() -> None:
+    scores = torch.randn(4, 50, generator=torch.Generator().manual_seed(1))
+    per_head = _kept_layer("knorm:0.5", scores, (5, 45))
+    assert len({tuple(h) for h in per_head.tolist()}) == 4
+    shared = _kept_layer("knorm[heads=shared]:0.5", scores, (5, 45))
+    assert len({tuple(h) for h in shared.tolist()}) == 1
+    assert shared[0].tolist() == select_kept(scores.mean(0, keepdim=True), (5, 45), 20)[0].tolist()
+    both = _kept_layer("knorm[heads=shared;chunk=5]:0.5", scores, (5, 45))
+    assert len({tuple(h) for h in both.tolist()}) == 1

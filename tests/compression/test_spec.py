@@ -1,6 +1,7 @@
 import pytest
 
-from kvrag.compression import CompressionSpec, SpecError, parse_spec
+from kvrag.compression import CompressionSpec, SpecError, parse_spec, split_specs
+from kvrag.compression.snapkv import SnapKV
 
 
 @pytest.mark.parametrize(
@@ -46,3 +47,43 @@ def test_once_specs_name_their_sharing_and_refuse_what_cannot_share() -> None:
         parse_spec("once:retrieval:0.5")
     with pytest.raises(SpecError, match="ratio 1.0 is out of range"):
         parse_spec("once:snapkv:1")
+
+
+def test_options_build_the_method_and_name_the_system() -> None:
+    spec = parse_spec(" snapkv[ window=32 ; kernel=7 ]:0.50")
+    assert spec.build() == SnapKV(window=32, kernel=7)
+    assert spec.name == "snapkv[kernel=7;window=32]:0.5"  # keys sorted: one name per spec
+    assert parse_spec(spec.name) == spec
+    chunked = parse_spec("once:pyramidkv[heads=shared;chunk=16;beta=10]@300")
+    assert chunked.once and chunked.budget == 300 and chunked.build().beta == 10.0
+    assert chunked.chunk == 16 and chunked.shared_heads
+    assert chunked.name == "once:pyramidkv[beta=10.0;chunk=16;heads=shared]@300"
+    assert parse_spec("knorm[chunk=Sentence]:0.5").chunk == "sentence"
+    assert parse_spec("tova[heads=per-head]:0.5").shared_heads is False
+    assert parse_spec("snapkv:0.5").chunk is None and parse_spec("snapkv:0.5").options == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("snapkv[windw=32]:0.5", "unknown option 'windw' for snapkv"),
+     ("snapkv[window=big]:0.5", "window='big' is not allowed"),
+     ("snapkv[kernel=4]:0.5", "an odd kernel"),
+     ("snapkv[chunk=0]:0.5", "chunk='0' is not allowed"),
+     ("tova[heads=some]:0.5", "heads='some' is not allowed"),
+     ("knorm[window=3]:0.5", "unknown option 'window' for knorm"),
+     ("snapkv[chunk=4;chunk=8]:0.5", "given twice"),
+     ("snapkv[chunk]:0.5", "cannot read option 'chunk'"),
+     ("snapkv[chunk=4:0.5", "unclosed '['"),
+     ("retrieval[chunk=4]:0.5", "takes no chunk or heads")],
+)
+def test_bad_options_are_refused_naming_the_allowed_ones(text: str, message: str) -> None:
+    with pytest.raises(SpecError) as err:
+        parse_spec(text)
+    assert message in str(err.value)
+    if "unknown option" in message or "not allowed" in message:
+        assert "chunk (a whole number of tokens >= 1, or 'sentence')" in str(err.value)
+
+
+def test_lists_split_on_commas_outside_brackets() -> None:
+    assert split_specs("full, snapkv[window=32;chunk=16]:0.5 ,rag:1024") == [
+        "full", "snapkv[window=32;chunk=16]:0.5", "rag:1024"]

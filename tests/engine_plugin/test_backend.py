@@ -79,7 +79,7 @@ def _runner() -> _Runner:
     allocator = TokenToKVPoolAllocator(600, torch.float32, "cpu", pool, need_sort=False)
     rows = ReqToTokenPool(8, 256, "cpu", False)
     return _Runner(device="cpu", req_to_token_pool=rows, token_to_kv_pool=pool,
-                   token_to_kv_pool_allocator=allocator)
+                   token_to_kv_pool_allocator=allocator, server_args=None)
 
 
 def _layer(layer_id: int) -> SimpleNamespace:

@@ -134,16 +134,24 @@ def test_snapkv_half_returns_half_the_context_slots(engine, stats_path):
     assert 0.4 < record["freed"] / CONTEXT < 0.6
 
 
-def test_kept_tokens_match_the_hf_engine(engine, stats_path, tiny_model_dir):
-    from kvrag.compression import parse_spec
+@pytest.fixture(scope="module")
+def hf(tiny_model_dir):
     from kvrag.engines.hf import HFEngine
+
+    return HFEngine(tiny_model_dir)
+
+
+@pytest.mark.parametrize("spec", ["snapkv:0.5", "snapkv[chunk=16]:0.5",
+                                  "pyramidkv[heads=shared]:0.5", "knorm[chunk=sentence]:0.5"])
+def test_kept_tokens_match_the_hf_engine(engine, stats_path, hf, spec):
+    from kvrag.compression import parse_spec
 
     engine.flush_cache()
     span = (20, CONTEXT - 30)
-    _, _, rid = _generate(engine, PROMPTS["plain"], _params("snapkv:0.5", span))
+    _, _, rid = _generate(engine, PROMPTS["plain"], _params(spec, span))
     record = _stats(stats_path, rid)
-    hf = HFEngine(tiny_model_dir)
-    kept = hf.compress(hf.prefill(PROMPTS["plain"]), span, parse_spec("snapkv:0.5")).kept
+    kept = hf.compress(hf.prefill(PROMPTS["plain"]), span, parse_spec(spec)).kept
+    assert record is not None and record["spec"] == parse_spec(spec).name
     assert [k.tolist() for k in kept] == record["kept"]
 
 

@@ -27,3 +27,15 @@ def test_once_systems_are_compressed_contexts_beside_per_question_ones() -> None
     assert once.name == "once:snapkv:0.5" and per_question.name == "snapkv:0.5"
     with pytest.raises(SystemSpecError, match="nothing to compress once"):
         parse_systems("once:retrieval:0.5")
+
+
+def test_method_options_are_part_of_the_system_and_its_name() -> None:
+    systems = parse_systems("full,snapkv[window=32;chunk=16]:0.5,snapkv:0.5,"
+                            "once:tova[heads=shared]@64")
+    assert [s.name for s in systems] == ["full", "snapkv[chunk=16;window=32]:0.5",
+                                         "snapkv:0.5", "once:tova[heads=shared]@64"]
+    assert systems[1].spec.chunk == 16 and systems[1].spec.build().window == 32
+    with pytest.raises(SystemSpecError, match="listed twice"):
+        parse_systems("snapkv[chunk=16;window=32]:0.5,snapkv[window=32;chunk=16]:0.5")
+    with pytest.raises(SystemSpecError, match="unknown option 'size' for snapkv"):
+        parse_systems("snapkv[size=3]:0.5")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvrag.compression import SpecError, parse_spec
+from kvrag.compression.sentences import sentence_ends_for
 from kvrag.train.compressed import (
     check_trainable,
     compressed_prefill,
@@ -30,14 +31,17 @@ def prompt(small_instances):
     return build_prompt(small_instances(1)[0])
 
 
-@pytest.mark.parametrize("spec", ["snapkv:0.5", "streamingllm:0.7", "pyramidkv:0.5"])
+@pytest.mark.parametrize("spec", ["snapkv:0.5", "streamingllm:0.7", "pyramidkv:0.5",
+                                  "snapkv[chunk=16]:0.5", "tova[heads=shared]:0.5",
+                                  "knorm[chunk=sentence;heads=shared]:0.5"])
 def test_training_compresses_the_cache_the_engine_serves_from(engine, prompt, spec):
     compression = parse_spec(spec)
     enc = engine.encode(prompt)
     served = engine._start(enc, compression)
+    ends = sentence_ends_for(compression, enc.input_ids, engine.tokenizer)
     with torch.no_grad():
         cache, first = compressed_prefill(engine.model, torch.tensor([enc.input_ids]), enc.span,
-                                          compression)
+                                          compression, ends)
     assert len(cache.layers) == len(served.cache.layers)
     for ours, theirs in zip(cache.layers, served.cache.layers, strict=True):
         assert ours.keys.shape[2] < len(enc.input_ids)
@@ -47,7 +51,8 @@ def test_training_compresses_the_cache_the_engine_serves_from(engine, prompt, sp
     # near-greedy samples are the engine's greedy answer from that cache
     text = engine.generate(prompt, 8, compression=compression).text
     rows = sample_compressed(engine.model, enc.input_ids, enc.span, compression, rows=2,
-                             max_new_tokens=8, temperature=1e-4, stop=engine.stop_ids)
+                             max_new_tokens=8, temperature=1e-4, stop=engine.stop_ids,
+                             sentence_ends=ends)
     for row in rows:
         assert engine.tokenizer.decode([t for t in row if t not in engine.stop_ids],
                                        skip_special_tokens=True) == text
