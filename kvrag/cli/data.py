@@ -11,6 +11,9 @@ import typer
 from kvrag.cli.common import console, fail
 from kvrag.data.demo import DEMO_CONTEXT_TOKENS, DEMO_PER_TASK, DEMO_SEED, make_demo
 from kvrag.data.loaders import LOADERS, load_dataset
+from kvrag.data.needles import KINDS as NEEDLE_KINDS
+from kvrag.data.needles import TASKS as NEEDLE_TASKS
+from kvrag.data.needles import NeedleConfig
 from kvrag.data.schema import DatasetError, Instance, write_docs, write_jsonl
 from kvrag.engines.models import ModelNotFoundError, kvrag_home, resolve_model
 from kvrag.rag_stack.chroma import ChromaUnavailableError
@@ -40,6 +43,46 @@ def make_demo_cmd(
         fail(str(e))
     write_jsonl(instances, out)
     console.print(f"Wrote {len(instances)} instances to {out}")
+
+
+@app.command("make-needles")
+def make_needles_cmd(
+    out: Annotated[Path, typer.Option(help="Where to write the JSONL file.")],
+    text_dir: Annotated[Path | None, typer.Option(help=(
+        "A folder of .txt/.md files to make the haystacks from (default: the bundled demo's "
+        "documents)."))] = None,
+    context_tokens: Annotated[int, typer.Option(
+        help="Approximate haystack tokens per corpus.")] = NeedleConfig.context_tokens,
+    corpora: Annotated[int, typer.Option(
+        help="Corpora per task family and value kind.")] = NeedleConfig.corpora,
+    needles: Annotated[int, typer.Option(help=(
+        "Needles per corpus: multikey asks one question per needle over the shared corpus; "
+        "multivalue hides this many values of one key."))] = NeedleConfig.needles,
+    tasks: Annotated[str, typer.Option(help=(
+        f"Comma-separated task families: {', '.join(NEEDLE_TASKS)}."))] = "multikey",
+    kinds: Annotated[str, typer.Option(help=(
+        f"Comma-separated needle values: {', '.join(NEEDLE_KINDS)} (7-digit numbers, "
+        "words, invented names)."))] = "number",
+    doc_tokens: Annotated[int, typer.Option(help=(
+        "Document size when --text-dir cuts its files."))] = NeedleConfig.doc_tokens,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = NeedleConfig.seed,
+) -> None:
+    """Write a RULER-style needle suite: special magic numbers, words or names hidden at
+    spread depths in haystacks of ordinary text, one question per needle (or per key)."""
+    from kvrag.data.needles import folder_passages, make_needles
+
+    try:
+        cfg = NeedleConfig(context_tokens=context_tokens, corpora=corpora, needles=needles,
+                           tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
+                           kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+                           doc_tokens=doc_tokens, seed=seed)
+        passages = folder_passages(text_dir, doc_tokens) if text_dir is not None else None
+        instances = list(make_needles(cfg, passages))
+    except (ValueError, DatasetError) as e:  # DatasetError is a ValueError
+        fail(str(e))
+    write_jsonl(instances, out)
+    corpora_made = len({i.corpus_id for i in instances})
+    console.print(f"Wrote {len(instances)} questions over {corpora_made} corpora to {out}")
 
 
 @app.command("check")

@@ -39,3 +39,16 @@ def test_make_demo_refuses_tiny_context(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "context_tokens must be at least 200" in result.output
     assert not (tmp_path / "d.jsonl").exists()
+
+
+def test_make_needles_then_check(tmp_path: Path) -> None:
+    out = tmp_path / "needles.jsonl"
+    result = runner.invoke(app, ["data", "make-needles", "--out", str(out), "--context-tokens",
+                                 "800", "--corpora", "2", "--needles", "3",
+                                 "--tasks", "multikey,single", "--kinds", "word"])
+    assert result.exit_code == 0, result.output
+    assert "Wrote 8 questions over 4 corpora" in result.output
+    result = runner.invoke(app, ["data", "check", str(out)])
+    assert "multikey_word: 6, single_word: 2" in result.output, result.output
+    result = runner.invoke(app, ["data", "make-needles", "--out", str(out), "--kinds", "uuid"])
+    assert result.exit_code != 0 and "kinds: number, word, name" in result.output
