@@ -6,6 +6,7 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 # The names are listed here, not imported from kvrag.engines.device, so that `--help`
@@ -23,7 +24,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print one clear error line and exit non-zero."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -52,9 +53,10 @@ class StepProgress:
 
     def update(self, completed: int, value: str, description: str | None = None) -> None:
         self.done = completed
-        fields = {"description": description} if description else {}
+        # escaped: spec names hold brackets (snapkv[chunk=16]:0.5) that Rich reads as markup
+        fields = {"description": escape(description)} if description else {}
         self._bar.update(self._task, completed=completed, value=value, **fields)
         if not console.is_terminal:
             task = self._bar.tasks[0]
-            console.print(f"{task.description} {completed}/{self.total} {self.metric} {value}",
-                          highlight=False)
+            console.print(f"{task.description} {completed}/{self.total} {self.metric} "
+                          f"{escape(value)}", highlight=False)

@@ -118,7 +118,7 @@ def serve(
                         config.ENV_ALLOWED: allowed}
     console.print(f"Serving {model} on http://{host}:{port}/v1 ({placement.device}, "
                   f"{placement.dtype_name}; compression {compression or 'none'}; requests may "
-                  f"ask for {allowed or 'any spec'}; eviction {eviction_policy})")
+                  f"ask for {allowed or 'any spec'}; eviction {eviction_policy})", markup=False)
     raise typer.Exit(_run_server(cmd, env))
 
 

@@ -146,7 +146,8 @@ def sft_cmd(
     console.print(f"SFT of {model} on {len(examples)} {dataset} examples, format {fmt}"
                   f"{f', compression-aware ({compress})' if compress else ''}: {steps} steps x "
                   f"{grad_accum} examples on {placement.device} in {placement.dtype_name}"
-                  f"{', gradient checkpointing' if gradient_checkpointing else ''}{validating}")
+                  f"{', gradient checkpointing' if gradient_checkpointing else ''}{validating}",
+                  markup=False)
     last = {"loss": "–", "val": "–"}
 
     def show(step: int) -> None:
@@ -271,7 +272,7 @@ def grpo_cmd(
                   f"{f', completions from the {compress} cache' if compress else ''}: "
                   f"{steps} steps x {batch_size} completions ({generations} per prompt)"
                   f"{f', from adapter {init_adapter}' if init_adapter else ''} on "
-                  f"{placement.device} in {placement.dtype_name}")
+                  f"{placement.device} in {placement.dtype_name}", markup=False)
     with StepProgress("step", steps, "reward") as progress:
         try:
             result = train_grpo(model_path, examples, cfg, out, judge=judge, count_tokens=count,
