@@ -44,7 +44,9 @@ class _AllGather:
 
 
 @pytest.mark.parametrize("spec", ["snapkv:0.5", "pyramidkv:0.5", "tova:0.5", "knorm:0.5",
-                                  "streamingllm:0.5", "random:0.5", "h2o:0.5"])
+                                  "streamingllm:0.5", "random:0.5", "h2o:0.5",
+                                  "snapkv[heads=shared]:0.5", "knorm[chunk=8;heads=shared]:0.5",
+                                  "tova[heads=shared]:0.5", "pyramidkv[chunk=16]:0.5"])
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_each_rank_keeps_what_one_rank_keeps_for_its_heads(spec, ranks):
     keys, queries = _inputs()
