@@ -26,7 +26,7 @@ from kvrag.compression.base import (
 @dataclass
 class H2O(Method):
     name = "h2o"
-    query_block: int = 512  # queries per step, bounding memory to q_heads x chunk x n floats
+    query_block: int = 512  # queries per step: memory is q_heads x query_block x n floats
 
     def queries_needed(self) -> None:
         return None
