@@ -24,13 +24,17 @@ def report(
         "Runs of one length sweep (compare --context-tokens): where to draw accuracy "
         "against length (default: accuracy_vs_length.png beside the first run)."))] = None,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    reference: Annotated[str, typer.Option(help=(
+        "The system each other system of a run is paired against, e.g. snapkv:0.5 to see "
+        "what snapkv[chunk=16]:0.5 changes."))] = "full",
 ) -> None:
     """Compare runs of one dataset, e.g. the base model and its adapters, system by system.
 
     Each system is scored on the questions every run answered for it, per task, with a
-    paired Δ against the first run and each model's relative change from its own full
-    cache under compression or RAG. SubEM credits any answer that contains the gold one,
-    so a verbose model can outscore a terse one; compare with --metric em.
+    paired Δ against the first run and, within each run, a paired Δ against its own
+    reference system (--reference, full by default) and how often the answer is the same.
+    SubEM credits any answer that contains the gold one, so a verbose model can outscore a
+    terse one; compare with --metric em.
     """
     from kvrag.evaluation.across_runs import compare_runs, load_run, load_runs, render_markdown
     from kvrag.evaluation.length_sweep import PLOT_NAME, is_sweep, write_sweep
@@ -51,7 +55,8 @@ def report(
 
     try:
         loaded = load_runs(runs)
-        table = compare_runs(loaded, split_specs(systems) if systems else None, seed, metric)
+        table = compare_runs(loaded, split_specs(systems) if systems else None, seed, metric,
+                             reference)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     text = render_markdown(table)

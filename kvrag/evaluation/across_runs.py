@@ -2,9 +2,12 @@
 
 Each run directory is one model (the base, or the base plus an adapter) answering a system
 matrix. Runs are compared only on the questions every run answered for that system, and
-differences are paired per question against the first run (the baseline). Under a
-compressed or RAG system, ``vs_own_full`` is the model's relative change against its own
-``full`` on the same questions: (system − full) / full, negative for a drop.
+differences are paired per question against the first run (the baseline). Each system is
+also set against a reference system of the same run (``full`` unless chosen, e.g.
+``snapkv:0.5`` to see what a selection variant changes): ``vs_reference`` is the paired
+difference with its CI, ``vs_own_reference`` the relative change (system − reference) /
+reference, negative for a drop, and ``same_as_reference`` how often the extracted answer
+is the reference's.
 """
 
 from __future__ import annotations
@@ -89,10 +92,11 @@ def _normalized(answer: str) -> str:
 
 
 def compare_runs(runs: Sequence[Run], systems: Sequence[str] | None = None,
-                 seed: int = 0, metric: str = "subem") -> dict:
+                 seed: int = 0, metric: str = "subem", reference: str = "full") -> dict:
     """Per system and run: n, the metric with CI and per task, Δ vs the first run, the
-    relative change against the run's own ``full``, and how often the extracted answer is
-    the one ``full`` gave (``same_as_full``: robustness that accuracy near the floor hides).
+    paired Δ and relative change against the run's own ``reference`` system, and how often
+    the extracted answer is the one ``reference`` gave (``same_as_reference``: robustness
+    that accuracy near the floor hides).
 
     ``systems`` defaults to every system any run answered; a run without one is left out
     of that system's rows, and Δ is then paired against the first run that has it.
@@ -103,7 +107,8 @@ def compare_runs(runs: Sequence[Run], systems: Sequence[str] | None = None,
         raise ValueError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
     names = list(systems) if systems else list(dict.fromkeys(
         s for run in runs for s in run.by_system))
-    table: dict = {"baseline": runs[0].label, "metric": metric, "systems": {}}
+    table: dict = {"baseline": runs[0].label, "metric": metric, "reference": reference,
+                   "systems": {}}
     for system in names:
         holders = [r for r in runs if system in r.by_system]
         if not holders:
@@ -132,18 +137,30 @@ def compare_runs(runs: Sequence[Run], systems: Sequence[str] | None = None,
                          for q, a in zip(ids, recs, strict=True)]
                 row["vs_baseline"] = {"delta": float(np.mean(diffs)),
                                       "ci95": bootstrap_ci(diffs, seed)}
-            full = [run.by_system.get("full", {}).get(q) for q in ids]
-            if system != "full" and ids and all(full):
-                base = float(np.mean([_value(f, metric) for f in full]))
-                row["vs_own_full"] = (row["score"] - base) / base if base > 0 else None
-                if all("answer" in r for r in recs + full):
+            ref = [run.by_system.get(reference, {}).get(q) for q in ids]
+            if system != reference and ids and all(ref):
+                ref_values = [_value(f, metric) for f in ref]
+                if None not in ref_values:
+                    base = float(np.mean(ref_values))
+                    diffs = [v - f for v, f in zip(values, ref_values, strict=True)]
+                    row["vs_reference"] = {"delta": float(np.mean(diffs)),
+                                           "ci95": bootstrap_ci(diffs, seed)}
+                    row["vs_own_reference"] = (row["score"] - base) / base if base > 0 else None
+                if all("answer" in r for r in recs + ref):
                     same = [float(_normalized(r["answer"]) == _normalized(f["answer"]))
-                            for r, f in zip(recs, full, strict=True)]
-                    row["same_as_full"] = {"rate": float(np.mean(same)),
-                                           "ci95": bootstrap_ci(same, seed)}
+                            for r, f in zip(recs, ref, strict=True)]
+                    row["same_as_reference"] = {"rate": float(np.mean(same)),
+                                                "ci95": bootstrap_ci(same, seed)}
             rows[run.label] = row
         table["systems"][system] = rows
     return table
+
+
+def _delta_text(delta: dict | None) -> str:
+    if not delta:
+        return "–"
+    return (f"{100 * delta['delta']:+.1f} [{100 * delta['ci95'][0]:+.1f}, "
+            f"{100 * delta['ci95'][1]:+.1f}]")
 
 
 def render_markdown(table: dict) -> str:
@@ -151,13 +168,14 @@ def render_markdown(table: dict) -> str:
                      for g in row["by_group"]})
     name = {"task": "Task score", "subem": "SubEM", "subem_output": "SubEM of the whole output",
             "em": "EM", "f1": "F1"}[table["metric"]]
+    ref = table["reference"]
     lines = [f"{name} in % (task score: SubEM for QA, accuracy for multiple choice, ROUGE-L "
-             "for summaries; per task with its 95% CI); Δ is paired against "
-             f"`{table['baseline']}` on the same questions; the last column is the change "
-             "relative to the same model's `full`, and *same answer* is how often the "
-             "extracted answer equals the one `full` gave.", "",
+             "for summaries; per task with its 95% CI); Δ vs baseline is paired against "
+             f"`{table['baseline']}` on the same questions; Δ vs own `{ref}` is paired against "
+             f"the same model's `{ref}`, followed by the relative change, and *same answer* is "
+             f"how often the extracted answer equals the one `{ref}` gave.", "",
              "| system | model | n | " + " | ".join(groups)
-             + f" | {name} [95% CI] | Δ vs baseline [95% CI] | vs own full"
+             + f" | {name} [95% CI] | Δ vs baseline [95% CI] | Δ vs own {ref} [95% CI]"
              + " | same answer [95% CI] |",
              "|---|---|---|" + "---|" * len(groups) + "---|---|---|---|"]
     for system, rows in table["systems"].items():
@@ -166,16 +184,15 @@ def render_markdown(table: dict) -> str:
                      f"{format_ci(row['by_group'][g].get('ci95'))}".rstrip()
                      if g in row["by_group"] else "–" for g in groups]
             ci = row["ci95"]
-            delta = row.get("vs_baseline")
-            delta_txt = (f"{100 * delta['delta']:+.1f} [{100 * delta['ci95'][0]:+.1f}, "
-                         f"{100 * delta['ci95'][1]:+.1f}]") if delta else "–"
-            change = row.get("vs_own_full")
-            change_txt = f"{100 * change:+.0f}%" if change is not None else "–"
-            same = row.get("same_as_full")
+            change = row.get("vs_own_reference")
+            change_txt = (_delta_text(row.get("vs_reference"))
+                          + (f" ({100 * change:+.0f}%)" if change is not None else ""))
+            same = row.get("same_as_reference")
             same_txt = (f"{100 * same['rate']:.0f}% [{100 * same['ci95'][0]:.0f}, "
                         f"{100 * same['ci95'][1]:.0f}]") if same else "–"
             score = "–" if row["score"] is None else (
                 f"{100 * row['score']:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]")
             lines.append(f"| {system} | {label} | {row['n']} | " + " | ".join(cells)
-                         + f" | {score} | {delta_txt} | {change_txt} | {same_txt} |")
+                         + f" | {score} | {_delta_text(row.get('vs_baseline'))} | {change_txt} "
+                         f"| {same_txt} |")
     return "\n".join(lines) + "\n"

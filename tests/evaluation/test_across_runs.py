@@ -47,9 +47,19 @@ def test_delta_is_paired_against_the_first_run_and_change_against_own_full(runs)
     assert tuned["vs_baseline"]["delta"] == pytest.approx(2 / 3)
     assert "vs_baseline" not in table["systems"]["full"]["smollm2"]
     snap = table["systems"]["snapkv:0.5"]
-    assert snap["sft-ids"]["vs_own_full"] == pytest.approx((2 / 3 - 1.0) / 1.0)
-    assert snap["smollm2"]["vs_own_full"] == pytest.approx(-1.0)
-    assert "vs_own_full" not in table["systems"]["full"]["sft-ids"]
+    assert snap["sft-ids"]["vs_own_reference"] == pytest.approx((2 / 3 - 1.0) / 1.0)
+    assert snap["smollm2"]["vs_own_reference"] == pytest.approx(-1.0)
+    assert "vs_own_reference" not in table["systems"]["full"]["sft-ids"]
+    assert snap["smollm2"]["vs_reference"]["delta"] == pytest.approx(-1 / 3)
+
+
+def test_a_chosen_reference_pairs_every_system_against_it(runs):
+    table = compare_runs(runs, reference="snapkv:0.5")
+    assert table["reference"] == "snapkv:0.5"
+    full = table["systems"]["full"]["smollm2"]
+    assert full["vs_reference"]["delta"] == pytest.approx(1 / 3)
+    assert "vs_reference" not in table["systems"]["snapkv:0.5"]["smollm2"]
+    assert "Δ vs own snapkv:0.5 [95% CI]" in render_markdown(table)
 
 
 def test_markdown_has_a_row_per_system_and_model(runs):
@@ -94,8 +104,8 @@ def test_same_answer_as_full_counts_unchanged_answers_under_a_system(tmp_path):
         json.dumps({"id": q, "group": "a", "system": s, "answer": a,
                     "scores": {"subem": 0.0}}) + "\n" for q, s, a in records))
     table = compare_runs([load_run(path)])
-    assert table["systems"]["snapkv:0.5"]["smollm2"]["same_as_full"]["rate"] == 0.5
-    assert "same_as_full" not in table["systems"]["full"]["smollm2"]
+    assert table["systems"]["snapkv:0.5"]["smollm2"]["same_as_reference"]["rate"] == 0.5
+    assert "same_as_reference" not in table["systems"]["full"]["smollm2"]
     assert "| 50% [" in render_markdown(table)
 
 
