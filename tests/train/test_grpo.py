@@ -142,9 +142,9 @@ def test_compressed_grpo_samples_and_scores_from_the_compressed_cache(
     prefills: list[int] = []
     real = compressed.compressed_prefill
 
-    def counting(model, prompt_ids, span, spec):
+    def counting(model, prompt_ids, *args):
         prefills.append(prompt_ids.shape[1])
-        return real(model, prompt_ids, span, spec)
+        return real(model, prompt_ids, *args)
 
     monkeypatch.setattr(compressed, "compressed_prefill", counting)
     sampled: list[str] = []
