@@ -160,6 +160,11 @@ class CompressionSpec:
         assert self.ratio is not None
         return n_evictable - int(round(n_evictable * self.ratio))
 
+    def keeps_all(self, n_evictable: int) -> bool:
+        """A budget at or above the documents' length: there is nothing to evict, and every
+        engine answers from the full cache (a ratio, even 0, always runs the method)."""
+        return self.ratio is None and self.kept(n_evictable) >= n_evictable
+
 
 def queries_needed(specs: Iterable[CompressionSpec]) -> int | None:
     """The most prompt queries any of ``specs`` scores with (None: all of them)."""

@@ -149,10 +149,10 @@ class _Resident:
 
 class KvragAttnBackend(AttentionBackend):
     def __init__(self, model_runner, inner, capture: int | None, python_decode: bool,
-                 shard: HeadShard | None = None) -> None:
+                 shard: HeadShard | None = None, tp_size: int = 1) -> None:
         """``capture``: prompt queries kept per request and layer (None: all, for h2o);
         ``python_decode``: every decode batch runs here (see the module docstring);
-        ``shard``: this rank's KV heads under tensor parallelism."""
+        ``shard``: this rank's KV heads under tensor parallelism, over ``tp_size`` ranks."""
         super().__init__()
         self.inner = inner
         self.capture = capture
@@ -167,6 +167,10 @@ class KvragAttnBackend(AttentionBackend):
         self.server_args = model_runner.server_args
         self.layer_ids = list(range(self.pool.start_layer,
                                     self.pool.start_layer + self.pool.layer_num))
+        # bytes one slot holds over all layers, read off the pool's buffers, on every rank
+        self.slot_bytes = tp_size * sum(
+            int(buf[0].nbytes) for lid in self.layer_ids
+            for buf in (self.pool.get_key_buffer(lid), self.pool.get_value_buffer(lid)))
         device = self.req_to_token.device
         n_rows = self.req_to_token.shape[0]
         # per request row: the row the inner backend reads, and logical minus physical length
@@ -181,6 +185,9 @@ class KvragAttnBackend(AttentionBackend):
         self._by_physical: dict[int, _Resident] = {}  # its physical row -> the same
         self._uneven = 0  # resident requests with per-layer budgets
         self.room_made = False  # a compaction freed slots since the scheduler last admitted
+        # (result processor, batch, ids of requests in their last chunk) of a prefill batch
+        # whose requests are compressed before its results stream (register.py)
+        self.pending_prefill: tuple | None = None
         # the next extend batch's rows and which of them will be compressed, from the
         # scheduler; then this extend's
         self._announced: tuple[list[int], list[bool]] | None = None

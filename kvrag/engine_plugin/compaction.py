@@ -51,7 +51,13 @@ class Compacted:
     kept: list[torch.Tensor] = field(repr=False)  # per layer: [kv_heads, keep] positions
 
     @property
-    def kv_tokens(self) -> float:
+    def kv_tokens(self) -> int:
+        """Pool slots the prompt holds: one per kept position of its largest layer."""
+        return int(self.slots.numel())
+
+    @property
+    def layer_mean_tokens(self) -> float:
+        """Kept tokens per layer, averaged (below ``kv_tokens`` under per-layer budgets)."""
         return sum(self.keep) / len(self.keep)
 
 

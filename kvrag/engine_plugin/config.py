@@ -38,6 +38,10 @@ ENV_DECODE_PATH = "KVRAG_DECODE_PATH"
 ENV_ALLOWED = "KVRAG_ALLOWED_REQUEST_SPECS"
 PARAM_SPEC = "kvrag_compression"
 PARAM_SPAN = "kvrag_span"
+# meta_info key of the plugin's report on each response: a one-item list of what the
+# request's prompt holds in the pool at decode start (``kv_tokens`` slots, ``kv_bytes``)
+# and, for a compressed request, what compression kept and freed
+REPORT_KEY = "kvrag"
 # SnapKV's observation window is 64 tokens and is always kept; this tail is the same.
 PROTECTED_TAIL = 64
 DEFAULT_CAPTURE = 64  # SnapKV/PyramidKV's window, TOVA's last query
@@ -175,6 +179,6 @@ def for_request(custom_params: dict | None, n_prompt: int) -> RequestCompression
     if spec.once and end >= n_prompt:
         raise SpecError(f"{spec.name}: custom_params.{PARAM_SPAN} must end before the prompt "
                         "does; the tokens after it are the question")
-    if end - start < 1 or spec.kept(end - start) == end - start and spec.ratio is None:
+    if end - start < 1 or spec.keeps_all(end - start):
         return None
     return RequestCompression(spec, (start, end))

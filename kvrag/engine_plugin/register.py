@@ -11,8 +11,13 @@ registries and CLI choices, and the hooks that tie compression to the scheduler:
   prompt queries its method scores with, even when the radix tree holds the prefix;
 - ``ScheduleBatch.prepare_for_extend`` (after): the backend learns which requests of the
   coming prefill batch will be compressed, and keeps prompt queries for those only;
-- ``process_batch_result_prefill`` (around): a request whose last prefill chunk just ran
-  is compressed, and its spare slots go back to the allocator before the next batch;
+- ``process_batch_result_prefill`` (around) and ``SchedulerOutputStreamer.stream_output``
+  (before): a request whose last prefill chunk just ran is compressed once SGLang has
+  processed the batch's results and before they stream, and its spare slots go back to
+  the allocator before the next batch; every request's report (the slots its prompt
+  holds, their bytes, what compression kept and freed) rides in its ``customized_info``,
+  which SGLang returns as ``meta_info["kvrag"]`` (``is_request_level_customized_info_key``
+  (after) makes it one value per request);
 - ``Scheduler.get_new_batch_prefill`` (before): after a compaction freed slots, the
   scheduler looks for requests to admit again (it stops once a batch could not take one,
   until a request leaves);
@@ -60,8 +65,12 @@ _ADMISSION = "sglang.srt.managers.schedule_policy.PrefillAdder._select_prefill_a
 _CHUNKED = "sglang.srt.managers.schedule_policy.PrefillAdder.add_chunked_req"
 _DECODE_DONE = ("sglang.srt.managers.scheduler_components.batch_result_processor."
                 "SchedulerBatchResultProcessor.process_batch_result_decode")
+_STREAMER = "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
+_STREAM = _STREAMER + ".stream_output"
+_REQUEST_LEVEL = _STREAMER + ".is_request_level_customized_info_key"
 _HOOK_TARGETS = (_REQ_INIT, _MAX_PREFIX, _PREPARE_EXTEND, _PREFILL_DONE, _FREE_ROW,
-                 _PRIVATE_TOKENS, _NEW_PREFILL, _NEXT_ROUND, _ADMISSION, _CHUNKED)
+                 _PRIVATE_TOKENS, _NEW_PREFILL, _NEXT_ROUND, _ADMISSION, _CHUNKED, _STREAM,
+                 _REQUEST_LEVEL)
 # inner backends that take their rows and lengths from the forward batch, so that the
 # physical rows of compacted requests reach their kernels (see backend.py)
 INNER_BACKENDS = ("torch_native", "triton")
@@ -99,6 +108,8 @@ def register() -> None:
         (_NEXT_ROUND, _around_next_round_input, "around"),
         (_ADMISSION, _after_select_admission, "after"),
         (_CHUNKED, _before_add_chunked_req, "before"),
+        (_STREAM, _before_stream_output, "before"),
+        (_REQUEST_LEVEL, _after_request_level_key, "after"),
     ])
     if os.environ.get(config.ENV_POOL_LOG):
         hooks.install([(_DECODE_DONE, _before_decode_result, "before")])
@@ -150,12 +161,19 @@ def create_backend(model_runner):
     inner = ATTENTION_BACKENDS[inner_name](model_runner)
     created = backend.KvragAttnBackend(model_runner, inner, capture=capture,
                                        python_decode=python_decode,
-                                       shard=_head_shard(model_runner))
+                                       shard=_head_shard(model_runner),
+                                       tp_size=_tp_size())
     backend.ACTIVE = created
     logger.info("kvrag attention backend over %s (decode: %s); server compression: %s",
                 inner_name, "python" if python_decode else "inner",
                 spec.name if spec else "none (per request only)")
     return created
+
+
+def _tp_size() -> int:
+    from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
+
+    return get_tensor_model_parallel_world_size()
 
 
 def _head_shard(model_runner):
@@ -332,16 +350,40 @@ def _scores(req) -> bool:
             and not _is_hit(req) and req.kv.req_pool_idx not in backend.ACTIVE.resident)
 
 
-def _around_prefill(original, scheduler, batch, *args, **kwargs):
+def _around_prefill(original, processor, batch, *args, **kwargs):
+    """Compress the requests whose prefill just ended, after SGLang processed the batch's
+    results and before it streams them (``_before_stream_output``), so the first chunk a
+    client receives already carries what the plugin kept (``config.REPORT_KEY``)."""
     from kvrag.engine_plugin import backend
 
     active = backend.ACTIVE
+    if active is None:
+        return original(processor, batch, *args, **kwargs)
     # SGLang counts a request's middle chunks down while processing them: read it first
     last_chunk = {id(req) for req in batch.reqs if req.inflight_middle_chunks <= 0}
-    result = original(scheduler, batch, *args, **kwargs)
-    if active is None:
-        return result
-    allocator = scheduler.token_to_kv_pool_allocator
+    active.pending_prefill = (processor, batch, last_chunk)
+    result = original(processor, batch, *args, **kwargs)
+    _compress_pending(active)  # a batch that streamed nothing
+    return result
+
+
+def _before_stream_output(streamer, *args, **kwargs):
+    from kvrag.engine_plugin import backend
+
+    if backend.ACTIVE is not None:
+        _compress_pending(backend.ACTIVE)
+
+
+def _compress_pending(active) -> None:
+    if active.pending_prefill is None:
+        return
+    processor, batch, last_chunk = active.pending_prefill
+    active.pending_prefill = None
+    _compress_prefilled(active, processor, batch, last_chunk)
+
+
+def _compress_prefilled(active, processor, batch, last_chunk: set[int]) -> None:
+    allocator = processor.token_to_kv_pool_allocator
     for req in batch.reqs:
         if not req.kv.holds_kv:
             continue
@@ -350,11 +392,13 @@ def _around_prefill(original, scheduler, batch, *args, **kwargs):
         if getattr(req, "kvrag", None) is None or req.beam_group is not None:
             if last:
                 active.tails.pop(row, None)  # prefill done, nothing to score
+                _report(req, _held(active, len(req.origin_input_ids)), write=False)
             continue
         if once is not None and once.state == "hit":
             if last:
-                _write_stats(_once_line(req, once, "hit", prefilled=len(once.real) - once.end)
-                             | {"seconds": 0.0})
+                _report(req, _once_line(active, req, once, "hit",
+                                        prefilled=len(once.real) - once.end)
+                        | {"seconds": 0.0})
             continue
         if req.finished() or req.is_retracted or row in active.resident:
             continue
@@ -377,25 +421,45 @@ def _around_prefill(original, scheduler, batch, *args, **kwargs):
         done = active.compress(
             row, rid=req.rid, protected=req.kv.cache_protected_len,
             spec=req.kvrag.spec, span=req.kvrag.span, sentence_ends=ends,
-            make_room=lambda k: allocator.evict_to_free_tokens(scheduler.tree_cache, k))
+            make_room=lambda k: allocator.evict_to_free_tokens(processor.tree_cache, k))
         if done is None:
             continue
         active.room_made = active.room_made or done.freed > done.allocated
-        line = _stats_line(req.rid, req.kvrag, done, free_before, allocator.available_size())
+        line = _stats_line(active, req.rid, req.kvrag, done, free_before,
+                           allocator.available_size())
         if once is not None:
             active.resident[row].once = once  # its kept slots go to the tree on release
-            line |= _once_line(req, once, "built",
+            line |= _once_line(active, req, once, "built",
                                prefilled=len(once.real) - req.kv.cache_protected_len)
+        _report(req, line)
+
+
+def _held(active, slots: int, layer_mean: float | None = None) -> dict:
+    """What a request's prompt holds in the pool when its decode starts."""
+    return {"kv_tokens": slots, "kv_bytes": slots * active.slot_bytes,
+            "layer_mean_kv_tokens": float(slots if layer_mean is None else layer_mean)}
+
+
+def _report(req, line: dict, write: bool = True) -> None:
+    """Hand ``line`` to the client with the request's response (a one-item list in
+    ``meta_info[config.REPORT_KEY]``, streamed or not) and, if ``write``, to the stats
+    file."""
+    req.customized_info = (req.customized_info or {}) | {config.REPORT_KEY: [line]}
+    if write:
         _write_stats(line)
-    return result
 
 
-def _once_line(req, once, kind: str, prefilled: int) -> dict:
+def _once_line(active, req, once, kind: str, prefilled: int) -> dict:
     """What the engine reports for a once: request: its kept corpus plus its question."""
     question = len(once.real) - once.end
     return {"rid": req.rid, "spec": once.spec.name, "once": kind,
-            "prompt_tokens": len(once.real), "kv_tokens": float(once.kmax + question),
+            "prompt_tokens": len(once.real), **_held(active, once.kmax + question),
             "shared_kv_tokens": float(once.kmax), "prefill_tokens": prefilled}
+
+
+def _after_request_level_key(result, streamer, key, *args, **kwargs):
+    """The plugin's report is one value per request, not one per output token."""
+    return result or key == config.REPORT_KEY
 
 
 def _before_new_prefill(scheduler, running_batch, *args, **kwargs):
@@ -465,14 +529,15 @@ def _before_decode_result(scheduler, batch, *args, **kwargs):
         f.write(json.dumps(line) + "\n")
 
 
-def _stats_line(rid, wanted, done, free_before: int, free_after: int) -> dict:
+def _stats_line(active, rid, wanted, done, free_before: int, free_after: int) -> dict:
     comp = done.compacted
-    logger.info("kvrag: %s kept %.0f of %d tokens (%s), freed %d slots", rid, comp.kv_tokens,
-                comp.n, wanted.spec.name, done.freed)
+    logger.info("kvrag: %s kept %d slots for %d tokens (%s), freed %d slots", rid,
+                comp.kv_tokens, comp.n, wanted.spec.name, done.freed)
     line = {
         "rid": rid, "spec": wanted.spec.name, "span": list(wanted.span),
         "prompt_tokens": comp.n, "protected": comp.protected, "keep": comp.keep,
-        "kv_tokens": comp.kv_tokens, "freed": done.freed, "allocated": done.allocated,
+        **_held(active, comp.kv_tokens, comp.layer_mean_tokens),
+        "freed": done.freed, "allocated": done.allocated,
         "free_before": free_before, "free_after": free_after, "seconds": done.seconds,
     }
     if os.environ.get(config.ENV_RECORD_KEPT) == "1":

@@ -13,9 +13,16 @@ from kvrag.data.prompt import Prompt
 class Cost:
     """What one answer cost.
 
-    ``kv_tokens`` is the number of tokens whose keys and values the cache held when
-    decoding started, after any compression (the mean over layers where layers keep
-    different counts); ``kv_bytes`` is the cache's size over all layers.
+    ``kv_tokens`` is what the cache held when decoding started, after any compression,
+    as each engine holds it: the HF engine's per-layer tensors (their mean length where
+    layers keep different counts), an SGLang pool's slots (one slot holds every layer, so
+    a request holds as many as its largest layer keeps). ``kv_bytes`` is what those held,
+    over all layers, read from the tensors or the pool. ``layer_mean_kv_tokens`` is the
+    kept tokens averaged over layers, which differs from an SGLang ``kv_tokens`` only
+    under per-layer budgets (PyramidKV). ``peak_bytes``: on CUDA, the most memory the
+    process allocated during the answer's prefill and decode (None elsewhere).
+    ``served_uncompressed``: the system asked for compression with a budget at or above the
+    documents' length, so there was nothing to evict and the full cache answered.
     ``attended_tokens`` is what each decoded token attends to at most: ``kv_tokens``
     unless a dynamic method (retrieval attention) reads only part of the cache.
     ``doc_tokens`` is how many prompt tokens are documents (what compression may evict).
@@ -39,6 +46,9 @@ class Cost:
     doc_tokens: int | None = None
     prefill_tokens: int | None = None
     shared_kv_tokens: float = 0.0
+    layer_mean_kv_tokens: float | None = None
+    peak_bytes: int | None = None
+    served_uncompressed: bool = False
 
     @property
     def latency_s(self) -> float:

@@ -6,13 +6,13 @@ every system of a comparison goes through one engine start. Prompts are encoded 
 with the same chat template and span logic as the HF engine, and sent as token ids.
 
 Timing comes from streaming: prefill is the time to the first token, decode the rest.
-The KV tokens a compressed request kept come from the plugin's stats file.
+The KV slots and bytes an answer held come from the plugin's report with each response
+(``served.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -23,17 +23,13 @@ import torch
 from kvrag.compression import CompressionSpec
 from kvrag.data.prompt import Prompt
 from kvrag.engine_plugin import config as plugin_config
-from kvrag.engine_plugin.stats import StatsLog
 from kvrag.engines.admission import PrefixAdmission
-from kvrag.engines.base import Cost, Generation
+from kvrag.engines.base import Generation
 from kvrag.engines.chat import TokenizerMethods
 from kvrag.engines.checkpoint import CheckpointSide
+from kvrag.engines.served import Timing, UncompressedError, request_spec, served_cost
 
 K = TypeVar("K")
-
-
-class UncompressedError(RuntimeError):
-    """The plugin could not compress a request that asked for it (it logs why)."""
 
 
 class SGLangEngine(TokenizerMethods):
@@ -55,11 +51,8 @@ class SGLangEngine(TokenizerMethods):
         self.tokenizer, self.stop_ids = side.tokenizer, side.stop_ids
         self.n_layers = side.kv.layers
         self.kv_bytes_per_token = side.kv.bytes_per_token(dtype)
-        self._stats = Path(tempfile.mkstemp(prefix="kvrag-plugin-", suffix=".jsonl")[1])
-        self._stats_log = StatsLog(self._stats)
         self.retried_alone = 0
-        env = {plugin_config.ENV_STATS: str(self._stats),
-               plugin_config.ENV_COMPRESSION: "none",
+        env = {plugin_config.ENV_COMPRESSION: "none",
                plugin_config.ENV_CAPTURE: "all" if capture_all else ""}
         where = torch.device(device)
         cuda = where.type == "cuda"
@@ -135,7 +128,8 @@ class SGLangEngine(TokenizerMethods):
                          compression: CompressionSpec | None, ignore_eos: bool = False,
                          on_first: Callable[[], None] = lambda: None) -> Generation:
         enc = self.encode(prompt)
-        custom = {plugin_config.PARAM_SPEC: compression.name if compression else "none",
+        sent = request_spec(enc, compression)
+        custom = {plugin_config.PARAM_SPEC: sent.name if sent else "none",
                   plugin_config.PARAM_SPAN: list(enc.span)}
         params = {"max_new_tokens": max_new_tokens, "temperature": 0.0,
                   "ignore_eos": ignore_eos, "custom_params": custom,
@@ -151,32 +145,15 @@ class SGLangEngine(TokenizerMethods):
                 on_first()
             last = chunk
         t1 = time.perf_counter()
-        finish = last["meta_info"].get("finish_reason") or {}
+        meta = last["meta_info"]
+        finish = meta.get("finish_reason") or {}
         if finish.get("type") == "abort":
             raise RuntimeError(f"SGLang aborted the request: {finish.get('message')}")
         ids = [i for i in last.get("output_ids", []) if i not in self.stop_ids]
-        stats = self._stats_log.pop(last["meta_info"]["id"])
-        if compression is not None and stats is None:
-            raise UncompressedError(f"SGLang left the {compression.name} request uncompressed "
-                                    "(its log says why); its answer would be a full-cache one")
-        n = len(enc.input_ids)
-        kv_tokens = stats["kv_tokens"] if stats else float(n)
-        prefill = (first or t1) - t0
-        cost = Cost(
-            prompt_tokens=n, kv_tokens=kv_tokens,
-            kv_bytes=int(kv_tokens * self.kv_bytes_per_token),
-            prefill_s=prefill - (stats["seconds"] if stats else 0.0),
-            compress_s=stats["seconds"] if stats else 0.0, decode_s=t1 - (first or t1),
-            new_tokens=len(ids), attended_tokens=kv_tokens,
-            doc_tokens=enc.context_end - enc.context_start,
-            prefill_tokens=int(stats["prefill_tokens"]) if stats and "prefill_tokens" in stats
-            else n - int(last["meta_info"].get("cached_tokens", 0)),
-            shared_kv_tokens=float(stats.get("shared_kv_tokens", 0.0)) if stats
-            else float(enc.context_end),
-        )
+        timing = Timing(prefill_s=(first or t1) - t0, decode_s=t1 - (first or t1))
+        cost = served_cost(enc, compression, meta, timing, len(ids), self.kv_bytes_per_token)
         return Generation(self.tokenizer.decode(ids, skip_special_tokens=True), cost,
                           truncated=finish.get("type") == "length")
 
     def close(self) -> None:
         self.engine.shutdown()
-        self._stats.unlink(missing_ok=True)

@@ -6,10 +6,10 @@ template and document span as the other engines) and sent as token ids to ``/gen
 Compressed systems need the kvrag plugin there: ``/server_info`` says which attention
 backend the server runs, and a server without it gets only full-cache requests.
 
-What a remote server does not report is computed: the KV tokens a compressed request
-keeps are the spec's budget over the documents plus the rest of the prompt (the count
-the plugin keeps), and the seconds are the client's, streaming (time to first token,
-then the rest), network included.
+The KV slots and bytes an answer held are the server's report (``served.py``), as for
+the in-process engine; only a server without the plugin, which serves full-cache
+requests alone, leaves them to be computed from the checkpoint. The seconds are the
+client's, streaming (time to first token, then the rest), network included.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from kvrag.compression import CompressionSpec
 from kvrag.data.prompt import Prompt
 from kvrag.engine_plugin import config as plugin_config
 from kvrag.engines.admission import PrefixAdmission
-from kvrag.engines.base import Cost, Generation
+from kvrag.engines.base import Generation
 from kvrag.engines.chat import TokenizerMethods
 from kvrag.engines.checkpoint import CheckpointSide
+from kvrag.engines.served import Timing, request_spec, served_cost
 
 K = TypeVar("K")
 
@@ -69,11 +70,12 @@ class SGLangURLEngine(TokenizerMethods):
         enc = self.encode(prompt)
         params: dict = {"max_new_tokens": max_new_tokens, "temperature": 0.0,
                         "stop_token_ids": sorted(self.stop_ids)}
-        if compression is not None:
-            self.check_servable(compression)
+        sent = request_spec(enc, compression)
+        if sent is not None:
+            self.check_servable(sent)
         if self.plugin:
             params["custom_params"] = {
-                plugin_config.PARAM_SPEC: compression.name if compression else "none",
+                plugin_config.PARAM_SPEC: sent.name if sent else "none",
                 plugin_config.PARAM_SPAN: list(enc.span)}
         body = json.dumps({"input_ids": enc.input_ids, "sampling_params": params,
                            "stream": True}).encode()
@@ -98,14 +100,9 @@ class SGLangURLEngine(TokenizerMethods):
         if finish.get("type") == "abort":
             raise RuntimeError(f"{self.url} aborted the request: {finish.get('message')}")
         ids = [i for i in last.get("output_ids", []) if i not in self.stop_ids]
-        n, n_doc = len(enc.input_ids), enc.context_end - enc.context_start
-        kv_tokens = float(n if compression is None else n - n_doc + compression.kept(n_doc))
-        cost = Cost(prompt_tokens=n, kv_tokens=kv_tokens,
-                    kv_bytes=int(kv_tokens * self.kv_bytes_per_token),
-                    prefill_s=(first or t1) - t0, decode_s=t1 - (first or t1),
-                    new_tokens=len(ids), attended_tokens=kv_tokens, doc_tokens=n_doc,
-                    prefill_tokens=_prefilled(last.get("meta_info", {}), n),
-                    shared_kv_tokens=_shared(enc, compression))
+        timing = Timing(prefill_s=(first or t1) - t0, decode_s=t1 - (first or t1))
+        cost = served_cost(enc, compression, last.get("meta_info", {}), timing, len(ids),
+                           self.kv_bytes_per_token)
         return Generation(self.tokenizer.decode(ids, skip_special_tokens=True), cost,
                           truncated=finish.get("type") == "length")
 
@@ -157,20 +154,6 @@ def server_info(url: str, api_key: str | None = None) -> dict:
             raise ServerUnavailableError(
                 f"cannot reach an SGLang server at {url}: {e}") from None
     raise ServerUnavailableError(f"{url} has no /server_info: is it an SGLang server?")
-
-
-def _prefilled(meta: dict, n: int) -> int:
-    """Prompt tokens the server computed: what it was sent (a once: hit is sent its stored
-    prefix's key and its question) less what its radix cache held."""
-    return int(meta.get("prompt_tokens", n)) - int(meta.get("cached_tokens", 0))
-
-
-def _shared(enc, compression: CompressionSpec | None) -> float:
-    if compression is None:
-        return float(enc.context_end)
-    if compression.once:
-        return float(enc.context_start + compression.kept(enc.context_end - enc.context_start))
-    return 0.0
 
 
 def check_servable(url: str, info: dict, spec: CompressionSpec) -> None:

@@ -50,7 +50,7 @@ def served(tiny_model_dir):
 
 
 def ask(served, prompt, compression: str | None, max_new: int = MAX_NEW):
-    """(output ids, their logprobs, meta_info, the plugin's stats line or None)."""
+    """(output ids, their logprobs, meta_info, the plugin's report in meta_info)."""
     enc = served.encode(prompt)
     custom = {"kvrag_compression": compression or "none", "kvrag_span": list(enc.span)}
     out = served.engine.generate(
@@ -59,7 +59,7 @@ def ask(served, prompt, compression: str | None, max_new: int = MAX_NEW):
                          "custom_params": custom})
     meta = out["meta_info"]
     return (out["output_ids"], [lp for lp, _, _ in meta["output_token_logprobs"]], meta,
-            served._stats_log.pop(meta["id"]))
+            meta["kvrag"][0])
 
 
 def hf_first_logprob(hf, prompt, compression: str | None) -> tuple[int, float]:
