@@ -13,7 +13,13 @@ After the prefill of the whole prompt, a compression spec physically shrinks eve
 layer's cache to the kept tokens (per KV head), and decoding continues from it at the
 original positions. The last prefill is kept, so every system asked about the same
 prompt (full, snapkv:0.5, streamingllm:0.5, ...) one after the other pays for one prefill,
-not one each; the comparison runner orders its work question by question for that.
+not one each; the comparison runner orders its work question by question for that, and
+drops the prefill (``release``) once the question's last system is served. A full-cache
+answer decodes over that prefill in place and crops it back afterwards, so no second
+full copy is ever held.
+
+An answer's ``kv_bytes`` are the storage bytes of the cache tensors its decode starts
+from; on CUDA it also records the peak memory the process allocated while answering.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class _Start:
     cache: DynamicCache
     logits: torch.Tensor
     slots: int  # KV entries held over all layers
+    in_place: bool  # the cache is the shared prefill's: crop it back after decoding
     prefill_s: float
     compress_s: float
     prefill_tokens: int
@@ -71,6 +78,21 @@ def copy_cache(cache: DynamicCache) -> DynamicCache:
     for layer, entry in enumerate(cache.layers):
         out.update(entry.keys.clone(), entry.values.clone(), layer)
     return out
+
+
+def cache_bytes(cache: DynamicCache) -> int:
+    """Storage bytes of every layer's key and value tensors (views counted whole)."""
+    return sum(t.untyped_storage().nbytes() for layer in cache.layers
+               for t in (layer.keys, layer.values))
+
+
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Cut every layer back to its first ``length`` tokens, freeing the decoded ones (a
+    slice would keep their storage alive), one layer at a time."""
+    for layer in cache.layers:
+        if layer.keys.shape[-2] > length:
+            layer.keys = layer.keys[..., :length, :].clone()
+            layer.values = layer.values[..., :length, :].clone()
 
 
 def gather_cache(cache: DynamicCache, kept: list[torch.Tensor]) -> DynamicCache:
@@ -118,6 +140,10 @@ class HFEngine(TokenizerMethods):
         self._last: Prefill | None = None
         # (corpus prefix ids, spec name) -> its compressed cache, for once: specs
         self._once: dict[tuple[tuple[int, ...], str], CompressedCache] = {}
+
+    def release(self) -> None:
+        """Drop the kept prefill: the systems asking about its prompt are done."""
+        self._last = None
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> Prefill:
@@ -193,21 +219,48 @@ class HFEngine(TokenizerMethods):
     ) -> Generation:
         """Greedy answer; ``ignore_eos`` decodes all ``max_new_tokens`` (for benchmarks)."""
         enc = self.encode(prompt)
+        n_doc = enc.context_end - enc.context_start
+        asked = compression
+        if compression is not None and compression.keeps_all(n_doc):
+            compression = None  # nothing to evict: the full cache answers, as on SGLang
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         once = compression is not None and compression.once
         start = self._start_once(enc, compression) if once else self._start(enc, compression)
         cache = start.cache
+        held = cache_bytes(cache)
         hooks = hf_attention.AttentionHooks()
         kv_tokens = start.slots / self.n_layers
         attended = kv_tokens
-        n_doc = enc.context_end - enc.context_start
         if compression is not None and compression.build().dynamic:
             hooks.retrieval = (enc.span, compression.kept(n_doc))
             attended = kv_tokens - n_doc + compression.kept(n_doc)
         t1 = time.perf_counter()
+        try:
+            new = self._decode(cache, start.logits, len(enc.input_ids), max_new_tokens,
+                               set() if ignore_eos else self.stop_ids, hooks)
+        finally:
+            if start.in_place:
+                crop_cache(cache, len(enc.input_ids))
+        t2 = time.perf_counter()
+        cost = Cost(
+            prompt_tokens=len(enc.input_ids), kv_tokens=kv_tokens, kv_bytes=held,
+            prefill_s=start.prefill_s, compress_s=start.compress_s, decode_s=t2 - t1,
+            new_tokens=len(new), attended_tokens=attended, doc_tokens=n_doc,
+            prefill_tokens=start.prefill_tokens, shared_kv_tokens=start.shared_kv_tokens,
+            layer_mean_kv_tokens=kv_tokens,
+            peak_bytes=int(torch.cuda.max_memory_allocated(self.device)) if cuda else None,
+            served_uncompressed=asked is not None and compression is None,
+        )
+        return Generation(self.tokenizer.decode(new, skip_special_tokens=True), cost,
+                          truncated=len(new) == max_new_tokens)
+
+    def _decode(self, cache: DynamicCache, logits: torch.Tensor, position: int,
+                max_new_tokens: int, stop_ids: set[int],
+                hooks: hf_attention.AttentionHooks) -> list[int]:
         new: list[int] = []
-        next_id = int(start.logits.argmax())
-        position = len(enc.input_ids)
-        stop_ids = set() if ignore_eos else self.stop_ids
+        next_id = int(logits.argmax())
         with hf_attention.attention_hooks(hooks):
             while next_id not in stop_ids and len(new) < max_new_tokens:
                 new.append(next_id)
@@ -218,26 +271,20 @@ class HFEngine(TokenizerMethods):
                                  past_key_values=cache, use_cache=True)
                 position += 1
                 next_id = int(out.logits[0, -1].argmax())
-        t2 = time.perf_counter()
-        cost = Cost(
-            prompt_tokens=len(enc.input_ids), kv_tokens=kv_tokens,
-            kv_bytes=start.slots * self.kv_bytes_per_token_layer,
-            prefill_s=start.prefill_s, compress_s=start.compress_s, decode_s=t2 - t1,
-            new_tokens=len(new), attended_tokens=attended, doc_tokens=n_doc,
-            prefill_tokens=start.prefill_tokens, shared_kv_tokens=start.shared_kv_tokens,
-        )
-        return Generation(self.tokenizer.decode(new, skip_special_tokens=True), cost,
-                          truncated=len(new) == max_new_tokens)
+        return new
 
     def _start(self, enc: EncodedPrompt, spec: CompressionSpec | None) -> _Start:
-        """The whole prompt prefilled (or the last prefill reused), then compressed."""
+        """The whole prompt prefilled (or the last prefill reused), then compressed; a
+        full cache (or a dynamic method's, which keeps it whole) is the prefill's own."""
         pre = self.prefill(enc.input_ids)
+        n = len(enc.input_ids)
+        if spec is None or spec.build().dynamic:
+            return _Start(pre.cache, pre.last_logits, n * self.n_layers, True, pre.seconds,
+                          0.0, n, float(enc.context_end))
         compressed = self.compress(pre, enc.span, spec)
-        whole = spec is None or spec.build().dynamic
         return _Start(compressed.cache, pre.last_logits,
-                      sum(int(idx.shape[1]) for idx in compressed.kept), pre.seconds,
-                      compressed.seconds, len(enc.input_ids),
-                      float(enc.context_end) if whole else 0.0)
+                      sum(int(idx.shape[1]) for idx in compressed.kept), False, pre.seconds,
+                      compressed.seconds, n, 0.0)
 
     def _start_once(self, enc: EncodedPrompt, spec: CompressionSpec) -> _Start:
         """The corpus prefix's compressed cache (built on first use), extended with a copy
@@ -271,7 +318,7 @@ class HFEngine(TokenizerMethods):
             position += len(step)
         prefill_s += time.perf_counter() - t0
         kept = sum(int(k.shape[1]) for k in corpus.kept)
-        return _Start(cache, out.logits[0, -1], kept + len(question) * self.n_layers,
+        return _Start(cache, out.logits[0, -1], kept + len(question) * self.n_layers, False,
                       prefill_s, compress_s,
                       len(question) + (end if built else 0),
                       kept / self.n_layers)

@@ -56,10 +56,15 @@ def _system_summary(records: list[dict], full: dict[str, dict] | None, seed: int
     out["truncated"] = _mean([float(r["truncated"]) for r in records if "truncated" in r])
     for key in ("cite_precision", "cite_recall"):
         out[key] = _mean(_metric_values(records, key))
-    for key in ("kv_tokens", "attended_tokens", "kv_bytes", "prompt_tokens", "prefill_tokens",
-                "latency_s", "prefill_s", "compress_s", "decode_s"):
+    for key in ("kv_tokens", "attended_tokens", "layer_mean_kv_tokens", "kv_bytes",
+                "prompt_tokens", "prefill_tokens", "latency_s", "prefill_s", "compress_s",
+                "decode_s"):
         out[f"{key}_mean"] = _mean([r["cost"][key] for r in records
                                     if r["cost"].get(key) is not None])
+    peaks = [r["cost"]["peak_bytes"] for r in records if r["cost"].get("peak_bytes")]
+    out["peak_bytes_max"] = max(peaks) if peaks else None
+    out["served_uncompressed"] = sum(bool(r["cost"].get("served_uncompressed"))
+                                     for r in records)
     out["kv_tokens_per_corpus"] = kv_tokens_per_corpus(records)
     out["ci95"] = ci
     if full is not None:
@@ -143,6 +148,7 @@ def _delta(system: dict, metric: str) -> str:
 
 
 def render_markdown(summary: dict) -> str:
+    peaks = any(s.get("peak_bytes_max") for s in summary["systems"].values())
     lines = [
         f"# kvrag comparison: {summary['dataset']}",
         "",
@@ -154,14 +160,19 @@ def render_markdown(summary: dict) -> str:
         f"that hit the {summary.get('max_new_tokens', '?')}-token limit. KV per corpus: "
         "what a corpus's questions hold together, the shareable prefix (a prefix cache's "
         "full one, or a once: system's compressed one) counted once; prefilled: prompt "
-        "tokens each question computed.",
+        "tokens each question computed." + (" Peak MiB: the most memory the process "
+                                             "allocated while answering (CUDA)." if peaks
+                                             else ""),
         "",
         "| system | n | SubEM | 95% CI | Δ SubEM vs full | SubEM out | Δ SubEM out vs full "
         "| EM | F1 | MC acc | cut | doc recall | KV tokens | attended | KV per corpus "
-        "| prompt tokens | prefilled | latency s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| prompt tokens | prefilled | latency s |" + (" peak MiB |" if peaks else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        + ("---|" if peaks else ""),
     ]
     for name, s in summary["systems"].items():
+        mib = s["peak_bytes_max"] / 2**20 if s.get("peak_bytes_max") else None
+        peak = f" {_fmt(mib, False)} |" if peaks else ""
         lines.append(
             f"| {name} | {s['n']} | {_fmt(s['subem'])} | {format_ci(s['ci95'].get('subem'))} "
             f"| {_delta(s, 'subem')} | {_fmt(s['subem_output'])} | {_delta(s, 'subem_output')} "
@@ -172,6 +183,7 @@ def render_markdown(summary: dict) -> str:
             f"| {_fmt(s.get('kv_tokens_per_corpus'), False)} "
             f"| {_fmt(s['prompt_tokens_mean'], False)} "
             f"| {_fmt(s.get('prefill_tokens_mean'), False)} | {_fmt(s['latency_s_mean'], False)} |"
+            + peak
         )
     lines += _task_table(summary)
     return "\n".join(lines) + "\n"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from kvrag.data.schema import Instance
-from kvrag.engines.base import Engine
+from kvrag.engines.base import Engine, Generation
 from kvrag.evaluation.judge import Judge, JudgeCase
 from kvrag.evaluation.metrics import TASK_METRICS, score
 from kvrag.evaluation.store import ResultStore
@@ -44,14 +44,13 @@ def run_comparison(
     output the same way, shown the documents it cites from its own prompt
     (``scores.judge``).
     """
-    jobs = ((instance, system, system.request(instance, engine)) for instance, system in work)
     many = getattr(engine, "generate_many", None)
     if concurrency > 1 and many is not None:
+        jobs = ((i, s, s.request(i, engine)) for i, s in work)
         results = many(((job, job[2].prompt, job[2].compression) for job in jobs),
                        max_new_tokens, concurrency)
     else:
-        results = ((job, engine.generate(job[2].prompt, max_new_tokens,
-                                         compression=job[2].compression)) for job in jobs)
+        results = _one_at_a_time(work, engine, max_new_tokens)
     for (instance, system, request), generation in results:
         extracted, scores = score(instance, generation.text, request.prompt,
                                   generation.truncated)
@@ -70,3 +69,17 @@ def run_comparison(
         }
         store.append(record)
         on_answer(record)
+
+
+def _one_at_a_time(work: Sequence[tuple[Instance, System]], engine: Engine,
+                   max_new_tokens: int) -> Iterator[tuple[tuple, Generation]]:
+    """Answers in order; an engine that keeps a question's prefill for its systems
+    (``release``) drops it as soon as the question's last system is served."""
+    release = getattr(engine, "release", None)
+    for k, (instance, system) in enumerate(work):
+        request = system.request(instance, engine)
+        generation = engine.generate(request.prompt, max_new_tokens,
+                                     compression=request.compression)
+        if release is not None and (k + 1 == len(work) or work[k + 1][0].id != instance.id):
+            release()
+        yield (instance, system, request), generation

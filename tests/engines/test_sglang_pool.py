@@ -69,3 +69,12 @@ def test_kv_tokens_are_the_slots_the_pool_lost(served, tiny_model_dir):
                 assert cost.layer_mean_kv_tokens == cost.kv_tokens
     for name in SYSTEMS[1:]:
         assert all(c < f for c, f in zip(held[name], held["full"], strict=True)), name
+
+
+def test_a_budget_over_the_documents_answers_from_the_full_cache(served):
+    engine, _ = served
+    prompt = build_prompt(next(make_needles(NeedleConfig(context_tokens=300, corpora=1))))
+    full = engine.generate(prompt, max_new_tokens=4)
+    over = engine.generate(prompt, max_new_tokens=4, compression=parse_spec("snapkv@100000"))
+    assert over.cost.served_uncompressed and not full.cost.served_uncompressed
+    assert (over.text, over.cost.kv_tokens) == (full.text, full.cost.kv_tokens)
