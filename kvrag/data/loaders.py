@@ -168,9 +168,13 @@ def corpus_path(spec: str) -> Path | None:
 
 def load_corpus(spec: str) -> list[Doc] | None:
     """The dataset's shared corpus (passages as docs) that RAG retrieves from, or None
-    where it has none. A LOFT set's instances hold its whole corpus already."""
+    where it has none: a built set's ``X.corpus.jsonl``, or a LOFT set's corpus, which its
+    instances hold too until --fit-context trims them."""
     from kvrag.rag_stack.sources import read_docs
 
+    path = dataset_path(spec)
+    if sniff_format(path) == "loft":
+        return public_formats.loft_corpus(path)
     sidecar = corpus_path(spec)
     return None if sidecar is None else read_docs(sidecar)
 

@@ -299,6 +299,11 @@ def loft_files(path: Path) -> tuple[Path, Path]:
     return path, corpus
 
 
+def loft_corpus(path: Path) -> list[Doc]:
+    """A LOFT set's passages (``corpus.jsonl``), in file order."""
+    return read_records(loft_files(path)[1], _loft_passage)
+
+
 def _loft_passage(record: object, lineno: int) -> Doc:
     _require(isinstance(record, dict), "each line must be a JSON object")
     assert isinstance(record, dict)
@@ -379,8 +384,8 @@ def load_loft(path: Path) -> list[Instance]:
     Texts are stripped as LOFT does; its blacklisted-word removal is not applied.
     Multi-turn (TopiOCQA), SQL, ICL and multimodal sets are not supported.
     """
-    queries, corpus = loft_files(path)
-    passages = read_records(corpus, _loft_passage)
+    queries, _ = loft_files(path)
+    passages = loft_corpus(path)
     docs = [{"id": d.id, "title": d.title, "text": d.text} for d in passages]
     titles = {d.id: d.title for d in passages}
     name = _loft_name(queries)

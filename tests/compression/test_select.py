@@ -73,6 +73,13 @@ def test_chunks_win_by_their_total_not_their_best_token() -> None:
     assert _kept_layer("knorm:0.6667", scores, (0, 12)).tolist() == [[0, 4, 5, 6]]
 
 
+def test_a_short_last_chunk_ranks_by_its_mean_not_its_total() -> None:
+    scores = torch.zeros(1, 10)
+    scores[0, 0:4] = 1.0  # chunk 0: total 4, mean 1
+    scores[0, 8:10] = 1.5  # the short last chunk: total 3, mean 1.5
+    assert _kept_layer("knorm[chunk=4]@2", scores, (0, 10)).tolist() == [[8, 9]]
+
+
 def test_sentence_chunks_follow_the_sentence_ends() -> None:
     scores = torch.zeros(1, 10)
     scores[0, 6] = 5.0

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from kvrag.data.loaders import LOADERS, fingerprint, load_dataset, sniff_format
+from kvrag.data.loaders import LOADERS, fingerprint, load_corpus, load_dataset, sniff_format
 from kvrag.data.public_formats import (
     PASSAGE_WORDS,
     count_words,
@@ -149,6 +149,13 @@ def test_loft_rag_shares_the_corpus() -> None:
     assert instances[0].docs[0].text.startswith("Fenwick Point is")
     assert instances[0].corpus_id == instances[1].corpus_id
     assert {i.subset for i in instances} == {"rag.nq"} and {i.task for i in instances} == {"qa"}
+
+
+def test_a_loft_sets_corpus_is_the_shared_corpus_rag_retrieves_from() -> None:
+    corpus = load_corpus(str(LOFT_RAG))
+    assert corpus == load_dataset(str(LOFT_RAG))[0].docs
+    assert load_corpus(str(LOFT_RAG / "dev_queries.jsonl")) == corpus
+    assert load_corpus(str(HELMET)) is None  # a question's own documents only
 
 
 def test_loft_retrieval_answers_are_gold_titles() -> None:

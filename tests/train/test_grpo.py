@@ -162,9 +162,13 @@ def test_compressed_grpo_samples_and_scores_from_the_compressed_cache(
     assert cfg.gradient_checkpointing is False  # the compressed prefill needs the KV cache
     result = train_grpo(tiny_model_dir, examples, cfg, tmp_path / "grpo")
     assert len(result.per_step) == 1 and len(sampled) == 2
-    # one prefill samples the group's two completions; each completion's log-probs are then
-    # scored from its own compressed prefill (the policy's, and the reference's for the KL)
-    assert len(prefills) >= 1 + 2 and len(set(prefills)) == 1
+    # per step, each group's prompt is prefilled once to sample its completions and once to
+    # score them all under the reference (the KL, beta > 0); the policy's loss then scores
+    # one completion per micro-batch, each from its own prefill
+    assert cfg.beta > 0
+    groups = cfg.batch_size // cfg.num_generations
+    assert len(prefills) == cfg.steps * (2 * groups + cfg.batch_size)
+    assert len(set(prefills)) == 1
     saved = json.loads((result.adapter_dir / "train_config.json").read_text())
     assert saved["compress"] == "snapkv:0.5"
 
