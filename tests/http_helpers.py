@@ -36,22 +36,34 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 300) -> N
 
 
 @contextmanager
-def chat_stub(model: str, reply: str) -> Iterator[tuple[str, list[dict]]]:
+def chat_stub(model: str, reply: str,
+              api_key: str | None = None) -> Iterator[tuple[str, list[dict]]]:
     """A loopback server speaking the OpenAI chat protocol: it lists ``model`` and answers
-    every chat completion with ``reply``. Yields its /v1 URL and the bodies it received."""
+    every chat completion with ``reply``; with ``api_key``, as ``kvrag serve --api-key``, a
+    request without ``Authorization: Bearer API_KEY`` gets 401. Yields its /v1 URL and the
+    bodies it received."""
     seen: list[dict] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
-            self._reply({"data": [{"id": model}]})
+            if self._authorized():
+                self._reply({"data": [{"id": model}]})
 
         def do_POST(self):  # noqa: N802
-            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self._reply({"choices": [{"message": {"content": reply}}]})
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self._authorized():
+                seen.append(body)
+                self._reply({"choices": [{"message": {"content": reply}}]})
 
-        def _reply(self, body: dict) -> None:
+        def _authorized(self) -> bool:
+            if api_key is None or self.headers.get("Authorization") == f"Bearer {api_key}":
+                return True
+            self._reply({"error": "Unauthorized"}, status=401)
+            return False
+
+        def _reply(self, body: dict, status: int = 200) -> None:
             data = json.dumps(body).encode()
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)

@@ -17,6 +17,9 @@ DeviceOption = Annotated[str, typer.Option(help=(
 DtypeOption = Annotated[str, typer.Option(help=(
     "Model (and KV-cache) precision: auto, float32, bfloat16, float16; auto is bfloat16 on "
     "a CUDA device that supports it, float32 on a CPU."))]
+JudgeApiKeyOption = Annotated[str | None, typer.Option(
+    envvar="KVRAG_JUDGE_API_KEY",
+    help="The judge server's API key (its --api-key), sent as Authorization: Bearer KEY.")]
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)

@@ -10,7 +10,14 @@ from typing import Annotated
 
 import typer
 
-from kvrag.cli.common import DeviceOption, DtypeOption, StepProgress, console, fail
+from kvrag.cli.common import (
+    DeviceOption,
+    DtypeOption,
+    JudgeApiKeyOption,
+    StepProgress,
+    console,
+    fail,
+)
 from kvrag.compression import queries_needed
 from kvrag.data.demo import DEMO_PER_TASK, DEMO_SEED, SUBSETS, make_demo
 from kvrag.data.loaders import LOADERS, fingerprint, load_corpus, load_dataset
@@ -160,6 +167,7 @@ def compare(
         "with the run."))] = None,
     judge_model: Annotated[str | None, typer.Option(
         help="The judge's model name (default: the first the server lists).")] = None,
+    judge_api_key: JudgeApiKeyOption = None,
     context_tokens: Annotated[str | None, typer.Option(help=(
         "A length sweep, e.g. 1000,2000,4000,8000: one sub-run per length into OUT/len-N, "
         "every question's prompt cut to N tokens (chat template included) by dropping "
@@ -212,7 +220,8 @@ def compare(
             instances = load_dataset(dataset, fmt)
             options.corpus = load_corpus(dataset)
         model_path = resolve_model(model, console)
-        judge = Judge(ChatClient(judge_url, judge_model)) if judge_url else None
+        judge = (Judge(ChatClient(judge_url, judge_model, api_key=judge_api_key))
+                 if judge_url else None)
         if any(isinstance(s, RagSystem) for s in system_list):
             options.rag_pipeline()  # a bad --chroma-url fails now, before any work
         if (engine == "sglang-url") != (url is not None):

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from kvrag.cli.common import console, fail
+from kvrag.cli.common import JudgeApiKeyOption, console, fail
 from kvrag.data.demo import DEMO_CONTEXT_TOKENS, DEMO_PER_TASK, DEMO_SEED, make_demo
 from kvrag.data.loaders import LOADERS, load_dataset
 from kvrag.data.needles import KINDS as NEEDLE_KINDS
@@ -107,7 +107,8 @@ def check_cmd(
 def build_cmd(
     questions: Annotated[Path, typer.Option(help=(
         "JSONL of QA pairs: id, question, answers (list), and gold_ids (passage or document "
-        "ids) and/or gold_texts (passages containing one are gold)."))],
+        "ids; gold_doc_ids, as in a kvrag dataset, is read the same) and/or gold_texts "
+        "(passages containing one are gold)."))],
     corpus: Annotated[Path, typer.Option(help=(
         "The corpus: a JSONL of {id, title, text} documents, or a folder of .txt/.md "
         "files."))],
@@ -130,6 +131,7 @@ def build_cmd(
         "this OpenAI-compatible URL; a negative it rejects stays a negative."))] = None,
     judge_model: Annotated[str | None, typer.Option(
         help="The judge's model name (default: the first the server lists).")] = None,
+    judge_api_key: JudgeApiKeyOption = None,
     embed_model: Annotated[Path | None, typer.Option(help=(
         "A sentence-transformers model directory for the retriever (default: the packaged "
         "all-MiniLM-L6-v2)."))] = None,
@@ -171,7 +173,8 @@ def build_cmd(
         docs, source = passages(read_docs(corpus), passage_words)
         if not docs:
             raise DatasetError(f"{corpus}: the corpus holds no text")
-        judge = ChatClient(judge_url, judge_model) if judge_url else None
+        judge = (ChatClient(judge_url, judge_model, api_key=judge_api_key) if judge_url
+                 else None)
         config = BuildConfig(negatives, passage_words, max_tokens, seed,
                              embedding_model_id(embed_model), judge and judge.model,
                              docs_digest(docs), model)

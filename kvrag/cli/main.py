@@ -19,6 +19,10 @@ app = typer.Typer(
     help="Long-context LM vs compressed KV cache vs RAG, on identical questions.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    # Click's plain help, for every command group too: Rich's option tables cut long option
+    # names and words with '…' in an 80-column terminal, and read help text as markup
+    # (snapkv[chunk=16] loses its brackets).
+    rich_markup_mode=None,
 )
 app.command()(compare)
 app.command()(report)

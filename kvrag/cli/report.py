@@ -28,7 +28,7 @@ def report(
         "The system each other system of a run is paired against, e.g. snapkv:0.5 to see "
         "what snapkv[chunk=16]:0.5 changes."))] = "full",
 ) -> None:
-    """Compare runs of one dataset, e.g. the base model and its adapters, system by system.
+    """Compare runs of one dataset, such as the base model and its adapters, system by system.
 
     Each system is scored on the questions every run answered for it, per task, with a
     paired Δ against the first run and, within each run, a paired Δ against its own

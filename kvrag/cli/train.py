@@ -8,7 +8,14 @@ from typing import Annotated
 
 import typer
 
-from kvrag.cli.common import DeviceOption, DtypeOption, StepProgress, console, fail
+from kvrag.cli.common import (
+    DeviceOption,
+    DtypeOption,
+    JudgeApiKeyOption,
+    StepProgress,
+    console,
+    fail,
+)
 
 app = typer.Typer(help="Fine-tune LoRA adapters (PEFT) for in-context retrieval.",
                   no_args_is_help=True)
@@ -215,6 +222,7 @@ def grpo_cmd(
              "http://127.0.0.1:30000/v1 from `kvrag serve`.")] = None,
     judge_model: Annotated[str | None, typer.Option(
         help="Model name to ask the judge server for (default: the first it lists).")] = None,
+    judge_api_key: JudgeApiKeyOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
 ) -> None:
@@ -249,7 +257,7 @@ def grpo_cmd(
     judge = None
     if judge_url is not None:
         try:
-            judge = Judge(ChatClient(judge_url, judge_model))
+            judge = Judge(ChatClient(judge_url, judge_model, api_key=judge_api_key))
         except JudgeUnavailableError as e:
             fail(str(e))
     try:

@@ -63,6 +63,12 @@ class BuildConfig:
             raise ValueError(f"--max-tokens must be at least 64, got {self.max_tokens}")
 
 
+#: A question's lists of strings; its gold ids may also be named as in kvrag's own schema
+#: (gold_doc_ids), so a kvrag set's questions are read as they are.
+LIST_FIELDS = ("answers", "gold_ids", "gold_doc_ids", "gold_texts")
+QUESTION_FIELDS = ("id", "question", *LIST_FIELDS)
+
+
 def _question(record: object, lineno: int) -> Question:
     if not isinstance(record, dict):
         raise ValueError("each line must be a JSON object")
@@ -70,19 +76,18 @@ def _question(record: object, lineno: int) -> Question:
         if not isinstance(record.get(key), str) or not record[key].strip():
             raise ValueError(f"'{key}' must be a non-empty string")
     lists = {}
-    for key in ("answers", "gold_ids", "gold_texts"):
+    for key in LIST_FIELDS:
         value = record.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError(f"'{key}' must be a list of strings")
         lists[key] = value
     if not lists["answers"]:
         raise ValueError("'answers' must hold at least one answer")
-    unknown = sorted(set(record) - {"id", "question", "answers", "gold_ids", "gold_texts"})
+    unknown = sorted(set(record) - set(QUESTION_FIELDS))
     if unknown:
-        raise ValueError(f"unknown field(s) {unknown}; allowed: id, question, answers, "
-                         "gold_ids, gold_texts")
-    return Question(record["id"], record["question"], lists["answers"], lists["gold_ids"],
-                    lists["gold_texts"], lineno)
+        raise ValueError(f"unknown field(s) {unknown}; allowed: {', '.join(QUESTION_FIELDS)}")
+    return Question(record["id"], record["question"], lists["answers"],
+                    lists["gold_ids"] + lists["gold_doc_ids"], lists["gold_texts"], lineno)
 
 
 def read_questions(path: Path) -> list[Question]:
@@ -165,8 +170,8 @@ class Builder:
         gold += promoted
         negatives = [p for p in negatives if p not in promoted]
         if not gold:
-            raise ValueError("no gold passage: give gold_ids or gold_texts, or answers that "
-                             "a retrieved passage contains")
+            raise ValueError("no gold passage: give gold_ids (or gold_doc_ids) or gold_texts, "
+                             "or answers that a retrieved passage contains")
         kept = len(negatives)
         instance = self._instance(q, gold, negatives, kept, promoted, rejected)
         limit = self.config.max_tokens

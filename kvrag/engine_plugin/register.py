@@ -362,8 +362,12 @@ def _around_prefill(original, processor, batch, *args, **kwargs):
     # SGLang counts a request's middle chunks down while processing them: read it first
     last_chunk = {id(req) for req in batch.reqs if req.inflight_middle_chunks <= 0}
     active.pending_prefill = (processor, batch, last_chunk)
-    result = original(processor, batch, *args, **kwargs)
-    _compress_pending(active)  # a batch that streamed nothing
+    try:
+        result = original(processor, batch, *args, **kwargs)
+    except BaseException:
+        active.pending_prefill = None
+        raise
+    _compress_pending(active)  # a rank or a batch that streamed nothing
     return result
 
 

@@ -3,9 +3,9 @@ an output 0-100 (Loong's protocol, grounded as the study's judge reward: the jud
 question, the gold answer, the documents the output cites and the output).
 
 Compare's judge metric and GRPO's ``judge`` reward both go through ``Judge``. Point it at
-``kvrag serve`` (or any ``/v1`` server). A reply without a readable rating is None and is
-counted in ``unparsed``, so a judge that cannot follow the instruction shows up in the
-summary instead of silently scoring 0.
+``kvrag serve`` (or any ``/v1`` server), with the server's API key if it has one. A reply
+without a readable rating is None and is counted in ``unparsed``, so a judge that cannot
+follow the instruction shows up in the summary instead of silently scoring 0.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ class JudgeUnavailableError(RuntimeError):
 
 class ChatClient:
     """One chat completion at a time, greedy, from the first model the server lists (or
-    ``model``)."""
+    ``model``); ``api_key`` is sent as ``Authorization: Bearer KEY``."""
 
-    def __init__(self, base_url: str, model: str | None = None, timeout: float = 120) -> None:
+    def __init__(self, base_url: str, model: str | None = None, timeout: float = 120,
+                 api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.api_key = api_key
         self.model = model or self._first_model()
 
     def complete(self, prompt: str, max_tokens: int) -> str:
@@ -46,7 +48,8 @@ class ChatClient:
                                         f"chat message: {reply!r:.200}") from e
 
     def _first_model(self) -> str:
-        models = self._request(urllib.request.Request(f"{self.base_url}/models"))
+        models = self._request(urllib.request.Request(f"{self.base_url}/models",
+                                                      headers=self._headers()))
         try:
             return models["data"][0]["id"]
         except (KeyError, IndexError, TypeError) as e:
@@ -55,16 +58,28 @@ class ChatClient:
     def _post(self, path: str, body: dict) -> dict:
         return self._request(urllib.request.Request(
             self.base_url + path, data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"}))
+            headers={"Content-Type": "application/json", **self._headers()}))
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def _request(self, request: urllib.request.Request) -> dict:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return json.loads(response.read())
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except urllib.error.HTTPError as e:
+            if e.code not in (401, 403):
+                raise self._unavailable(e) from e
             raise JudgeUnavailableError(
-                f"cannot use the judge at {self.base_url} ({e}); start one with "
-                "`kvrag serve --model MODEL` and pass --judge-url http://HOST:PORT/v1") from e
+                f"the judge at {self.base_url} refused the request ({e.code}): pass the key "
+                "of its --api-key with --judge-api-key (or KVRAG_JUDGE_API_KEY)") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise self._unavailable(e) from e
+
+    def _unavailable(self, error: Exception) -> JudgeUnavailableError:
+        return JudgeUnavailableError(
+            f"cannot use the judge at {self.base_url} ({error}); start one with "
+            "`kvrag serve --model MODEL` and pass --judge-url http://HOST:PORT/v1")
 
 
 #: The one judge prompt: compare's judge metric and GRPO's judge reward both ask it. As the

@@ -5,15 +5,20 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from http_helpers import free_port, wait_healthy
+from rag_helpers import spy_retrieval
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from kvrag.cli.main import app
 from kvrag.data.demo import DEMO_PATH
+from kvrag.data.loaders import load_dataset
 from kvrag.evaluation.metrics import ANSWER_SOURCES
+from kvrag.evaluation.prompt_fit import prompt_tokens
 
 runner = CliRunner()
 
@@ -331,16 +336,18 @@ def test_sglang_options_need_the_sglang_engine(tmp_path, tiny_model_dir) -> None
 
 @pytest.mark.slow
 def test_sglang_requests_in_flight_answer_as_one_at_a_time(tmp_path, tiny_model_dir) -> None:
-    answers = {}
+    answers, held = {}, {}
     for concurrency in ("1", "4"):
         out = tmp_path / concurrency
         result = compare(out, tiny_model_dir, "--engine", "sglang", "--limit", "3",
-                         "--systems", "full,snapkv:0.5", "--concurrency", concurrency,
-                         "--sglang-arg", "max-total-tokens=12000")
+                         "--systems", "full,snapkv:0.5,pyramidkv:0.5", "--concurrency",
+                         concurrency, "--sglang-arg", "max-total-tokens=12000")
         assert result.exit_code == 0, result.output
         records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
         answers[concurrency] = {(r["id"], r["system"]): r["output"] for r in records}
-        assert len(records) == len(answers[concurrency]) == 6
+        held[concurrency] = {(r["id"], r["system"]): (r["cost"]["kv_tokens"],
+                                                      r["cost"]["kv_bytes"]) for r in records}
+        assert len(records) == len(answers[concurrency]) == 9
         attempt = json.loads((out / "run.json").read_text())["attempts"][0]
         assert attempt["concurrency"] == int(concurrency)
         assert attempt["sglang"] == {"sglang_args": {"max-total-tokens": "12000"}}
@@ -351,17 +358,21 @@ def test_sglang_requests_in_flight_answer_as_one_at_a_time(tmp_path, tiny_model_
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("kvrag")), "serve", "--model", str(tiny_model_dir),
          "--compression", "snapkv:0.5", "--port", str(port),
-         "--allow-request-specs", "none,snapkv:0.5,once:snapkv:0.5"],
+         "--allow-request-specs", "none,snapkv:0.5,pyramidkv:0.5,once:snapkv:0.5"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, server)
         out = tmp_path / "url"
         result = compare(out, tiny_model_dir, "--engine", "sglang-url", "--url", url,
-                         "--limit", "3", "--systems", "full,snapkv:0.5", "--concurrency", "4")
+                         "--limit", "3", "--systems", "full,snapkv:0.5,pyramidkv:0.5",
+                         "--concurrency", "4")
         assert result.exit_code == 0, result.output
         records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
         assert {(r["id"], r["system"]): r["output"] for r in records} == answers["1"]
+        # by URL the KV figures are the server's report, the same as in process
+        assert {(r["id"], r["system"]): (r["cost"]["kv_tokens"], r["cost"]["kv_bytes"])
+                for r in records} == held["1"] == held["4"]
         assert json.loads((out / "run.json").read_text())["url"] == url
         refused = compare(tmp_path / "h2o", tiny_model_dir, "--engine", "sglang-url", "--url",
                           url, "--limit", "1", "--systems", "h2o:0.5")
@@ -450,18 +461,19 @@ def test_a_length_sweep_refuses_a_prompt_limit_of_its_own(tmp_path, tiny_model_d
 FIXTURES = Path(__file__).parents[1] / "data" / "fixtures"
 
 
-@pytest.mark.parametrize(("fixture", "group", "metric"), [
-    ("infinitebench_en_sum.jsonl", "en.sum", "rouge_l"),
-    ("infinitebench_en_mc.jsonl", "en.mc", "accuracy"),
-    ("longbench_v2.json", None, "accuracy"),
-    ("loft/rag/nq/128k", "rag.nq", "subem"),
+@pytest.mark.parametrize(("fixture", "group", "metric", "rag_scope"), [
+    ("infinitebench_en_sum.jsonl", "en.sum", "rouge_l", "question"),
+    ("infinitebench_en_mc.jsonl", "en.mc", "accuracy", "question"),
+    ("longbench_v2.json", None, "accuracy", "question"),
+    ("loft/rag/nq/128k", "rag.nq", "subem", "corpus"),
 ])
 def test_public_formats_run_with_their_tasks_metric(tmp_path, tiny_model_dir, fixture, group,
-                                                    metric) -> None:
+                                                    metric, rag_scope) -> None:
     out = tmp_path / "run"
     result = compare(out, tiny_model_dir, "--dataset", str(FIXTURES / fixture), "--systems",
                      "full,snapkv:0.5,rag:128", "--index-dir", str(tmp_path / "index"))
     assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["rag_scope"] == rag_scope
     summary = json.loads((out / "summary.json").read_text())
     for name in ("full", "snapkv:0.5", "rag:128"):
         groups = summary["systems"][name]["by_group"]
@@ -473,3 +485,28 @@ def test_public_formats_run_with_their_tasks_metric(tmp_path, tiny_model_dir, fi
     if metric == "rouge_l":
         assert all(r["answer_from"] == "whole" and r["scores"]["subem"] is None
                    for r in records)
+
+
+def test_loft_rag_retrieves_from_the_untrimmed_corpus_under_fit_context(
+        tmp_path, tiny_model_dir, monkeypatch) -> None:
+    loft = FIXTURES / "loft/rag/nq/128k"
+    instances = load_dataset(str(loft))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    gold_only = max(prompt_tokens(tokenizer, replace(
+        i, docs=[d for d in i.docs if d.id in i.gold_doc_ids])) for i in instances)
+    # the untrimmed prompt holds every passage, so this budget retrieves the whole corpus
+    budget = max(prompt_tokens(tokenizer, i) for i in instances)
+    retrieved = spy_retrieval(monkeypatch)
+    out = tmp_path / "run"
+    result = compare(out, tiny_model_dir, "--dataset", str(loft), "--systems",
+                     f"full,rag:{budget}", "--fit-context", "--max-prompt-tokens",
+                     str(gold_only), "--index-dir", str(tmp_path / "index"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["rag_scope"] == "corpus"
+    records = [json.loads(line) for line in (out / "results.jsonl").open()]
+    assert len(records) == 2 * len(instances) and all(r["docs_dropped"] > 0 for r in records)
+    corpus = {d.id for d in instances[0].docs}  # every LOFT question holds the whole corpus
+    assert len(retrieved) == len(instances)
+    for question, ctx in retrieved:
+        dropped = corpus - {d.id for d in question.docs}
+        assert dropped & {doc.id for _, doc in ctx.docs}

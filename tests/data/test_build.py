@@ -9,6 +9,7 @@ from pathlib import Path
 import pyjokes.jokes_en
 import pytest
 from http_helpers import chat_stub
+from rag_helpers import spy_retrieval
 from typer.testing import CliRunner
 
 from kvrag.cli.main import app
@@ -109,6 +110,28 @@ def test_the_shuffle_is_seeded(built, joke_corpus, tiny_model_dir, tmp_path):
     assert [[d.id for d in x.docs] for x in a] != [[d.id for d in x.docs] for x in b]
 
 
+def test_a_kvrag_sets_gold_doc_ids_are_read_as_gold_ids(built, joke_corpus, tiny_model_dir,
+                                                        tmp_path):
+    # a built set's questions as kvrag's schema names them: gold_doc_ids, no gold_texts
+    out, _ = built
+    instances = load_dataset(str(out))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({
+        "id": i.id, "question": i.question, "answers": i.answers,
+        "gold_doc_ids": i.gold_doc_ids}) + "\n" for i in instances))
+    shutil.copytree(out.parent / "index", tmp_path / "index")
+    again = tmp_path / "again.jsonl"
+    result = build(again, joke_corpus, tiny_model_dir, questions=questions)
+    assert result.exit_code == 0, result.output
+    rebuilt = load_dataset(str(again))
+    assert [i.id for i in rebuilt] == [i.id for i in instances]
+    for before, after in zip(instances, rebuilt, strict=True):
+        given = set(after.gold_doc_ids) - set(after.provenance["promoted"])
+        assert given == set(before.gold_doc_ids)
+    usage = runner.invoke(app, ["data", "build", "--help"], env={"COLUMNS": "80"})
+    assert "gold_doc_ids" in usage.output
+
+
 def test_a_failed_build_keeps_its_work_and_resumes(joke_corpus, tiny_model_dir, tmp_path):
     lines = QUESTIONS.read_text().splitlines()
     broken = json.loads(lines[2]) | {"gold_texts": ["no joke says this"]}
@@ -146,11 +169,13 @@ def test_a_malformed_question_line_is_named(joke_corpus, tiny_model_dir, tmp_pat
 
 def test_a_judge_can_reject_promotions(joke_corpus, tiny_model_dir, tmp_path):
     # the judge protocol answering "no" to every promotion; a served model judges compare's
-    # outputs in tests/cli/test_serve.py
+    # outputs in tests/cli/test_serve.py. It holds an API key, as `kvrag serve --api-key`.
     out = tmp_path / "judged.jsonl"
-    with chat_stub("strict-judge", "No.") as (url, _):
-        result = build(out, joke_corpus, tiny_model_dir, "--judge-url", url)
+    with chat_stub("strict-judge", "No.", api_key="k3y") as (url, asked):
+        result = build(out, joke_corpus, tiny_model_dir, "--judge-url", url,
+                       "--judge-api-key", "k3y")
     assert result.exit_code == 0, result.output
+    assert asked and all("Reply yes or no" in body["messages"][0]["content"] for body in asked)
     trinary = load_dataset(str(out))[-1]
     assert trinary.provenance["promoted"] == [] and trinary.provenance["judge"] == "strict-judge"
     assert trinary.provenance["promotion_rejected"]
@@ -158,19 +183,26 @@ def test_a_judge_can_reject_promotions(joke_corpus, tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_built_set_runs_through_compare_with_corpus_rag(built, tiny_model_dir, tmp_path):
+def test_a_built_set_runs_through_compare_with_corpus_rag(built, tiny_model_dir, tmp_path,
+                                                          monkeypatch):
     out, _ = built
     run = tmp_path / "run"
+    # twice --max-tokens (900), more than any question's whole prompt holds: filling it takes
+    # passages the question lacks, which only the shared corpus has
+    rag = "rag:1800"
+    retrieved = spy_retrieval(monkeypatch)
     result = runner.invoke(app, [
         "compare", "--out", str(run), "--model", str(tiny_model_dir), "--dataset", str(out),
-        "--systems", "full,snapkv:0.5,rag:256", "--max-new-tokens", "4",
+        "--systems", f"full,snapkv:0.5,{rag}", "--max-new-tokens", "4",
         "--index-dir", str(tmp_path / "index")])
     assert result.exit_code == 0, result.output
     config = json.loads((run / "run.json").read_text())
     assert config["rag_scope"] == "corpus"
     records = [json.loads(line) for line in (run / "results.jsonl").open()]
     assert len(records) == 18
-    rag = [r for r in records if r["system"] == "rag:256"]
-    assert all(r["doc_recall"] is not None for r in rag)
+    assert all(r["doc_recall"] is not None for r in records if r["system"] == rag)
+    assert len(retrieved) == 6
+    for question, ctx in retrieved:
+        assert {doc.id for _, doc in ctx.docs} - {d.id for d in question.docs}
     summary = json.loads((run / "summary.json").read_text())
     assert summary["systems"]["full"]["by_group"]["built"]["n"] == 6

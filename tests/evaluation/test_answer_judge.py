@@ -75,6 +75,17 @@ def test_a_reply_without_a_rating_is_counted():
     assert judge.calls == 1 and judge.unparsed == 1
 
 
+def test_the_api_key_goes_as_a_bearer_token():
+    # a judge behind `kvrag serve --api-key`; the real server is in tests/cli/test_serve.py
+    with chat_stub("judge-model", "[[60]]", api_key="k3y") as (url, _):
+        assert Judge(ChatClient(url, api_key="k3y"))(JudgeCase.of(INST, PROMPT, "x")) == 0.6
+        with pytest.raises(JudgeUnavailableError,
+                           match=r"refused the request \(401\).*--judge-api-key"):
+            ChatClient(url)
+        with pytest.raises(JudgeUnavailableError, match=r"\(401\)"):
+            ChatClient(url, model="judge-model", api_key="wrong").complete("x", 4)
+
+
 def test_unreachable_judge_is_a_clear_error():
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

@@ -111,3 +111,18 @@ def test_each_group_is_summarised_under_its_tasks_metric() -> None:
     md = render_markdown(s)
     assert "summaries (ROUGE-L)" in md and "qa (SubEM)" in md
     assert "40.0 [30.0, 50.0] (2); judge 50.0 [10.0, 90.0]" in md
+
+
+def test_peak_memory_shows_per_system_where_it_was_measured() -> None:
+    records = [rec(f"q{i}", "full", 1.0, 100) for i in range(3)]
+    records += [rec(f"q{i}", "other", 1.0, 50) for i in range(3)]
+    meta = {"model": "m", "engine": "hf", "dataset": "d"}
+    ids = [f"q{i}" for i in range(3)]
+    assert "peak MiB" not in render_markdown(summarize(records, ["full", "other"], ids, meta))
+    for i, r in enumerate(records):  # as on CUDA: 3, 4, 5 MiB each system
+        r["cost"]["peak_bytes"] = (3 + i % 3) * 2**20
+    summary = summarize(records, ["full", "other"], ids, meta)
+    assert summary["systems"]["other"]["peak_bytes_max"] == 5 * 2**20
+    row = next(line for line in render_markdown(summary).splitlines()
+               if line.startswith("| other |"))
+    assert "peak MiB" in render_markdown(summary) and row.endswith("| 5.00 |")
