@@ -1,4 +1,5 @@
-"""``kvrag data``: make the demo suite, check a dataset file."""
+"""``kvrag data``: make the demo and needle suites, check a dataset file, build one from
+your QA pairs and corpus."""
 
 from __future__ import annotations
 
@@ -151,7 +152,10 @@ def build_cmd(
     from transformers import AutoTokenizer
 
     from kvrag.cli.common import StepProgress
-    from kvrag.data.build import (
+    from kvrag.data.loaders import CORPUS_SUFFIX
+    from kvrag.data.schema import docs_digest
+    from kvrag.data.sources import read_docs
+    from kvrag.evaluation.dataset_builder import (
         BuildConfig,
         Builder,
         PartialOutput,
@@ -159,12 +163,9 @@ def build_cmd(
         passages,
         read_questions,
     )
-    from kvrag.data.loaders import CORPUS_SUFFIX
-    from kvrag.data.schema import docs_digest
     from kvrag.evaluation.judge import ChatClient, JudgeUnavailableError
     from kvrag.rag_stack.embeddings import embedding_model_id
     from kvrag.rag_stack.pipeline import RagConfig, RagPipeline
-    from kvrag.rag_stack.sources import read_docs
 
     if out.suffix != ".jsonl":
         fail(f"--out must be a .jsonl path, got {out}")

@@ -10,12 +10,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from kvrag.cli.common import console, fail
 from kvrag.data.schema import DatasetError
+from kvrag.data.sources import read_docs
 from kvrag.engines.models import ModelNotFoundError, kvrag_home, resolve_model
 from kvrag.rag_stack.chroma import ChromaUnavailableError
 from kvrag.rag_stack.embeddings import EmbeddingModelNotFoundError
 from kvrag.rag_stack.pipeline import RagConfig, RagPipeline
 from kvrag.rag_stack.retrieve import ORDERS
-from kvrag.rag_stack.sources import read_docs
 
 app = typer.Typer(help="Ingest documents into Chroma and query them.", no_args_is_help=True)
 

@@ -14,6 +14,7 @@ import typer
 
 from kvrag.cli.common import DeviceOption, DtypeOption, console, fail
 from kvrag.compression import SpecError, parse_spec, split_specs
+from kvrag.compression.capabilities import Target, check
 from kvrag.engine_plugin import config
 from kvrag.engines.device import DeviceError, Placement
 from kvrag.engines.device import resolve as resolve_placement
@@ -105,7 +106,7 @@ def serve(
     try:
         allowed = _allowed_specs(allow_request_specs, compression)
         if compression:
-            config.check_servable(parse_spec(compression))
+            check(parse_spec(compression), Target.PLUGIN)
         placement = resolve_placement(device, dtype)
         options = SGLangOptions(context_length, max_total_tokens, mem_fraction_static,
                                 tp_size, parse_sglang_args(sglang_arg or []))
@@ -133,7 +134,7 @@ def _allowed_specs(allow: str | None, compression: str | None) -> str:
             names.append("none")
             continue
         spec = parse_spec(item)
-        config.check_servable(spec)
+        check(spec, Target.PLUGIN)
         names.append(spec.name)
     return ",".join(dict.fromkeys(names))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -107,13 +106,19 @@ def sft_cmd(
     from transformers import AutoTokenizer
 
     from kvrag.compression import SpecError, parse_spec
+    from kvrag.compression.capabilities import Target, check
     from kvrag.data.schema import DatasetError
     from kvrag.engines.device import DeviceError, resolve
     from kvrag.engines.models import ModelNotFoundError, resolve_model
-    from kvrag.train.compressed import check_trainable
     from kvrag.train.examples import build_examples
     from kvrag.train.formats import FORMATS, FormatError
-    from kvrag.train.sft import CHECKPOINTING_FROM_TOKENS, LoraSettings, SFTConfig, train_sft
+    from kvrag.train.sft import (
+        LoraSettings,
+        SFTConfig,
+        checkpointing_by_default,
+        train_sft,
+        training_steps,
+    )
     from kvrag.train.validation import Validator, split_validation
 
     if fmt not in FORMATS:
@@ -123,7 +128,7 @@ def sft_cmd(
     try:
         placement = resolve(device, dtype)
         if compress:
-            check_trainable(parse_spec(compress))
+            check(parse_spec(compress), Target.TRAINING)
         model_path = resolve_model(model, console)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         instances = _training_instances(dataset, tokenizer, context_tokens, per_task, groups,
@@ -134,11 +139,9 @@ def sft_cmd(
         validator = (Validator(tokenizer, build_examples(held_out, fmt, seed, count),
                                val_max_new_tokens) if held_out else None)
         if gradient_checkpointing is None:
-            longest = max((count(ex.prompt.text) for ex in examples), default=0)
-            gradient_checkpointing = not compress and longest > CHECKPOINTING_FROM_TOKENS
-        if epochs is not None:
-            steps = max(1, math.ceil(epochs * len(examples) / grad_accum))
-        steps = steps or 50
+            gradient_checkpointing = checkpointing_by_default(
+                (count(ex.prompt.text) for ex in examples), compress)
+        steps = training_steps(steps, epochs, len(examples), grad_accum)
         cfg = SFTConfig(fmt=fmt, steps=steps, grad_accum=grad_accum, lr=lr, seed=seed,
                         warmup_steps=warmup_steps,
                         eval_every=(eval_every or 10) if held_out else 0, patience=patience,
@@ -233,11 +236,11 @@ def grpo_cmd(
     from transformers import AutoTokenizer
 
     from kvrag.compression import SpecError, parse_spec
+    from kvrag.compression.capabilities import Target, check
     from kvrag.data.schema import DatasetError
     from kvrag.engines.device import DeviceError, resolve
     from kvrag.engines.models import ModelNotFoundError, resolve_model
     from kvrag.evaluation.judge import ChatClient, Judge, JudgeUnavailableError
-    from kvrag.train.compressed import check_trainable
     from kvrag.train.examples import build_examples
     from kvrag.train.formats import FormatError
     from kvrag.train.grpo import GRPOSettings, train_grpo
@@ -251,7 +254,7 @@ def grpo_cmd(
     try:
         placement = resolve(device, dtype)
         if compress:
-            check_trainable(parse_spec(compress))
+            check(parse_spec(compress), Target.TRAINING)
     except (DeviceError, SpecError) as e:
         fail(str(e))
     judge = None

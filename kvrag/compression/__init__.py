@@ -1,7 +1,8 @@
 """KV-cache compression methods as pure tensor code: score tokens, select what to keep.
 
-Engines (HF now, the SGLang plugin next) hand every method the same inputs, so both
-keep the same tokens for the same prompt and spec.
+Both engines (HF and the SGLang plugin) and compression-aware training hand every method
+the same inputs, so they keep the same tokens for the same prompt and spec; where each of
+them can run a spec is ``capabilities.check``.
 """
 
 from kvrag.compression import (  # noqa: F401  (each module registers its method)

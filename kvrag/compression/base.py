@@ -65,13 +65,22 @@ class ScoringInput:
 
 
 class Method:
-    """Base class: subclasses set ``name`` and override ``score``."""
+    """Base class: subclasses set ``name`` and override ``score``.
+
+    What a method can do is declared here, as class attributes and ``queries_needed``,
+    and read in one place, ``kvrag.compression.capabilities.check``.
+    """
 
     name: ClassVar[str]
     #: True for methods that keep the whole cache and choose keys per decoded token.
     dynamic: ClassVar[bool] = False
     #: True for methods that score with a reconstruction pass (``ScoringInput.repeat_*``).
     reconstruction: ClassVar[bool] = False
+    #: False for methods whose layers keep different counts (``layer_budgets``).
+    uniform_layers: ClassVar[bool] = True
+    #: True for methods that pool scores over every query head of a layer, so that under
+    #: tensor parallelism a rank reads the other ranks' heads (``HeadShard.gather``).
+    pools_heads: ClassVar[bool] = False
 
     def score(self, inp: ScoringInput) -> torch.Tensor:
         """[kv_heads, n] scores; higher is kept first."""

@@ -21,6 +21,7 @@ from kvrag.compression.snapkv import snapkv_scores
 @dataclass
 class PyramidKV(Method):
     name = "pyramidkv"
+    uniform_layers = False
     window: int = 64
     kernel: int = 5
     beta: float = 20.0

@@ -23,6 +23,7 @@ question included, is prefilled before the documents are compressed (question-aw
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import typing
 from collections.abc import Iterable
@@ -146,12 +147,14 @@ class CompressionSpec:
         return self.selection_options.get("heads") == "shared"
 
     def build(self) -> Method:
-        kinds = method_options(self.method)
-        settings = {k: kinds[k](v) for k, v in self.options if k in kinds}
-        try:
-            return METHODS[self.method](**settings)
-        except ValueError as err:
-            raise SpecError(f"{self.name}: {err}; {_allowed(self.method)}") from None
+        """The method with this spec's settings; built once per spec (methods are
+        stateless), however often engines ask."""
+        return _build(self)
+
+    @property
+    def pools_heads(self) -> bool:
+        """Whether scoring reads every query head of a layer (across tensor-parallel ranks)."""
+        return self.build().pools_heads or self.shared_heads
 
     def kept(self, n_evictable: int) -> int:
         """How many of ``n_evictable`` document tokens this spec keeps."""
@@ -164,6 +167,16 @@ class CompressionSpec:
         """A budget at or above the documents' length: there is nothing to evict, and every
         engine answers from the full cache (a ratio, even 0, always runs the method)."""
         return self.ratio is None and self.kept(n_evictable) >= n_evictable
+
+
+@functools.cache
+def _build(spec: CompressionSpec) -> Method:
+    kinds = method_options(spec.method)
+    settings = {k: kinds[k](v) for k, v in spec.options if k in kinds}
+    try:
+        return METHODS[spec.method](**settings)
+    except ValueError as err:
+        raise SpecError(f"{spec.name}: {err}; {_allowed(spec.method)}") from None
 
 
 def queries_needed(specs: Iterable[CompressionSpec]) -> int | None:

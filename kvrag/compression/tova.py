@@ -16,6 +16,7 @@ from kvrag.compression.base import Method, ScoringInput, causal_attention, regis
 @register_method
 class TOVA(Method):
     name = "tova"
+    pools_heads = True
 
     def queries_needed(self) -> int:
         return 1

@@ -1,30 +1,20 @@
-"""Dataset loaders: a registry of formats that all yield kvrag ``Instance`` lists."""
+"""Loading a dataset: every registered format (kvrag's own, HELMET, the public benchmarks),
+the format sniffed from the content, bundled suites by name, fingerprints and shared corpora."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 
+from kvrag.data import public_formats
 from kvrag.data.demo import DEMO_PATH, DEMO_SHARED_PATH
+from kvrag.data.registry import LOADERS, register_loader
 from kvrag.data.schema import DatasetError, Doc, Instance, parse_instance, read_jsonl, read_records
-
-Loader = Callable[[Path], list[Instance]]
-LOADERS: dict[str, Loader] = {}
+from kvrag.data.sources import read_docs
 
 # Keys that mark a HELMET/KILT-style passage as gold, in the order they are looked for.
 GOLD_KEYS = ("isgold", "is_gold", "gold", "has_answer")
-
-
-def register_loader(name: str) -> Callable[[Loader], Loader]:
-    def wrap(fn: Loader) -> Loader:
-        if name in LOADERS:
-            raise ValueError(f"dataset loader {name!r} is already registered")
-        LOADERS[name] = fn
-        return fn
-
-    return wrap
 
 
 @register_loader("kvrag")
@@ -170,8 +160,6 @@ def load_corpus(spec: str) -> list[Doc] | None:
     """The dataset's shared corpus (passages as docs) that RAG retrieves from, or None
     where it has none: a built set's ``X.corpus.jsonl``, or a LOFT set's corpus, which its
     instances hold too until --fit-context trims them."""
-    from kvrag.rag_stack.sources import read_docs
-
     path = dataset_path(spec)
     if sniff_format(path) == "loft":
         return public_formats.loft_corpus(path)
@@ -207,7 +195,3 @@ def load_dataset(spec: str, fmt: str = "auto") -> list[Instance]:
     if fmt not in LOADERS:
         raise DatasetError(f"unknown dataset format {fmt!r}; known: {sorted(LOADERS)}")
     return LOADERS[fmt](path)
-
-
-# Registers the public benchmark loaders; imported last, as it imports register_loader.
-from kvrag.data import public_formats  # noqa: E402

@@ -1,4 +1,4 @@
-"""Loaders for public long-context benchmarks, registered in ``kvrag.data.loaders.LOADERS``.
+"""Loaders for public long-context benchmarks, registered in ``kvrag.data.registry.LOADERS``.
 
 * ``infinitebench``: one task's JSONL file from InfiniteBench (OpenBMB), e.g.
   ``longbook_choice_eng.jsonl``.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llama_index.core.node_parser import SentenceSplitter
 
-from kvrag.data.loaders import register_loader
+from kvrag.data.registry import register_loader
 from kvrag.data.schema import (
     LETTERS,
     DatasetError,

@@ -1,30 +1,11 @@
-"""Compressing one request's KV in SGLang's pool, and giving its slots back.
+"""Compressing one request's KV in SGLang's pool.
 
 SGLang's KV buffer is ``[slot, kv_head, head_dim]`` per layer, and ``req_to_token[row]``
 maps a request's token positions to slots. After the last prefill chunk, the kept tokens
 of every (layer, KV head) are copied into ``kmax`` slots (slot j holds the j-th kept token
 of *each* head, which may be a different token per head), and the request's other own
-slots go back to the allocator.
-
-Slot ownership, which keeps the radix cache intact:
-- positions ``[0, protected)`` were matched from the radix tree; the tree owns them, so
-  they are read but never written or freed here;
-- positions ``[protected, n)`` are the request's own prompt slots: the first ``kmax`` are
-  reused for the compacted cache (extra slots are allocated only if there are fewer), the
-  rest are freed now. A compressed request is flagged ``skip_radix_cache_insert``, so the
-  tree never receives its compacted slots as if they held the full prefix;
-- positions ``[n, ...)`` are decode tokens, untouched.
-
-Rows: the request's own ``req_to_token`` row keeps its logical layout (SGLang writes
-each decode token's slot there, and releases from it); the attention backend gives the
-compacted request a second row from the same pool, its physical row (the ``kmax`` kept
-slots, then each decoded token's slot), which the inner backend reads. The release hook
-frees the compacted slots instead of the stale ``[protected, n)`` range, and the row.
-
-SGLang's strict memory checks (``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY`` / ``_IDLE``)
-count a compacted request's slots as it holds them (``kv_private_tokens`` hook) and every
-row given back, so a slot or row leaked or freed twice stops the server; the engine tests
-run with them on.
+slots go back to the allocator. Which slots a request may reuse or free, and what happens
+to them afterwards, is ``rows.py``'s.
 """
 
 from __future__ import annotations
@@ -116,21 +97,3 @@ def compact(
         allocator.free(to_free)
     record = Compacted(rid, n, protected, slots, keep, kept)
     return CompactionResult(record, int(to_free.numel()), allocated, time.perf_counter() - t0)
-
-
-def release_ranges(
-    compacted: Compacted, ranges: list[tuple[int, int]]
-) -> list[tuple[int, int]]:
-    """``ranges`` of row positions without the compacted prompt ``[protected, n)``.
-
-    The caller frees ``compacted.slots`` instead; what is left are decode positions.
-    """
-    out: list[tuple[int, int]] = []
-    for start, end in ranges:
-        if start < compacted.protected:
-            raise AssertionError(f"release of tree-owned positions {start}..{end} "
-                                 f"(protected up to {compacted.protected})")
-        start = max(start, compacted.n)
-        if start < end:
-            out.append((start, end))
-    return out

@@ -19,8 +19,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from kvrag.compression import CompressionSpec, Method, SpecError, parse_spec, split_specs
+from kvrag.compression import CompressionSpec, SpecError, parse_spec, split_specs
+from kvrag.compression.capabilities import Target, check
+
+if TYPE_CHECKING:
+    from kvrag.engine_plugin.once import OnceRequest
 
 ENV_COMPRESSION = "KVRAG_COMPRESSION"
 ENV_INNER_BACKEND = "KVRAG_INNER_BACKEND"
@@ -75,7 +80,7 @@ def server_spec() -> CompressionSpec | None:
         spec = parse_spec(text)
     except SpecError as err:
         raise SpecError(f"{ENV_COMPRESSION}={text!r}: {err}") from None
-    check_servable(spec)
+    check(spec, Target.PLUGIN)
     return spec
 
 
@@ -88,23 +93,6 @@ def allowed_request_specs() -> set[str] | None:
     for item in split_specs(text):
         names.add("none" if item.lower() == "none" else parse_spec(item).name)
     return names
-
-
-def check_servable(spec: CompressionSpec) -> None:
-    """Refuse what the plugin cannot serve: dynamic methods keep the whole cache, a
-    reconstruction pass (kvzip) would be a second forward, and a shared compressed corpus
-    (``once:``) needs the same kept count in every layer."""
-    method = spec.build()
-    if method.dynamic:
-        raise SpecError(f"{spec.name} keeps the whole cache and picks keys per decoded token; "
-                        "the SGLang plugin serves only methods that evict (use the HF engine)")
-    if method.reconstruction:
-        raise SpecError(f"{spec.name} scores with a reconstruction forward pass, which the "
-                        "SGLang plugin does not run; use the HF engine")
-    if spec.once and type(method).layer_budgets is not Method.layer_budgets:
-        raise SpecError(f"{spec.name}: a shared compressed corpus is read with one kept count "
-                        "for every layer, and this method spreads its budget over layers; "
-                        "use the HF engine, or the method per question")
 
 
 def capture_queries(spec: CompressionSpec | None) -> int | None:
@@ -132,22 +120,50 @@ def python_decode(inner: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Settings:
+    """Everything the plugin reads from its environment, read once per process (when the
+    backend is created): a request's spec is parsed once, from its own parameters."""
+
+    server_spec: CompressionSpec | None = None
+    allowed: set[str] | None = None  # spec names requests may ask for; None: any
+    capture: int | None = DEFAULT_CAPTURE  # prompt queries kept per request; None: all
+    stats_path: str | None = None
+    record_kept: bool = False
+    pool_log: str | None = None
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        """Raises SpecError naming the variable that holds an invalid value."""
+        spec = server_spec()
+        return cls(spec, allowed_request_specs(), capture_queries(spec),
+                   os.environ.get(ENV_STATS) or None, os.environ.get(ENV_RECORD_KEPT) == "1",
+                   os.environ.get(ENV_POOL_LOG) or None)
+
+
+@dataclass
 class RequestCompression:
+    """A request's compression, the one kvrag attribute SGLang's ``Req`` carries
+    (``req.kvrag``); ``once`` is set for a ``once:`` spec (``once.py``)."""
+
     spec: CompressionSpec
     span: tuple[int, int]  # evictable token positions, half-open
+    once: OnceRequest | None = None
 
 
-def for_request(custom_params: dict | None, n_prompt: int) -> RequestCompression | None:
+def for_request(custom_params: dict | None, n_prompt: int,
+                settings: Settings | None = None) -> RequestCompression | None:
     """This request's compression, or None (no spec, or nothing evictable).
 
-    Raises SpecError for an invalid spec or span, naming the parameter.
+    Raises SpecError for an invalid spec or span, naming the parameter. ``settings``:
+    the server's (default: read from the environment now).
     """
+    settings = settings or Settings.from_env()
     params = custom_params or {}
     if not isinstance(params, dict):
         raise SpecError(f"custom_params must be an object, got {type(params).__name__}")
     text = params.get(PARAM_SPEC)
     if text is None:
-        spec = server_spec()
+        spec = settings.server_spec
     elif str(text).strip().lower() == "none":
         spec = None
     else:
@@ -155,8 +171,8 @@ def for_request(custom_params: dict | None, n_prompt: int) -> RequestCompression
             spec = parse_spec(str(text))
         except SpecError as err:
             raise SpecError(f"custom_params.{PARAM_SPEC}={text!r}: {err}") from None
-        check_servable(spec)
-    allowed = allowed_request_specs() if text is not None else None
+        check(spec, Target.PLUGIN)
+    allowed = settings.allowed if text is not None else None
     if allowed is not None and (spec.name if spec else "none") not in allowed:
         raise SpecError(f"custom_params.{PARAM_SPEC}={text!r} is not allowed on this server; "
                         f"allowed: {', '.join(sorted(allowed))}")

@@ -40,7 +40,6 @@ from sglang.srt.mem_cache.evict_policy import EvictionStrategy
 logger = logging.getLogger(__name__)
 
 POLICY_NAME = "kvrag-cost"
-_REGISTERED = False
 
 _RESOLVE_CORE = "sglang.srt.mem_cache.unified_cache.tree_core_registry.resolve_tree_core_backend"
 _CLASSIC_EVICT = "sglang.srt.mem_cache.radix_cache.RadixCache.evict"
@@ -167,9 +166,6 @@ def register_eviction_policy() -> None:
     every plugin registered, and a direct call (a benchmark, a test) applies them here.
     Each hook does nothing unless the tree at hand uses this policy.
     """
-    global _REGISTERED
-    if _REGISTERED:
-        return
     from sglang.srt.arg_groups.choices import (
         RADIX_EVICTION_POLICY_CHOICES,
         add_radix_eviction_policy_choices,
@@ -178,6 +174,8 @@ def register_eviction_policy() -> None:
 
     from kvrag.engine_plugin import hooks
 
+    if utils._EVICTION_POLICY_FACTORIES.get(POLICY_NAME) == KvragCostStrategy.from_config:
+        return  # registered in this process already
     factory = utils._EVICTION_POLICY_FACTORIES.setdefault(POLICY_NAME,
                                                           KvragCostStrategy.from_config)
     if factory != KvragCostStrategy.from_config:
@@ -193,7 +191,6 @@ def register_eviction_policy() -> None:
         (_UNIFIED_EVICT_WALK, _around_unified_evict_walk, "around"),
         (_UNIFIED_EVICT_VICTIM, _around_unified_evict_victim, "around"),
     ])
-    _REGISTERED = True
 
 
 def _prefer_python_core(original, name: str, params) -> str:

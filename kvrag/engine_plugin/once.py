@@ -11,8 +11,8 @@ its real size (the kept slots), and SGLang's memory checks count it.
 - **Hit.** Before the request is matched against the tree, its prompt is rewritten to
   the key followed by its question tokens. When the tree holds the whole key, the
   request prefills only its question, over the kept slots, and its positions are shifted
-  by ``end - kmax`` (the attention backend adds the shift before the model runs), so RoPE
-  sees the logical positions. Nothing else about it differs from a plain request.
+  by ``end - kmax`` (``PositionShifts``, added before the model runs), so RoPE sees the
+  logical positions. Nothing else about it differs from a plain request.
 - **Miss.** The prompt is put back. The request prefills its prefix alone (its chunk is
   cut at ``end``), is compacted there with the prefix's last queries (question-agnostic
   scoring), and then extends its question over the compacted cache. When it leaves, its
@@ -23,11 +23,17 @@ A ``full`` request over the same corpus matches the real prefix in the tree as b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 from array import array
 from dataclasses import dataclass
 
+import torch
+
 from kvrag.compression import CompressionSpec
+
+logger = logging.getLogger(__name__)
 
 NAMESPACE = "kvrag-once"
 _HASH_TOKENS = 4  # 124 hash bits lead the key; 31 each keeps ids in int32
@@ -35,7 +41,7 @@ _HASH_TOKENS = 4  # 124 hash bits lead the key; 31 each keeps ids in int32
 
 def kept_prefix(spec: CompressionSpec, span: tuple[int, int]) -> int:
     """Slots a compressed prefix ``[0, span[1])`` holds: everything before the span and the
-    document tokens the spec keeps (one count for all layers: ``config.check_servable``)."""
+    document tokens the spec keeps (one count for all layers: ``capabilities.check``)."""
     start, end = span
     return start + spec.kept(end - start)
 
@@ -90,3 +96,117 @@ class OnceRequest:
 
     def hit_prompt(self) -> array:
         return self.key + self.real[self.end:]
+
+
+def of(req) -> OnceRequest | None:
+    """The ``once:`` state of an SGLang request, or None."""
+    wanted = getattr(req, "kvrag", None)
+    return None if wanted is None else wanted.once
+
+
+def is_hit(req) -> bool:
+    once = of(req)
+    return once is not None and once.state == "hit"
+
+
+class PositionShifts:
+    """Per request row, what a hit adds to its positions: it runs over ``kmax`` slots
+    where its logical prefix is ``end`` tokens long. Applied to every forward batch's
+    positions before the model runs (RoPE), so nothing else sees the difference."""
+
+    def __init__(self, n_rows: int, device) -> None:
+        self.by_row = torch.zeros(n_rows, dtype=torch.int64, device=device)
+        self.rows: set[int] = set()  # rows with a shift, host side
+
+    def announce(self, rows: list[int], shifts: list[int]) -> None:
+        for row, shift in zip(rows, shifts, strict=True):
+            if shift and row not in self.rows:
+                self.by_row[row] = shift
+                self.rows.add(row)
+
+    def apply(self, forward_batch) -> None:
+        mode = forward_batch.forward_mode
+        if not self.rows or not (mode.is_decode() or mode.is_extend()):
+            return
+        shift = self.by_row[forward_batch.req_pool_indices].to(forward_batch.positions.dtype)
+        if mode.is_extend():
+            shift = torch.repeat_interleave(shift, forward_batch.extend_seq_lens,
+                                            output_size=forward_batch.positions.shape[0])
+        forward_batch.positions += shift
+
+    def release(self, row: int) -> None:
+        if row in self.rows:
+            self.rows.discard(row)
+            self.by_row[row] = 0
+
+
+# --- the scheduler's events a once: request changes (hooks, see register.py) ---
+
+def init_next_round_input(original, req, tree_cache=None, *args, **kwargs):
+    """A fresh ``once:`` request tries its stored compressed prefix first: its prompt is
+    the prefix's key and its question (a hit), or, if the tree lacks the key, its real
+    prompt (a miss, which builds the prefix)."""
+    once = of(req)
+    if once is None or tree_cache is None or req.kv.holds_kv:
+        return original(req, tree_cache, *args, **kwargs)
+    once.state = "hit"
+    _set_prompt(req, once.hit_prompt(), namespace(once.spec, once.extra_key))
+    result = original(req, tree_cache, *args, **kwargs)
+    if req.prefix_len >= once.kmax:
+        return result
+    once.state = "miss"
+    _set_prompt(req, array("q", once.real), once.extra_key)
+    return original(req, tree_cache, *args, **kwargs)
+
+
+def _set_prompt(req, prompt, extra_key) -> None:
+    req.origin_input_ids = prompt
+    req.extra_key = extra_key
+    req.full_untruncated_fill_ids = array("q")  # rebuilt from the prompt when next read
+
+
+def select_prefill_admission(result, adder, req, *args, **kwargs):
+    """End a building request's prefill chunk where its corpus prefix ends, so the prefix
+    is compressed before the question runs."""
+    once = of(req)
+    if once is None or once.state != "miss" or not dataclasses.is_dataclass(result):
+        return result
+    if result.prefix_len < once.end < result.prefix_len + result.extend_len:
+        return dataclasses.replace(result, extend_len=once.end - result.prefix_len,
+                                   is_chunked=True, max_new_tokens=0)
+    return result
+
+
+def add_chunked_req(adder, req, *args, **kwargs):
+    once = of(req)
+    if once is not None and once.state == "miss" and req.prefix_len < once.end:
+        limit = once.end - req.prefix_len
+        adder.chunked_req_limit = min(adder.chunked_req_limit or limit, limit)
+
+
+def store(cache, once: OnceRequest, slots: torch.Tensor) -> None:
+    """Give a built compressed corpus prefix to the tree, under its key, when the request
+    that built it leaves (instead of freeing its kept slots)."""
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    key = RadixKey(once.key, namespace(once.spec, once.extra_key), cache_salt=once.cache_salt)
+    result = cache.insert(InsertParams(key=key, value=slots.to(torch.int64)))
+    if result.prefix_len:  # another request stored the same prefix first
+        cache.token_to_kv_pool_allocator.free(slots[:result.prefix_len])
+    logger.info("kvrag: stored the %s corpus prefix (%d slots for %d tokens)%s",
+                once.spec.name, once.kmax, once.end,
+                "; it was there already" if result.prefix_len else "")
+
+
+def report(req, once: OnceRequest, kind: str, prefilled: int) -> dict:
+    """What a once: request reports beside its held slots: built or hit, the shared
+    compressed corpus's slots, the prompt tokens it computed."""
+    return {"rid": req.rid, "spec": once.spec.name, "once": kind,
+            "prompt_tokens": len(once.real), "shared_kv_tokens": float(once.kmax),
+            "prefill_tokens": prefilled}
+
+
+def held_slots(once: OnceRequest) -> int:
+    """Slots a once: request's prompt holds: the kept corpus, then its question."""
+    return once.kmax + len(once.real) - once.end

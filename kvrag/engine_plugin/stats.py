@@ -1,4 +1,9 @@
-"""Reading the plugin's stats file: one JSON line per compressed request, keyed by rid.
+"""The plugin's stats file (``KVRAG_PLUGIN_STATS``): one JSON line per compressed request,
+keyed by rid, written by the scheduler (``write``) and read by benchmarks (``StatsLog``).
+
+The line is the request's report (``lifecycle.py``): the slots its prompt holds and their
+bytes, what it kept per layer, the slots it freed, the allocator's free size before and
+after, its seconds; for ``once:``, whether it built or matched the stored prefix.
 
 The file grows for the whole life of an engine, so it is read incrementally: each lookup
 parses only the lines appended since the last one.
@@ -8,6 +13,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+
+def write(path: str, line: dict) -> None:
+    """Append ``line``; called on TP rank 0 only (every rank compresses alike)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
 
 
 class StatsLog:

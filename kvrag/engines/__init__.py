@@ -1,4 +1,5 @@
-"""One ``generate`` interface over HF transformers (and, later, SGLang)."""
+"""One generate interface over HF transformers, the SGLang engine in process, and a running
+SGLang server by URL."""
 
 from kvrag.engines.base import Cost, Engine, Generation
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from kvrag.compression.spec import CompressionSpec
 from kvrag.data.prompt import Prompt
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -68,14 +71,34 @@ class Generation:
 
 
 class Engine(Protocol):
-    """Greedy generation from one prompt, with its cost, optionally from a compressed cache."""
+    """Greedy generation from one prompt, with its cost, optionally from a compressed cache.
+
+    Every method here is one the callers use; an engine that has nothing to do for one
+    (``release`` on a server that keeps no prefill for the caller) still has it.
+    """
 
     name: str
     model_name: str
+    #: compressed requests asked again alone because the engine could not compress them
+    #: among others (SGLang under a full pool); 0 elsewhere
+    retried_alone: int
 
     def generate(
         self, prompt: Prompt, max_new_tokens: int, compression: CompressionSpec | None = None
     ) -> Generation: ...
+
+    def generate_many(
+        self, jobs: Iterable[tuple[K, Prompt, CompressionSpec | None]], max_new_tokens: int,
+        concurrency: int,
+    ) -> Iterator[tuple[K, Generation]]:
+        """Up to ``concurrency`` jobs in flight; each (key, answer) as it lands."""
+        ...
+
+    def release(self) -> None:
+        """The caller is done with the prompt last answered: drop what was kept for it."""
+        ...
+
+    def close(self) -> None: ...
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` alone (no special tokens), for budgets and chunking."""

@@ -25,13 +25,16 @@ from; on CUDA it also records the peak memory the process allocated while answer
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from kvrag.compression import CompressionSpec, kept_positions
+from kvrag.compression.capabilities import check_queries
 from kvrag.compression.kvzip import REPEAT_PROMPT
 from kvrag.compression.sentences import sentence_ends_for
 from kvrag.data.prompt import Prompt
@@ -39,6 +42,8 @@ from kvrag.engines import hf_attention
 from kvrag.engines.base import Cost, Generation
 from kvrag.engines.chat import EncodedPrompt, TokenizerMethods, stop_ids
 from kvrag.engines.checkpoint import KVGeometry
+
+K = TypeVar("K")
 
 
 @dataclass
@@ -138,12 +143,26 @@ class HFEngine(TokenizerMethods):
         self.kv_bytes_per_token_layer = kv.bytes_per_token_layer(dtype)
         self.capture_queries = capture_queries
         self._last: Prefill | None = None
+        self.retried_alone = 0
         # (corpus prefix ids, spec name) -> its compressed cache, for once: specs
         self._once: dict[tuple[tuple[int, ...], str], CompressedCache] = {}
 
     def release(self) -> None:
         """Drop the kept prefill: the systems asking about its prompt are done."""
         self._last = None
+
+    def close(self) -> None:
+        self._last = None
+        self._once.clear()
+
+    def generate_many(
+        self, jobs: Iterable[tuple[K, Prompt, CompressionSpec | None]], max_new_tokens: int,
+        concurrency: int = 1,
+    ) -> Iterator[tuple[K, Generation]]:
+        """One answer at a time, whatever ``concurrency``: HF transformers does not batch
+        requests here."""
+        for key, prompt, compression in jobs:
+            yield key, self.generate(prompt, max_new_tokens, compression)
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> Prefill:
@@ -197,13 +216,9 @@ class HFEngine(TokenizerMethods):
             kv_heads = pre.cache.layers[0].keys.shape[1]
             kept = [torch.arange(n, device=self.device).expand(kv_heads, -1)] * self.n_layers
         else:
-            needed = method.queries_needed()
-            have = pre.queries[0].shape[1]
-            if (needed is None and have < n) or (needed is not None and have < min(needed, n)):
-                raise ValueError(
-                    f"{method.name} scores with {needed or 'all'} prompt queries but the engine "
-                    f"keeps {have}; create HFEngine(capture_queries=None)")
             assert spec is not None
+            check_queries(spec, pre.queries[0].shape[1], n, "the engine",
+                          "create HFEngine(capture_queries=None)")
             repeat = self._reconstruction(pre, span) if method.reconstruction else None
             kept = kept_positions(
                 spec, [pre.cache.layers[layer].keys[0] for layer in range(self.n_layers)],

@@ -74,6 +74,9 @@ class SGLangEngine(TokenizerMethods):
         return self.engine.loop.run_until_complete(
             self._agenerate(prompt, max_new_tokens, compression, ignore_eos))
 
+    def release(self) -> None:
+        """Nothing to drop: the server's radix cache keeps prefixes for whoever asks."""
+
     def generate_many(
         self, jobs: Iterable[tuple[K, Prompt, CompressionSpec | None]], max_new_tokens: int,
         concurrency: int,

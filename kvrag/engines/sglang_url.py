@@ -26,6 +26,7 @@ from typing import TypeVar
 import torch
 
 from kvrag.compression import CompressionSpec
+from kvrag.compression.capabilities import Target, check
 from kvrag.data.prompt import Prompt
 from kvrag.engine_plugin import config as plugin_config
 from kvrag.engines.admission import PrefixAdmission
@@ -51,6 +52,7 @@ class SGLangURLEngine(TokenizerMethods):
         self.model_name = self.model_path.name
         self.api_key = api_key
         self.timeout_s = timeout_s
+        self.retried_alone = 0
         side = CheckpointSide.load(self.model_path)
         self.tokenizer, self.stop_ids = side.tokenizer, side.stop_ids
         self.info = server_info(self.url, api_key)
@@ -105,6 +107,12 @@ class SGLangURLEngine(TokenizerMethods):
                            self.kv_bytes_per_token)
         return Generation(self.tokenizer.decode(ids, skip_special_tokens=True), cost,
                           truncated=finish.get("type") == "length")
+
+    def close(self) -> None:
+        """Nothing to close: every request is its own HTTP connection."""
+
+    def release(self) -> None:
+        """Nothing to drop: the server's radix cache keeps prefixes for whoever asks."""
 
     def generate_many(
         self, jobs: Iterable[tuple[K, Prompt, CompressionSpec | None]], max_new_tokens: int,
@@ -163,7 +171,7 @@ def check_servable(url: str, info: dict, spec: CompressionSpec) -> None:
             f"{url} does not run the kvrag plugin (attention backend "
             f"{info.get('attention_backend')!r}), so it cannot serve {spec.name}; full and "
             "rag:* systems work there, or start the server with kvrag serve")
-    plugin_config.check_servable(spec)
+    check(spec, Target.PLUGIN)
 
 
 def _dtype(server: object, config: object) -> torch.dtype:

@@ -1,1 +1,2 @@
-"""Metrics, answer extraction, the comparison runner, result store and reports."""
+"""Comparing systems: compare runs, the systems and their engine, prompt fitting, metrics
+and the answer judge, result store and reports; and the dataset builder."""

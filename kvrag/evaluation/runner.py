@@ -44,11 +44,10 @@ def run_comparison(
     output the same way, shown the documents it cites from its own prompt
     (``scores.judge``).
     """
-    many = getattr(engine, "generate_many", None)
-    if concurrency > 1 and many is not None:
+    if concurrency > 1:
         jobs = ((i, s, s.request(i, engine)) for i, s in work)
-        results = many(((job, job[2].prompt, job[2].compression) for job in jobs),
-                       max_new_tokens, concurrency)
+        results = engine.generate_many(((job, job[2].prompt, job[2].compression)
+                                        for job in jobs), max_new_tokens, concurrency)
     else:
         results = _one_at_a_time(work, engine, max_new_tokens)
     for (instance, system, request), generation in results:
@@ -73,13 +72,12 @@ def run_comparison(
 
 def _one_at_a_time(work: Sequence[tuple[Instance, System]], engine: Engine,
                    max_new_tokens: int) -> Iterator[tuple[tuple, Generation]]:
-    """Answers in order; an engine that keeps a question's prefill for its systems
-    (``release``) drops it as soon as the question's last system is served."""
-    release = getattr(engine, "release", None)
+    """Answers in order; the engine drops what it kept for a question's prompt (the HF
+    engine's prefill) as soon as the question's last system is served."""
     for k, (instance, system) in enumerate(work):
         request = system.request(instance, engine)
         generation = engine.generate(request.prompt, max_new_tokens,
                                      compression=request.compression)
-        if release is not None and (k + 1 == len(work) or work[k + 1][0].id != instance.id):
-            release()
+        if k + 1 == len(work) or work[k + 1][0].id != instance.id:
+            engine.release()
         yield (instance, system, request), generation

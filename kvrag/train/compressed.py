@@ -12,21 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kvrag.compression import CompressionSpec, SpecError, kept_positions
-
-
-def check_trainable(spec: CompressionSpec) -> None:
-    """Refuse specs that training cannot reproduce, saying why."""
-    method = spec.build()
-    if spec.once:
-        raise SpecError(f"{spec.name}: training compresses each prompt with its question "
-                        "(question-aware); drop 'once:'")
-    if method.dynamic:
-        raise SpecError(f"{spec.method} keeps the whole cache and picks keys per decoded token; "
-                        "train with a method that evicts (e.g. snapkv:0.5)")
-    if method.reconstruction:
-        raise SpecError(f"{spec.method} scores with a second forward pass over the documents, "
-                        "which training does not run; train with snapkv, pyramidkv, tova, ...")
+from kvrag.compression import CompressionSpec, kept_positions
 
 
 def compressed_prefill(model, prompt_ids: torch.Tensor, span: tuple[int, int],

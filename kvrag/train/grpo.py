@@ -89,9 +89,9 @@ def train_grpo(
     from trl import GRPOConfig
 
     from kvrag.compression import parse_spec
+    from kvrag.compression.capabilities import Target, check
     from kvrag.engines import hf_attention
     from kvrag.engines.chat import encode_prompt
-    from kvrag.train.compressed import check_trainable
     from kvrag.train.grpo_trainer import CompletionOnlyGRPOTrainer
 
     if cfg.batch_size % cfg.num_generations:
@@ -99,7 +99,7 @@ def train_grpo(
                          f"{cfg.num_generations}")
     spec = parse_spec(cfg.compress) if cfg.compress else None
     if spec is not None:
-        check_trainable(spec)
+        check(spec, Target.TRAINING)
     device = torch.device(device)
     if device.type == "cuda":
         # the Trainer (through Accelerate) trains on the current CUDA device

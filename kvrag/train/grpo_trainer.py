@@ -23,8 +23,9 @@ import torch
 from trl import GRPOTrainer
 
 from kvrag.compression import CompressionSpec
+from kvrag.compression.capabilities import Target, check
 from kvrag.compression.sentences import sentence_ends_for
-from kvrag.train.compressed import check_trainable, continuation_logits, sample_compressed
+from kvrag.train.compressed import continuation_logits, sample_compressed
 
 
 class CompletionOnlyGRPOTrainer(GRPOTrainer):
@@ -36,7 +37,7 @@ class CompletionOnlyGRPOTrainer(GRPOTrainer):
         self.compress = compress
         self.spans = dict(spans or {})
         if compress is not None:
-            check_trainable(compress)
+            check(compress, Target.TRAINING)
             if self.args.gradient_checkpointing:
                 raise ValueError("GRPO with compression needs the prompt's KV cache, which "
                                  "gradient checkpointing drops; turn checkpointing off")

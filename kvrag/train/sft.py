@@ -13,10 +13,11 @@ compressed server keeps, and gradients reach the prompt through the kept entries
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from kvrag.engines.device import DTYPES
 from kvrag.train.examples import Example
 
 IGNORE = -100  # label of tokens left out of the loss
+DEFAULT_STEPS = 50  # optimizer steps when neither steps nor epochs are given
 
 
 @dataclass
@@ -43,7 +45,7 @@ class LoraSettings:
 @dataclass
 class SFTConfig:
     fmt: str = "answer"  # target format (kvrag.train.formats.FORMATS)
-    steps: int = 50  # optimizer steps
+    steps: int = DEFAULT_STEPS  # optimizer steps
     grad_accum: int = 4  # examples per step (one at a time: prompts are long)
     lr: float = 2e-4
     seed: int = 0
@@ -70,6 +72,21 @@ class SFTConfig:
 
 # prompts longer than this train with gradient checkpointing unless told otherwise
 CHECKPOINTING_FROM_TOKENS = 4096
+
+
+def training_steps(steps: int | None, epochs: float | None, examples: int,
+                   grad_accum: int) -> int:
+    """The optimizer steps to run: enough for ``epochs`` passes over ``examples`` when
+    given (at least one), else ``steps``, else ``DEFAULT_STEPS``."""
+    if epochs is not None:
+        return max(1, math.ceil(epochs * examples / grad_accum))
+    return steps or DEFAULT_STEPS
+
+
+def checkpointing_by_default(prompt_tokens: Iterable[int], compress: str | None) -> bool:
+    """Gradient checkpointing when it is not chosen: on when a prompt is over
+    ``CHECKPOINTING_FROM_TOKENS``, never with compression-aware training."""
+    return not compress and max(prompt_tokens, default=0) > CHECKPOINTING_FROM_TOKENS
 
 
 @dataclass(frozen=True)

@@ -404,26 +404,13 @@ def test_a_url_that_is_no_sglang_server_is_refused_before_any_work(tmp_path,
     assert result.exit_code == 2 and "--url goes with --engine sglang-url" in result.output
 
 
-
-def test_default_concurrency_batches_only_where_it_pays():
-    import torch
-
-    from kvrag.cli.compare import default_concurrency
-    from kvrag.engines.device import Placement
-
-    cpu = Placement(torch.device("cpu"), torch.float32)
-    gpu = Placement(torch.device("cuda", 0), torch.bfloat16)
-    assert [default_concurrency(e, cpu) for e in ("hf", "sglang", "sglang-url")] == [1, 1, 16]
-    assert default_concurrency("sglang", gpu) == 16 and default_concurrency("hf", gpu) == 1
-
-
 def test_a_length_sweep_answers_the_same_questions_at_each_length(tmp_path, tiny_model_dir,
                                                                   monkeypatch) -> None:
-    import kvrag.cli.compare as compare_cli
+    import kvrag.evaluation.comparison as comparison
 
     loads = []
-    real_load = compare_cli._load_engine
-    monkeypatch.setattr(compare_cli, "_load_engine",
+    real_load = comparison.load_engine
+    monkeypatch.setattr(comparison, "load_engine",
                         lambda *a, **k: loads.append(1) or real_load(*a, **k))
     out = tmp_path / "sweep"
     args = ("--dataset", "demo", "--limit", "4", "--systems", "full,snapkv:0.5",

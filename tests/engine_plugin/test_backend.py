@@ -18,9 +18,12 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from torch.nn.functional import scaled_dot_product_attention
 
-from kvrag.compression import parse_spec
+from kvrag.compression import HeadShard, parse_spec
 from kvrag.engine_plugin import backend
-from kvrag.engine_plugin.backend import KvragAttnBackend, _QueryTail
+from kvrag.engine_plugin.backend import KvragAttnBackend
+from kvrag.engine_plugin.capture import QueryCapture, QueryTail
+from kvrag.engine_plugin.once import PositionShifts
+from kvrag.engine_plugin.rows import Rows
 
 KV_HEADS, Q_HEADS, D, LAYERS = 2, 4, 8, 2
 
@@ -109,14 +112,27 @@ def _prefilled(runner, kv: KvragAttnBackend, n: int) -> tuple[int, torch.Tensor]
     for lid in range(LAYERS):
         runner.token_to_kv_pool.get_key_buffer(lid)[slots] = torch.randn(n, KV_HEADS, D)
         runner.token_to_kv_pool.get_value_buffer(lid)[slots] = torch.randn(n, KV_HEADS, D)
-    tail = kv.tails[row] = _QueryTail()
+    tail = kv.queries.tails[row] = QueryTail()
     tail.end = n
     tail.layers = {lid: torch.randn(64, Q_HEADS, D) for lid in range(LAYERS)}
     return row, slots
 
 
+def _backend(runner, python_decode: bool) -> KvragAttnBackend:
+    """The backend over the plugin state's parts, as ``register.create_backend`` wires it."""
+    layers = list(range(LAYERS))
+    rows = Rows(runner, layers, HeadShard())
+    return KvragAttnBackend(runner, TorchNativeAttnBackend(runner), QueryCapture(64, layers),
+                            rows, PositionShifts(rows.req_to_token.shape[0], "cpu"),
+                            python_decode=python_decode)
+
+
+def _compress(kv: KvragAttnBackend, row: int, **kwargs):
+    return kv.rows.compress(row, kv.queries.pop(row), **kwargs)
+
+
 def _kept_slots(kv: KvragAttnBackend, row: int, layer: int) -> torch.Tensor:
-    record = kv.resident[row].record
+    record = kv.rows.resident[row].record
     return record.slots[:record.keep[layer]]
 
 
@@ -124,12 +140,11 @@ def _kept_slots(kv: KvragAttnBackend, row: int, layer: int) -> torch.Tensor:
 def test_decode_over_a_compacted_and_a_full_request(python_decode):
     torch.manual_seed(1)
     runner = _runner()
-    kv = KvragAttnBackend(runner, TorchNativeAttnBackend(runner), capture=64,
-                          python_decode=python_decode)
+    kv = _backend(runner, python_decode=python_decode)
     compacted, _ = _prefilled(runner, kv, 120)
     full, full_slots = _prefilled(runner, kv, 90)
-    kv.tails.pop(full)
-    assert kv.compress(compacted, rid="c", protected=0, spec=parse_spec("snapkv:0.5"),
+    kv.queries.pop(full)
+    assert _compress(kv, compacted, rid="c", protected=0, spec=parse_spec("snapkv:0.5"),
                        span=(0, 100)) is not None
     req_to_token = runner.req_to_token_pool.req_to_token
     decoded = {compacted: [], full: []}
@@ -153,18 +168,17 @@ def test_decode_over_a_compacted_and_a_full_request(python_decode):
                 want = _sdpa(q.view(2, Q_HEADS, D)[i:i + 1], kbuf, vbuf, slots, D ** -0.5)
                 assert torch.allclose(out[i], want[0], atol=1e-5)
     # the physical row lists the kept slots, then the decoded ones
-    physical = kv.resident[compacted].row
-    kmax = kv.resident[compacted].record.slots.numel()
+    physical = kv.rows.resident[compacted].row
+    kmax = kv.rows.resident[compacted].record.slots.numel()
     assert req_to_token[physical, kmax:kmax + 3].tolist() == decoded[compacted]
 
 
 def test_an_extend_over_a_compacted_request_reads_its_kept_slots():
     torch.manual_seed(2)
     runner = _runner()
-    kv = KvragAttnBackend(runner, TorchNativeAttnBackend(runner), capture=64,
-                          python_decode=False)
+    kv = _backend(runner, python_decode=False)
     row, _ = _prefilled(runner, kv, 150)
-    kv.compress(row, rid="c", protected=0, spec=parse_spec("streamingllm:0.5"), span=(4, 140))
+    _compress(kv, row, rid="c", protected=0, spec=parse_spec("streamingllm:0.5"), span=(4, 140))
     new = runner.token_to_kv_pool_allocator.alloc(6)
     runner.req_to_token_pool.req_to_token[row, 150:156] = new.to(torch.int32)
     fb = _batch(ForwardMode.EXTEND, [row], [156], new, prefix=[150], extend=[6])
@@ -182,12 +196,11 @@ def test_an_extend_over_a_compacted_request_reads_its_kept_slots():
 
 def test_release_gives_back_the_physical_row():
     runner = _runner()
-    kv = KvragAttnBackend(runner, TorchNativeAttnBackend(runner), capture=64,
-                          python_decode=False)
+    kv = _backend(runner, python_decode=False)
     row, _ = _prefilled(runner, kv, 100)
     free_rows = runner.req_to_token_pool.available_size()
-    kv.compress(row, rid="c", protected=0, spec=parse_spec("knorm:0.5"), span=(0, 90))
+    _compress(kv, row, rid="c", protected=0, spec=parse_spec("knorm:0.5"), span=(0, 90))
     assert runner.req_to_token_pool.available_size() == free_rows - 1
-    assert kv.release(row) is not None
+    assert kv.rows.release(row) is not None
     assert runner.req_to_token_pool.available_size() == free_rows
-    assert kv.physical_row[row] == row and kv.shift[row] == 0
+    assert kv.rows.physical_row[row] == row and kv.rows.shift[row] == 0

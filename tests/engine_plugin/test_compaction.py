@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kvrag.compression import parse_spec
-from kvrag.engine_plugin.compaction import Compacted, compact, kept_positions, release_ranges
+from kvrag.engine_plugin.compaction import Compacted, compact, kept_positions
+from kvrag.engine_plugin.rows import release_ranges
 
 
 def _compacted(n=100, protected=20, kmax=40) -> Compacted:

@@ -28,8 +28,8 @@ def test_register_is_idempotent_and_fills_every_registry():
     assert ATTENTION_BACKENDS["kvrag"] is plugin.create_backend
     assert ATTENTION_BACKEND_CHOICES.count("kvrag") == 1
     assert RADIX_EVICTION_POLICY_CHOICES.count("kvrag-cost") == 1
-    targets = plugin._HOOK_TARGETS
-    assert plugin._PREPARE_EXTEND in targets
+    targets = [hook.target for hook in plugin.HOOKS]
+    assert "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend" in targets
     assert all(t in HookRegistry._patched for t in targets)
     assert all(len(HookRegistry._hooks[t]) == 1 for t in targets)
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from kvrag.compression import SpecError, parse_spec
+from kvrag.compression.capabilities import Target, check
 from kvrag.compression.sentences import sentence_ends_for
 from kvrag.train.compressed import (
-    check_trainable,
     compressed_prefill,
     continuation_logits,
     sample_compressed,
@@ -112,4 +112,4 @@ def test_continuation_logits_are_the_decoding_logits(engine, prompt, method):
 ])
 def test_specs_training_cannot_reproduce_are_refused(spec, message):
     with pytest.raises(SpecError, match=message):
-        check_trainable(parse_spec(spec))
+        check(parse_spec(spec), Target.TRAINING)

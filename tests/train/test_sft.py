@@ -8,7 +8,17 @@ import torch
 from kvrag.compression import parse_spec
 from kvrag.train.examples import build_examples
 from kvrag.train.formats import count_words
-from kvrag.train.sft import IGNORE, SFTConfig, encode_example, target_loss, train_sft
+from kvrag.train.sft import (
+    CHECKPOINTING_FROM_TOKENS,
+    DEFAULT_STEPS,
+    IGNORE,
+    SFTConfig,
+    checkpointing_by_default,
+    encode_example,
+    target_loss,
+    train_sft,
+    training_steps,
+)
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +167,21 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir
 def test_checkpointing_with_compression_aware_training_is_refused():
     with pytest.raises(ValueError, match="compression-aware"):
         SFTConfig(compress="snapkv:0.5", gradient_checkpointing=True)
+
+
+def test_epochs_become_steps_of_grad_accum_examples():
+    assert training_steps(None, 2.0, 10, 4) == 5  # 20 examples seen, 4 per step: 5 steps
+    assert training_steps(7, 0.01, 10, 4) == 1  # epochs win over steps; at least one step
+    assert training_steps(7, None, 10, 4) == 7
+    assert training_steps(None, None, 10, 4) == DEFAULT_STEPS == 50
+
+
+def test_checkpointing_is_on_by_default_only_for_long_prompts_without_compression():
+    long = CHECKPOINTING_FROM_TOKENS + 1
+    assert checkpointing_by_default([10, long], None)
+    assert not checkpointing_by_default([10, CHECKPOINTING_FROM_TOKENS], None)
+    assert not checkpointing_by_default([], None)
+    assert not checkpointing_by_default([long], "snapkv:0.5")
 
 
 def test_bfloat16_base_trains_a_float32_adapter(tiny_model_dir, examples, tmp_path):

@@ -13,13 +13,13 @@ from rag_helpers import spy_retrieval
 from typer.testing import CliRunner
 
 from kvrag.cli.main import app
-from kvrag.data.build import contains_answer, passages
 from kvrag.data.loaders import load_corpus, load_dataset
 from kvrag.data.prompt import build_prompt
 from kvrag.data.schema import Doc
 from kvrag.engines.chat import encode_prompt
+from kvrag.evaluation.dataset_builder import contains_answer, passages
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "data" / "fixtures"
 QUESTIONS = FIXTURES / "pyjokes_questions.jsonl"
 runner = CliRunner()
 

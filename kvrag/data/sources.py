@@ -1,4 +1,5 @@
-"""Documents a user brings to ``kvrag rag ingest``: a folder of text files or a JSONL."""
+"""Documents from a folder of text files or a JSONL: what ``kvrag rag ingest`` and
+``kvrag data build`` read, and a built set's shared corpus."""
 
 from __future__ import annotations
 

@@ -1,0 +1,253 @@
+"""A request's compression from its creation to its release, as SGLang's scheduler events.
+
+Each function here is a hook on the SGLang method it is named after (``register.HOOKS``
+says which, of what kind, and why). All of them read and change only the plugin state
+(``state.current()``) and the request's ``req.kvrag``; where no kvrag backend runs in the
+process they leave SGLang's behaviour as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kvrag.compression import SpecError
+from kvrag.compression.sentences import sentence_ends_for
+from kvrag.compression.spec import SENTENCE
+from kvrag.engine_plugin import config, once, stats
+from kvrag.engine_plugin.rows import release_ranges
+from kvrag.engine_plugin.state import PendingPrefill, PluginState, current
+
+logger = logging.getLogger(__name__)
+
+
+def req_init(result, req, *args, **kwargs):
+    """Read the request's compression once; a compressed request stays out of the radix
+    tree (its KV is not the full prefix's), an invalid spec aborts it with the reason."""
+    state = current()
+    if state is None:
+        return result
+    try:
+        wanted = config.for_request(req.sampling_params.custom_params,
+                                    len(req.origin_input_ids), state.settings)
+        if wanted is not None and req.session is not None:
+            raise SpecError("compression is not served for session requests: a session "
+                            "keeps the request's KV row for its next turn")
+        if wanted is not None:
+            needed = wanted.spec.build().queries_needed()
+            have = state.settings.capture
+            if have is not None and (needed is None or needed > have):
+                raise SpecError(f"{wanted.spec.name} scores with {needed or 'all'} prompt "
+                                f"queries but the server keeps {have}; start it with "
+                                f"{config.ENV_CAPTURE}=all")
+    except (SpecError, TypeError) as err:
+        req.set_finish_with_abort(str(err))
+        return result
+    req.kvrag = wanted
+    if wanted is not None:
+        req.skip_radix_cache_insert = True
+        if wanted.spec.once:
+            wanted.once = once.OnceRequest.of(wanted.spec, wanted.span, req.origin_input_ids,
+                                              req.extra_key, req.cache_salt)
+    return result
+
+
+def compute_max_prefix_len(result, req, input_len, *args, **kwargs):
+    """A compressed request recomputes at least the prompt queries its method scores with,
+    even when the radix tree holds the prefix."""
+    state = current()
+    if getattr(req, "kvrag", None) is None or state is None:
+        return result
+    stored = req.kvrag.once
+    if stored is not None and stored.state == "hit":
+        return result  # nothing is scored: the stored prefix is matched whole
+    # the queries scored are the prompt's last ones, or the corpus prefix's for once:
+    end = stored.end if stored is not None else input_len
+    capture = state.queries.keep
+    return min(result, 0 if capture is None else max(0, end - capture))
+
+
+def prepare_for_extend(result, batch, *args, **kwargs):
+    """Tell the backend which requests of the coming prefill will be compressed (their
+    queries are kept) and the position shift of each compress-once hit."""
+    state = current()
+    if state is not None:
+        rows = [req.kv.req_pool_idx for req in batch.reqs]
+        state.queries.announce(rows, [_scores(state, req) for req in batch.reqs])
+        state.shifts.announce(rows, [req.kvrag.once.shift if once.is_hit(req) else 0
+                                     for req in batch.reqs])
+    return result
+
+
+def _scores(state: PluginState, req) -> bool:
+    return (getattr(req, "kvrag", None) is not None and req.beam_group is None
+            and not once.is_hit(req) and req.kv.req_pool_idx not in state.rows.resident)
+
+
+def process_batch_result_prefill(original, processor, batch, *args, **kwargs):
+    """Compress the requests whose prefill just ended, after SGLang processed the batch's
+    results and before it streams them (``stream_output``), so the first chunk a client
+    receives already carries what the plugin kept (``config.REPORT_KEY``)."""
+    state = current()
+    if state is None:
+        return original(processor, batch, *args, **kwargs)
+    # SGLang counts a request's middle chunks down while processing them: read it first
+    last_chunk = {id(req) for req in batch.reqs if req.inflight_middle_chunks <= 0}
+    state.pending_prefill = PendingPrefill(processor, batch, last_chunk)
+    try:
+        result = original(processor, batch, *args, **kwargs)
+    except BaseException:
+        state.pending_prefill = None
+        raise
+    _compress_pending(state)  # a rank or a batch that streamed nothing
+    return result
+
+
+def stream_output(streamer, *args, **kwargs):
+    state = current()
+    if state is not None:
+        _compress_pending(state)
+
+
+def _compress_pending(state: PluginState) -> None:
+    pending, state.pending_prefill = state.pending_prefill, None
+    if pending is None:
+        return
+    allocator = pending.processor.token_to_kv_pool_allocator
+    for req in pending.batch.reqs:
+        if not req.kv.holds_kv:
+            continue
+        row, last = req.kv.req_pool_idx, id(req) in pending.last_chunk
+        wanted = getattr(req, "kvrag", None)
+        if wanted is None or req.beam_group is not None:
+            if last:
+                state.queries.drop(row)  # prefill done, nothing to score
+                _report(state, req, _held(state, len(req.origin_input_ids)), write=False)
+            continue
+        stored = wanted.once
+        if stored is not None and stored.state == "hit":
+            if last:
+                prefilled = len(stored.real) - stored.end
+                _report(state, req, once.report(req, stored, "hit", prefilled)
+                        | _held(state, once.held_slots(stored)) | {"seconds": 0.0})
+            continue
+        if req.finished() or req.is_retracted or row in state.rows.resident:
+            continue
+        if stored is not None:
+            # a building once: request is compressed where its corpus prefix ends
+            prefilled = state.queries.prefilled(row)
+            if prefilled < stored.end:
+                continue
+            if prefilled > stored.end:
+                logger.error("kvrag: request %s ran past its corpus prefix (%d > %d) before "
+                             "it was compressed; left uncompressed", req.rid, prefilled,
+                             stored.end)
+                state.queries.drop(row)
+                continue
+        elif not last:
+            continue
+        _compress(state, req, allocator, pending.processor.tree_cache)
+
+
+def _compress(state: PluginState, req, allocator, tree_cache) -> None:
+    wanted, row = req.kvrag, req.kv.req_pool_idx
+    ends = (sentence_ends_for(wanted.spec, req.origin_input_ids, state.tokenizer)
+            if wanted.spec.chunk == SENTENCE else None)
+    free_before = allocator.available_size()
+    done = state.rows.compress(
+        row, state.queries.pop(row), rid=req.rid, protected=req.kv.cache_protected_len,
+        spec=wanted.spec, span=wanted.span, sentence_ends=ends,
+        make_room=lambda k: allocator.evict_to_free_tokens(tree_cache, k))
+    if done is None:
+        return
+    state.room_made = state.room_made or done.freed > done.allocated
+    comp = done.compacted
+    logger.info("kvrag: %s kept %d slots for %d tokens (%s), freed %d slots", req.rid,
+                comp.kv_tokens, comp.n, wanted.spec.name, done.freed)
+    line = {
+        "rid": req.rid, "spec": wanted.spec.name, "span": list(wanted.span),
+        "prompt_tokens": comp.n, "protected": comp.protected, "keep": comp.keep,
+        **_held(state, comp.kv_tokens, comp.layer_mean_tokens),
+        "freed": done.freed, "allocated": done.allocated, "free_before": free_before,
+        "free_after": allocator.available_size(), "seconds": done.seconds,
+    }
+    if state.settings.record_kept:
+        line["kept"] = [k.tolist() for k in comp.kept]
+    if wanted.once is not None:
+        state.rows.resident[row].once = wanted.once  # its slots go to the tree on release
+        prefilled = len(wanted.once.real) - req.kv.cache_protected_len
+        line |= once.report(req, wanted.once, "built", prefilled)
+        line |= _held(state, once.held_slots(wanted.once))
+    _report(state, req, line)
+
+
+def _held(state: PluginState, slots: int, layer_mean: float | None = None) -> dict:
+    """What a request's prompt holds in the pool when its decode starts."""
+    return {"kv_tokens": slots, "kv_bytes": slots * state.slot_bytes,
+            "layer_mean_kv_tokens": float(slots if layer_mean is None else layer_mean)}
+
+
+def _report(state: PluginState, req, line: dict, write: bool = True) -> None:
+    """Hand ``line`` to the client with the request's response (a one-item list in
+    ``meta_info[config.REPORT_KEY]``, streamed or not) and, if ``write``, to the stats
+    file (by TP rank 0: every rank compresses its own heads of the same request alike)."""
+    req.customized_info = (req.customized_info or {}) | {config.REPORT_KEY: [line]}
+    if write and state.settings.stats_path and _tp_rank() == 0:
+        stats.write(state.settings.stats_path, line)
+
+
+def is_request_level_customized_info_key(result, streamer, key, *args, **kwargs):
+    """The plugin's report is one value per request, not one per output token."""
+    return result or key == config.REPORT_KEY
+
+
+def get_new_batch_prefill(scheduler, running_batch, *args, **kwargs):
+    """After a compaction freed slots, look for requests to admit again: SGLang stops
+    admitting once a batch could not take a request, and only a request leaving clears
+    the flag; the slots a compaction freed are room too."""
+    state = current()
+    if state is not None and state.room_made:
+        running_batch.batch_is_full = False
+        state.room_made = False
+
+
+def free_kv_row(original, cache, kv, ranges):
+    """Releasing a compressed request frees its compacted slots (or stores them, for a
+    request that built a compress-once prefix) instead of the prompt positions they
+    replaced."""
+    state = current()
+    resident = state.release(kv.req_pool_idx) if state is not None else None
+    if resident is None:
+        return original(cache, kv, ranges)
+    compacted = resident.record
+    rest = release_ranges(compacted, ranges)
+    if rest:
+        original(cache, kv, rest)
+    if resident.once is not None and cache.supports_prefix_sharing():
+        once.store(cache, resident.once, compacted.slots)
+    else:
+        cache.token_to_kv_pool_allocator.free(compacted.slots)
+    return None
+
+
+def kv_private_tokens(result, kv, *args, **kwargs):
+    """SGLang's memory checker counts a compressed request's slots as it holds them."""
+    state = current()
+    return result if state is None else state.rows.held_slots(kv.req_pool_idx, result)
+
+
+def process_batch_result_decode(processor, batch, *args, **kwargs):
+    """With ``KVRAG_PLUGIN_POOL_LOG``: the pool's slots in use while ``batch`` decodes (the
+    tree's cached prefixes included) and how many requests it holds."""
+    state = current()
+    if state is None or not state.settings.pool_log or _tp_rank() != 0:
+        return
+    allocator = processor.token_to_kv_pool_allocator
+    line = {"used": int(allocator.size - allocator.available_size()),
+            "running": len(batch.reqs)}
+    stats.write(state.settings.pool_log, line)
+
+
+def _tp_rank() -> int:
+    from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    return get_tensor_model_parallel_rank()
