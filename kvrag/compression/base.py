@@ -42,9 +42,9 @@ class ScoringInput:
     keys:    [kv_heads, n, head_dim]
     queries: [q_heads, m, head_dim], the last m <= n prompt queries (as many as the method's
              ``queries_needed`` asks for, or more); q_heads a multiple of kv_heads (GQA)
-    repeat_queries, repeat_keys: [q_heads, r, d] and [kv_heads, r, d] of a reconstruction
-             pass (the model, after the prompt, asked to repeat its documents), for methods
-             with ``reconstruction``; None otherwise
+    reconstruction: [kv_heads, n] what a reconstruction pass gave each position (the
+             model, after the prompt, asked to repeat its documents: ``kvzip.py``), for
+             methods with ``reconstruction``; None otherwise
     """
 
     keys: torch.Tensor
@@ -52,8 +52,7 @@ class ScoringInput:
     layer: int
     n_layers: int
     shard: HeadShard = WHOLE
-    repeat_queries: torch.Tensor | None = None
-    repeat_keys: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -74,7 +73,7 @@ class Method:
     name: ClassVar[str]
     #: True for methods that keep the whole cache and choose keys per decoded token.
     dynamic: ClassVar[bool] = False
-    #: True for methods that score with a reconstruction pass (``ScoringInput.repeat_*``).
+    #: True for methods that score with a reconstruction pass (``ScoringInput.reconstruction``).
     reconstruction: ClassVar[bool] = False
     #: False for methods whose layers keep different counts (``layer_budgets``).
     uniform_layers: ClassVar[bool] = True

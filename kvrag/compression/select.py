@@ -1,4 +1,9 @@
-"""Choosing the kept tokens from scores: the one selection rule every engine uses."""
+"""Choosing the kept tokens from scores: the one selection rule every engine uses.
+
+A layer's kept positions are a tensor [kv_heads, width]. With ``heads=ranked`` the heads
+keep different counts: each row is padded at its end with ``PAD`` to the layer's widest
+head (``kept_counts`` reads the real counts).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,49 @@ def select_kept(scores: torch.Tensor, span: tuple[int, int], keep: int) -> torch
     outside = torch.cat([torch.arange(start), torch.arange(end, n)]).to(scores.device)
     outside = outside.expand(kv_heads, -1)
     return torch.sort(torch.cat([outside, order], dim=1), dim=1).values
+
+
+PAD = -1
+
+
+def kept_counts(kept: torch.Tensor) -> torch.Tensor:
+    """[kv_heads] positions each head of a layer keeps (its row without ``PAD``)."""
+    return (kept != PAD).sum(dim=1)
+
+
+def select_ranked(scores: torch.Tensor, span: tuple[int, int], keep: int,
+                  starts: torch.Tensor | None = None) -> torch.Tensor:
+    """Like ``select_kept``, but the ``keep * kv_heads`` best (head, token) pairs of the
+    span are chosen over all heads together; rows [kv_heads, width] end in ``PAD``.
+
+    With chunk ``starts``, (head, chunk) pairs are ranked by their mean score instead and
+    taken whole, as ``chunk_priority`` does within one head. Ties go to the lower head,
+    then the earlier token.
+    """
+    kv_heads, n = scores.shape
+    start, end = span
+    n_doc = end - start
+    if not 0 <= keep <= n_doc:
+        raise ValueError(f"keep={keep} is outside 0..{n_doc} (the evictable tokens)")
+    flat = scores[:, start:end].reshape(1, -1)
+    if starts is not None and n_doc:
+        rel = starts.to(scores.device) - start
+        every = (rel[None] + n_doc * torch.arange(kv_heads, device=scores.device)[:, None])
+        flat = chunk_priority(flat, (0, kv_heads * n_doc), every.flatten())
+    chosen = torch.sort(flat[0], descending=True, stable=True).indices[:keep * kv_heads]
+    taken = torch.zeros(kv_heads * n_doc, dtype=torch.bool, device=scores.device)
+    taken[chosen] = True
+    inside = torch.zeros(kv_heads, n, dtype=torch.bool, device=scores.device)
+    inside[:, :start] = True
+    inside[:, end:] = True
+    inside[:, start:end] = taken.view(kv_heads, n_doc)
+    counts = inside.sum(dim=1)
+    width = int(counts.max())
+    # each row's kept positions ascending, then PAD: sort (not kept, position)
+    order = torch.sort((~inside).int() * n + torch.arange(n, device=scores.device),
+                       dim=1).values[:, :width]
+    return torch.where(torch.arange(width, device=scores.device) < counts[:, None],
+                       order, torch.full_like(order, PAD))
 
 
 def layer_budgets(method: Method, keep: int, n_layers: int, n_evictable: int) -> list[int]:
@@ -96,14 +144,16 @@ def chunk_priority(scores: torch.Tensor, span: tuple[int, int],
 def kept_positions(
     spec: CompressionSpec, keys: list[torch.Tensor], queries: list[torch.Tensor],
     span: tuple[int, int], shard: HeadShard = WHOLE,
-    repeat: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    reconstruction: list[torch.Tensor] | None = None,
     sentence_ends: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """Per layer, [kv_heads, kept] positions to keep, by the shared scoring code.
+    """Per layer, [kv_heads, kept] positions to keep (padded, under ``heads=ranked``), by
+    the shared scoring code.
 
     keys[layer]: [kv_heads, n, d]; queries[layer]: [q_heads, m, d] (the prompt's last m);
-    ``shard``: the KV heads these are, under tensor parallelism; ``repeat[layer]``: the
-    (queries, keys) of a reconstruction pass, for methods that score with one;
+    ``shard``: the KV heads these are, under tensor parallelism (``heads=ranked`` ranks the
+    heads a rank holds); ``reconstruction[layer]``: [kv_heads, n] what the reconstruction
+    passes scored (``kvzip.ReconstructionScores``), for methods that score with them;
     ``sentence_ends``: bool [n], the tokens that end a sentence, for ``chunk=sentence``.
     Scores only choose indices, so no gradient flows through them; they are computed in
     float32 whatever the cache's dtype, so bfloat16 rounding does not decide ties.
@@ -112,17 +162,19 @@ def kept_positions(
     n_layers = len(keys)
     n_doc = span[1] - span[0]
     budgets = layer_budgets(method, spec.kept(n_doc), n_layers, n_doc)
-    if method.reconstruction and repeat is None:
+    if method.reconstruction and reconstruction is None:
         raise ValueError(f"{method.name} scores with a reconstruction pass; none was given")
     starts = chunk_starts(span, spec.chunk, sentence_ends) if spec.chunk is not None else None
     out = []
     with torch.no_grad():
         for layer, (k, q) in enumerate(zip(keys, queries, strict=True)):
-            rq, rk = repeat[layer] if repeat is not None else (None, None)
+            rec = reconstruction[layer] if reconstruction is not None else None
             inp = ScoringInput(k.detach().float(), q.detach().float(), layer, n_layers, shard,
-                               None if rq is None else rq.detach().float(),
-                               None if rk is None else rk.detach().float())
+                               None if rec is None else rec.detach().float())
             scores = method.score(inp)
+            if spec.ranked_heads:
+                out.append(select_ranked(scores, span, budgets[layer], starts))
+                continue
             if spec.shared_heads:
                 scores = shared_scores(scores, shard)
             if starts is not None:

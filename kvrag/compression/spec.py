@@ -10,7 +10,9 @@ every scoring method takes, which decide how scores become a kept set (select.py
 - ``chunk=C`` keeps whole chunks of C document tokens, the best-scoring first, instead of
   single tokens (ChunkKV, arXiv 2502.00299); ``chunk=sentence`` makes each sentence a chunk;
 - ``heads=shared`` keeps one set per layer for all its KV heads (their scores averaged)
-  instead of one per head (``heads=per-head``, the default).
+  instead of one per head (``heads=per-head``, the default, the same count for each);
+  ``heads=ranked`` ranks the tokens of all a layer's KV heads together, so the layer keeps
+  the same total but a head may keep more than another (AdaKV's and KVzip's shape).
 
 ``once:METHOD:RATIO`` compresses the corpus prefix (system turn, header, documents) once,
 before any question is seen, and answers every question over that corpus from the same
@@ -38,7 +40,7 @@ class SpecError(ValueError):
 
 ONCE = "once:"
 SENTENCE = "sentence"
-HEADS = ("per-head", "shared")
+HEADS = ("per-head", "shared", "ranked")
 #: Options every method takes, and what each allows.
 SELECTION_OPTIONS = {
     "chunk": f"a whole number of tokens >= 1, or {SENTENCE!r}",
@@ -85,6 +87,8 @@ def _canonical(method: str, key: str, value: str) -> str:
     elif key in kinds:
         kind = kinds[key]
         try:
+            if kind is str:  # the method checks its own words when it is built
+                return value
             return str(int(value)) if kind is int else repr(kind(value))
         except ValueError:
             pass
@@ -145,6 +149,11 @@ class CompressionSpec:
     @property
     def shared_heads(self) -> bool:
         return self.selection_options.get("heads") == "shared"
+
+    @property
+    def ranked_heads(self) -> bool:
+        """Each layer's budget spread over its KV heads by score rank."""
+        return self.selection_options.get("heads") == "ranked"
 
     def build(self) -> Method:
         """The method with this spec's settings; built once per spec (methods are

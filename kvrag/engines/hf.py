@@ -35,13 +35,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from kvrag.compression import CompressionSpec, kept_positions
 from kvrag.compression.capabilities import check_queries
-from kvrag.compression.kvzip import REPEAT_PROMPT
+from kvrag.compression.kvzip import RepeatTokens
+from kvrag.compression.select import PAD, kept_counts
 from kvrag.compression.sentences import sentence_ends_for
 from kvrag.data.prompt import Prompt
 from kvrag.engines import hf_attention
 from kvrag.engines.base import Cost, Generation
 from kvrag.engines.chat import EncodedPrompt, TokenizerMethods, stop_ids
 from kvrag.engines.checkpoint import KVGeometry
+from kvrag.engines.reconstruction import reconstruction_scores
 
 K = TypeVar("K")
 
@@ -62,6 +64,14 @@ class CompressedCache:
     cache: DynamicCache
     kept: list[torch.Tensor]  # per layer, [kv_heads, n_kept] original token indices
     seconds: float
+    # per layer, bool [kv_heads, width]: the entries each head really holds, where heads
+    # keep different counts (heads=ranked) and every layer is padded to one width
+    valid: list[torch.Tensor] | None = None
+
+    @property
+    def slots(self) -> int:
+        """Kept entries per KV head, summed over layers (padding not counted)."""
+        return sum(int(kept_counts(idx).sum()) // idx.shape[0] for idx in self.kept)
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,7 @@ class _Start:
     logits: torch.Tensor
     slots: int  # KV entries held over all layers
     in_place: bool  # the cache is the shared prefill's: crop it back after decoding
+    head_valid: list[torch.Tensor] | None  # CompressedCache.valid
     prefill_s: float
     compress_s: float
     prefill_tokens: int
@@ -101,13 +112,26 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
 
 
 def gather_cache(cache: DynamicCache, kept: list[torch.Tensor]) -> DynamicCache:
-    """A new cache of each layer's ``kept[layer]`` [kv_heads, k] positions (differentiable)."""
+    """A new cache of each layer's ``kept[layer]`` [kv_heads, k] positions (differentiable;
+    a ``PAD`` entry holds a copy of position 0, which ``pad_kept``'s mask hides)."""
     out = DynamicCache()
     for layer, idx in enumerate(kept):
         keys, values = cache.layers[layer].keys, cache.layers[layer].values  # [1, h, n, d]
-        gather = idx[None, :, :, None].expand(-1, -1, -1, keys.shape[-1])
+        gather = idx.clamp(min=0)[None, :, :, None].expand(-1, -1, -1, keys.shape[-1])
         out.update(keys.gather(2, gather), values.gather(2, gather), layer)
     return out
+
+
+def pad_kept(kept: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Ranked kept sets (rows ending in ``PAD``) padded to one width for every layer, since
+    transformers builds one attention mask for all layers, and which entries are real;
+    kept sets without padding are returned as they are, with None."""
+    if not any(bool((idx == PAD).any()) for idx in kept):
+        return kept, None
+    width = max(idx.shape[1] for idx in kept)
+    padded = [torch.nn.functional.pad(idx, (0, width - idx.shape[1]), value=PAD)
+              for idx in kept]
+    return padded, [idx != PAD for idx in padded]
 
 
 class HFEngine(TokenizerMethods):
@@ -185,29 +209,13 @@ class HFEngine(TokenizerMethods):
         return Prefill(tuple(ids), out.past_key_values, hooks.captured, out.logits[0, -1],
                        seconds)
 
-    def _reconstruction(self, pre: Prefill, span: tuple[int, int],
-                        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the queries and keys of the model repeating the documents after the
-        prompt (kvzip scores with them); ``pre``'s cache is left as it was."""
-        n = len(pre.ids)
-        ids = self.tokenize(REPEAT_PROMPT) + list(pre.ids[span[0]:span[1]])
-        hooks = hf_attention.AttentionHooks(captured={}, capture_last=None)
-        with hf_attention.attention_hooks(hooks):
-            self.model(input_ids=torch.tensor([ids], device=self.device),
-                       position_ids=torch.arange(n, n + len(ids), device=self.device)[None],
-                       past_key_values=pre.cache, use_cache=True, logits_to_keep=1)
-        assert hooks.captured is not None
-        out = [(hooks.captured[layer], pre.cache.layers[layer].keys[0, :, n:].clone())
-               for layer in range(self.n_layers)]
-        pre.cache.crop(-len(ids))
-        return out
-
     def compress(
         self, pre: Prefill, span: tuple[int, int], spec: CompressionSpec | None
     ) -> CompressedCache:
         """A new cache holding, per layer and KV head, only the tokens ``spec`` keeps.
 
-        Without a spec (or for dynamic methods) the cache is copied whole.
+        Without a spec (or for dynamic methods) the cache is copied whole. Heads keeping
+        different counts (``heads=ranked``) are padded to one width and masked.
         """
         t0 = time.perf_counter()
         n = len(pre.ids)
@@ -219,13 +227,17 @@ class HFEngine(TokenizerMethods):
             assert spec is not None
             check_queries(spec, pre.queries[0].shape[1], n, "the engine",
                           "create HFEngine(capture_queries=None)")
-            repeat = self._reconstruction(pre, span) if method.reconstruction else None
+            rebuilt = (reconstruction_scores(self.model, pre.cache, pre.ids, span, method,
+                                             RepeatTokens.of(self.tokenizer))
+                       if method.reconstruction else None)
             kept = kept_positions(
                 spec, [pre.cache.layers[layer].keys[0] for layer in range(self.n_layers)],
-                [pre.queries[layer] for layer in range(self.n_layers)], span, repeat=repeat,
+                [pre.queries[layer] for layer in range(self.n_layers)], span,
+                reconstruction=rebuilt,
                 sentence_ends=sentence_ends_for(spec, pre.ids, self.tokenizer))
-        cache = gather_cache(pre.cache, kept)
-        return CompressedCache(cache, kept, time.perf_counter() - t0)
+        padded, valid = pad_kept(kept)
+        cache = gather_cache(pre.cache, padded)
+        return CompressedCache(cache, kept, time.perf_counter() - t0, valid)
 
     @torch.inference_mode()
     def generate(
@@ -245,7 +257,7 @@ class HFEngine(TokenizerMethods):
         start = self._start_once(enc, compression) if once else self._start(enc, compression)
         cache = start.cache
         held = cache_bytes(cache)
-        hooks = hf_attention.AttentionHooks()
+        hooks = hf_attention.AttentionHooks(head_valid=start.head_valid)
         kv_tokens = start.slots / self.n_layers
         attended = kv_tokens
         if compression is not None and compression.build().dynamic:
@@ -294,12 +306,11 @@ class HFEngine(TokenizerMethods):
         pre = self.prefill(enc.input_ids)
         n = len(enc.input_ids)
         if spec is None or spec.build().dynamic:
-            return _Start(pre.cache, pre.last_logits, n * self.n_layers, True, pre.seconds,
-                          0.0, n, float(enc.context_end))
+            return _Start(pre.cache, pre.last_logits, n * self.n_layers, True, None,
+                          pre.seconds, 0.0, n, float(enc.context_end))
         compressed = self.compress(pre, enc.span, spec)
-        return _Start(compressed.cache, pre.last_logits,
-                      sum(int(idx.shape[1]) for idx in compressed.kept), False, pre.seconds,
-                      compressed.seconds, n, 0.0)
+        return _Start(compressed.cache, pre.last_logits, compressed.slots, False,
+                      compressed.valid, pre.seconds, compressed.seconds, n, 0.0)
 
     def _start_once(self, enc: EncodedPrompt, spec: CompressionSpec) -> _Start:
         """The corpus prefix's compressed cache (built on first use), extended with a copy
@@ -322,18 +333,20 @@ class HFEngine(TokenizerMethods):
         t0 = time.perf_counter()
         # one forward when every layer holds as many tokens (the mask is built for layer 0's
         # length); token by token under per-layer budgets (PyramidKV)
-        even = len({int(k.shape[1]) for k in corpus.kept}) == 1
+        even = len({layer.keys.shape[2] for layer in cache.layers}) == 1
         steps = [question] if even else [[t] for t in question]
         position = end
-        for step in steps:
-            out = self.model(input_ids=torch.tensor([step], device=self.device),
-                             position_ids=torch.arange(position, position + len(step),
-                                                       device=self.device)[None],
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
-            position += len(step)
+        hooks = hf_attention.AttentionHooks(head_valid=corpus.valid)
+        with hf_attention.attention_hooks(hooks):
+            for step in steps:
+                out = self.model(input_ids=torch.tensor([step], device=self.device),
+                                 position_ids=torch.arange(position, position + len(step),
+                                                           device=self.device)[None],
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+                position += len(step)
         prefill_s += time.perf_counter() - t0
-        kept = sum(int(k.shape[1]) for k in corpus.kept)
+        kept = corpus.slots
         return _Start(cache, out.logits[0, -1], kept + len(question) * self.n_layers, False,
-                      prefill_s, compress_s,
+                      corpus.valid, prefill_s, compress_s,
                       len(question) + (end if built else 0),
                       kept / self.n_layers)

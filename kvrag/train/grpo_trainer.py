@@ -24,7 +24,6 @@ from trl import GRPOTrainer
 
 from kvrag.compression import CompressionSpec
 from kvrag.compression.capabilities import Target, check
-from kvrag.compression.sentences import sentence_ends_for
 from kvrag.train.compressed import continuation_logits, sample_compressed
 
 
@@ -53,9 +52,6 @@ class CompletionOnlyGRPOTrainer(GRPOTrainer):
             raise ValueError("a training prompt's tokens differ from kvrag's encoding of it, "
                              "so its documents cannot be located for compression") from None
 
-    def _sentence_ends(self, prompt: tuple[int, ...]) -> torch.Tensor | None:
-        return sentence_ends_for(self.compress, prompt, self.processing_class)
-
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
                               has_tool_images=False):
         if self.compress is None or images is not None or multimodal_fields:
@@ -70,7 +66,7 @@ class CompletionOnlyGRPOTrainer(GRPOTrainer):
             sampled = sample_compressed(model, list(ids), self._span(ids), self.compress,
                                         len(rows), self.max_completion_length,
                                         self.temperature, set(self.eos_token_ids),
-                                        sentence_ends=self._sentence_ends(ids))
+                                        tokenizer=self.processing_class)
             for row, completion in zip(rows, sampled, strict=True):
                 completions[row] = completion
         return completions, None
@@ -90,7 +86,7 @@ class CompletionOnlyGRPOTrainer(GRPOTrainer):
             with self.accelerator.autocast():
                 logits = continuation_logits(
                     model, torch.tensor([prompt], device=input_ids.device), completions,
-                    self._span(prompt), self.compress, self._sentence_ends(prompt))
+                    self._span(prompt), self.compress, self.processing_class)
             log_probs = torch.log_softmax(logits.float() / self.temperature, dim=-1)
             logps[rows] = log_probs.gather(-1, completions[..., None])[..., 0]
             if entropies is not None:

@@ -119,11 +119,9 @@ def target_loss(model, item: Encoded, spec: CompressionSpec | None,
         # [tokens, vocab] logits would dominate memory and time
         out = model(input_ids=ids, logits_to_keep=ids.shape[1] - cut + 1)
         return torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), labels[0, cut:])
-    from kvrag.compression.sentences import sentence_ends_for
     from kvrag.train.compressed import continuation_logits
 
-    logits = continuation_logits(model, ids[:, :cut], ids[:, cut:], item.span, spec,
-                                 sentence_ends_for(spec, item.input_ids[:cut], tokenizer))
+    logits = continuation_logits(model, ids[:, :cut], ids[:, cut:], item.span, spec, tokenizer)
     return torch.nn.functional.cross_entropy(logits[0].float(), labels[0, cut:])
 
 @dataclass(frozen=True)

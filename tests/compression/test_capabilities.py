@@ -18,7 +18,6 @@ def test_the_hf_engine_runs_every_spec(text):
     ("retrieval:0.5", Target.PLUGIN, "the SGLang plugin serves only methods that evict"),
     ("retrieval:0.5", Target.TRAINING, "picks keys per decoded token"),
     ("kvzip:0.5", Target.PLUGIN, "reconstruction forward pass"),
-    ("kvzip:0.5", Target.TRAINING, "second forward pass"),
     ("once:pyramidkv:0.5", Target.PLUGIN, "one kept count for every layer"),
     ("once:snapkv:0.5", Target.TRAINING, "drop 'once:'"),
 ])
@@ -28,9 +27,16 @@ def test_each_refusal_names_its_reason(text, target, message):
 
 
 @pytest.mark.parametrize("text", ["snapkv:0.5", "pyramidkv:0.5", "tova[chunk=16]:0.5",
-                                  "once:snapkv:0.5", "h2o:0.5"])
+                                  "once:snapkv:0.5", "h2o:0.5",
+                                  "once:snapkv[heads=ranked]:0.5"])
 def test_what_the_plugin_serves(text):
     check(parse_spec(text), Target.PLUGIN)
+
+
+@pytest.mark.parametrize("text", ["kvzip:0.5", "kvzip[heads=ranked;chunk=16]:0.5",
+                                  "snapkv[heads=ranked]:0.5"])
+def test_what_training_runs(text):
+    check(parse_spec(text), Target.TRAINING)
 
 
 def test_methods_declare_what_the_check_reads():

@@ -49,29 +49,66 @@ def test_registry_holds_every_method() -> None:
                             "random", "retrieval", "kvzip"}
 
 
-def test_kvzip_scores_the_most_attention_of_the_reconstruction_pass(inp, monkeypatch) -> None:
-    """By hand: repeat query j sees every prompt key and the pass's keys 0..j; a prompt
-    key's score is its largest softmax weight over the pass, then over its GQA group."""
+@pytest.mark.parametrize("norm", ["local", "prefix"])
+def test_kvzip_scores_a_pass_by_its_most_attention(inp, monkeypatch, norm) -> None:
+    """By hand: repeat query j of a pass over positions [5, 9) sees the prompt's 2 sink keys
+    and the chunk's keys (``local``) or every prompt key (``prefix``), and the pass's keys
+    0..j; a chunk key's score is its largest softmax weight over the pass, then over its
+    GQA group."""
     import kvrag.compression.kvzip as kvzip
 
-    monkeypatch.setattr(kvzip, "CHUNK_ELEMENTS", 40)  # several row chunks, as on long prompts
+    monkeypatch.setattr(kvzip, "BLOCK_ELEMENTS", 40)  # several row blocks, as on long prompts
     gen = torch.Generator().manual_seed(1)
-    r = 5
+    r, (a, b), sinks = 5, (5, 9), 2
     rq, rk = torch.randn(Q_HEADS, r, D, generator=gen), torch.randn(KV_HEADS, r, D, generator=gen)
+    seen = list(range(sinks)) + list(range(a, b)) if norm == "local" else list(range(N))
     g = Q_HEADS // KV_HEADS
-    expected = [[0.0] * N for _ in range(KV_HEADS)]
+    expected = [[0.0] * (b - a) for _ in range(KV_HEADS)]
     for h in range(Q_HEADS):
         kv = h // g
         for j in range(r):
-            logits = [float(rq[h, j] @ inp.keys[kv, t]) / math.sqrt(D) for t in range(N)]
-            logits += [float(rq[h, j] @ rk[kv, t]) / math.sqrt(D) for t in range(j + 1)]
-            total = sum(math.exp(x) for x in logits)
-            for t in range(N):
-                expected[kv][t] = max(expected[kv][t], math.exp(logits[t]) / total)
-    with_pass = ScoringInput(inp.keys, inp.queries, 1, 3, repeat_queries=rq, repeat_keys=rk)
-    torch.testing.assert_close(kvzip.KVzip().score(with_pass), torch.tensor(expected))
+            logits = {t: float(rq[h, j] @ inp.keys[kv, t]) / math.sqrt(D) for t in seen}
+            own = [float(rq[h, j] @ rk[kv, t]) / math.sqrt(D) for t in range(j + 1)]
+            total = sum(math.exp(x) for x in [*logits.values(), *own])
+            for t in range(a, b):
+                expected[kv][t - a] = max(expected[kv][t - a], math.exp(logits[t]) / total)
+    method = kvzip.KVzip(norm=norm, sinks=sinks)
+    rep = kvzip.RepeatPass(a, b, tuple(range(r)))
+    got = method.pass_scores(inp.keys, rep, kvzip.PassAttention(rq, rk))
+    torch.testing.assert_close(got, torch.tensor(expected))
+    # the sinks always win; the engine hands the passes' scores in
+    scores = kvzip.ReconstructionScores(method, N)
+    scores.add(1, inp.keys, rep, kvzip.PassAttention(rq, rk))
+    with_passes = ScoringInput(inp.keys, inp.queries, 1, 3, reconstruction=scores.by_layer[1])
+    final = method.score(with_passes)
+    assert torch.isinf(final[:, :sinks]).all() and (final[:, sinks:a] == 0).all()
+    torch.testing.assert_close(final[:, a:b], got)
     with pytest.raises(ValueError, match="reconstruction pass"):
-        kvzip.KVzip().score(inp)
+        method.score(inp)
+
+
+def test_kvzip_passes_repeat_the_documents_in_chunks_in_the_chat_turn() -> None:
+    import kvrag.compression.kvzip as kvzip
+
+    tokens = kvzip.RepeatTokens(instruction=(900,), continuation=(901,), suffix=(902, 903))
+    ids = list(range(100, 130))
+    passes = kvzip.KVzip(pass_tokens=8).passes(ids, (4, 24), tokens)
+    assert [(p.start, p.end) for p in passes] == [(4, 12), (12, 20), (20, 24)]
+    assert passes[0].ids == (900, 902, 903, *range(104, 112))
+    # a later pass continues from the previous chunk's last tokens
+    assert passes[1].ids == (901, *range(104, 112), 902, 903, *range(112, 120))
+    one = kvzip.KVzip(pass_tokens=0).passes(ids, (4, 24), tokens)
+    assert [(p.start, p.end) for p in one] == [(4, 24)]
+
+
+def test_kvzip_turn_suffix_closes_the_user_turn(tiny_model_dir) -> None:
+    from transformers import AutoTokenizer
+
+    from kvrag.compression.kvzip import turn_suffix
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    suffix = turn_suffix(tokenizer)
+    assert "<|im_end|>" in suffix and suffix.rstrip().endswith("assistant")
 
 
 def test_snapkv(inp: ScoringInput) -> None:

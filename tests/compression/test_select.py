@@ -100,3 +100,39 @@ def test_shared_heads_keep_one_set_from_the_mean_score() -> None:
     assert shared[0].tolist() == select_kept(scores.mean(0, keepdim=True), (5, 45), 20)[0].tolist()
     both = _kept_layer("knorm[heads=shared;chunk=5]:0.5", scores, (5, 45))
     assert len({tuple(h) for h in both.tolist()}) == 1
+
+
+def test_ranked_heads_keep_the_layer_total_by_rank_across_heads():
+    from kvrag.compression.select import PAD, kept_counts, select_ranked
+
+    scores = torch.tensor([[9.0, 0.1, 0.2, 0.3, 8.0, 9.0],
+                           [9.0, 5.0, 6.0, 7.0, 0.5, 9.0]])
+    kept = select_ranked(scores, (1, 5), keep=2)  # 4 of the 8 (head, token) pairs
+    assert kept_counts(kept).tolist() == [3, 5]  # head 0: its 8.0; head 1: 5, 6, 7
+    assert kept.tolist() == [[0, 4, 5, PAD, PAD], [0, 1, 2, 3, 5]]
+    # ties go to the lower head, then the earlier token
+    even = select_ranked(torch.ones(2, 6), (1, 5), keep=1)
+    assert even.tolist() == [[0, 1, 2, 5], [0, 5, PAD, PAD]]
+
+
+def test_ranked_heads_with_chunks_take_whole_chunks_of_one_head():
+    from kvrag.compression.select import kept_counts, select_ranked
+
+    scores = torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.0, 0.0],
+                           [0.0, 0.0, 0.0, 2.0, 2.0, 0.0]])
+    kept = select_ranked(scores, (0, 6), keep=2, starts=torch.tensor([0, 2, 4]))
+    # (head, chunk) means: h1's chunks 1 and 2 (1.0 each) beat h0's chunks 0 and 1 (0.5)
+    assert kept_counts(kept).tolist() == [0, 4]
+    assert kept[1].tolist() == [2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("text", ["snapkv[heads=ranked]:0.5", "snapkv[heads=ranked;chunk=4]:0.5"])
+def test_kept_positions_rank_heads_with_the_same_total_per_layer(text):
+    from kvrag.compression.select import kept_counts
+
+    gen = torch.Generator().manual_seed(3)
+    keys = [torch.randn(2, 40, 8, generator=gen) for _ in range(3)]
+    queries = [torch.randn(4, 8, 8, generator=gen) for _ in range(3)]
+    kept = kept_positions(parse_spec(text), keys, queries, (4, 36))
+    for idx in kept:
+        assert int(kept_counts(idx).sum()) == 2 * (8 + 16)  # both heads' outside + keep each

@@ -138,3 +138,55 @@ def test_retrieval_mask_changes_what_decoding_sees(engine: HFEngine, prompt) -> 
     few = next_logits(hf_attention.AttentionHooks(retrieval=(enc.span, 8)))
     torch.testing.assert_close(everything, full)
     assert (few - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("spec", ["snapkv[heads=ranked]:0.5", "kvzip[heads=ranked]:0.5",
+                                  "once:kvzip[heads=ranked;chunk=16]:0.5"])
+def test_ranked_heads_answer_as_the_full_cache_masked_to_their_kept_sets(engine, prompt, spec):
+    """Heads keeping different counts are padded to one width and masked; the answer must be
+    what the full cache gives with every head masked to its own kept set (kvpress's way)."""
+    from kvrag.compression.select import PAD, kept_counts
+
+    compression = parse_spec(spec)
+    enc = engine.encode(prompt)
+    once = compression.once
+    ids = enc.input_ids[:enc.context_end] if once else enc.input_ids
+    pre = engine._prefill(ids)
+    shrunk = engine.compress(pre, enc.span, compression)
+    counts = [kept_counts(idx) for idx in shrunk.kept]
+    assert len({int(c.sum()) for c in counts}) == 1  # the same total in every layer
+    assert any(len(set(c.tolist())) > 1 for c in counts)  # but not per head
+    assert shrunk.valid is not None
+    got = engine.generate(prompt, 6, compression=compression)
+    # the reference: the whole prompt's cache, each head masked to its kept positions
+    n = len(enc.input_ids)
+    valid = []
+    for idx in shrunk.kept:
+        mask = torch.zeros(idx.shape[0], n, dtype=torch.bool)
+        for h, row in enumerate(idx.tolist()):
+            mask[h, [p for p in row if p != PAD]] = True
+        mask[:, len(ids):] = True  # a once: question is never evicted
+        valid.append(mask)
+    full = engine._prefill(ids)
+    hooks = hf_attention.AttentionHooks(head_valid=valid)
+    out, cache, new = None, full.cache, []
+    with hf_attention.attention_hooks(hooks), torch.no_grad():
+        step = enc.input_ids[len(ids):] if once else []
+        logits = full.last_logits
+        if step:
+            logits = engine.model(input_ids=torch.tensor([step]),
+                                  position_ids=torch.arange(len(ids), n)[None],
+                                  past_key_values=cache, use_cache=True).logits[0, -1]
+        position = n
+        for _ in range(6):
+            token = int(logits.argmax())
+            if token in engine.stop_ids:
+                break
+            new.append(token)
+            out = engine.model(input_ids=torch.tensor([[token]]),
+                               position_ids=torch.tensor([[position]]),
+                               past_key_values=cache, use_cache=True)
+            logits, position = out.logits[0, -1], position + 1
+    assert got.text == engine.tokenizer.decode(new, skip_special_tokens=True)
+    assert got.cost.kv_bytes >= engine.kv_bytes_per_token_layer * sum(
+        int(c.max()) for c in counts)  # what the padded cache holds

@@ -7,7 +7,7 @@ import torch
 
 from kvrag.compression import SpecError, parse_spec
 from kvrag.compression.capabilities import Target, check
-from kvrag.compression.sentences import sentence_ends_for
+from kvrag.engines.hf_attention import attention_hooks
 from kvrag.train.compressed import (
     compressed_prefill,
     continuation_logits,
@@ -33,15 +33,15 @@ def prompt(small_instances):
 
 @pytest.mark.parametrize("spec", ["snapkv:0.5", "streamingllm:0.7", "pyramidkv:0.5",
                                   "snapkv[chunk=16]:0.5", "tova[heads=shared]:0.5",
-                                  "knorm[chunk=sentence;heads=shared]:0.5"])
+                                  "knorm[chunk=sentence;heads=shared]:0.5", "kvzip:0.5",
+                                  "kvzip[heads=ranked]:0.5", "snapkv[chunk=4;heads=ranked]:0.5"])
 def test_training_compresses_the_cache_the_engine_serves_from(engine, prompt, spec):
     compression = parse_spec(spec)
     enc = engine.encode(prompt)
     served = engine._start(enc, compression)
-    ends = sentence_ends_for(compression, enc.input_ids, engine.tokenizer)
     with torch.no_grad():
-        cache, first = compressed_prefill(engine.model, torch.tensor([enc.input_ids]), enc.span,
-                                          compression, ends)
+        cache, first, _ = compressed_prefill(engine.model, torch.tensor([enc.input_ids]),
+                                             enc.span, compression, engine.tokenizer)
     assert len(cache.layers) == len(served.cache.layers)
     for ours, theirs in zip(cache.layers, served.cache.layers, strict=True):
         assert ours.keys.shape[2] < len(enc.input_ids)
@@ -52,7 +52,7 @@ def test_training_compresses_the_cache_the_engine_serves_from(engine, prompt, sp
     text = engine.generate(prompt, 8, compression=compression).text
     rows = sample_compressed(engine.model, enc.input_ids, enc.span, compression, rows=2,
                              max_new_tokens=8, temperature=1e-4, stop=engine.stop_ids,
-                             sentence_ends=ends)
+                             tokenizer=engine.tokenizer)
     for row in rows:
         assert engine.tokenizer.decode([t for t in row if t not in engine.stop_ids],
                                        skip_special_tokens=True) == text
@@ -74,7 +74,7 @@ def test_samples_end_at_their_first_stop_token(engine, prompt):
     assert all(row[-1] in stop or len(row) == 12 for row in cut)
 
 
-@pytest.mark.parametrize("method", ["snapkv", "pyramidkv"])
+@pytest.mark.parametrize("method", ["snapkv", "pyramidkv", "snapkv[heads=ranked]"])
 def test_continuation_logits_are_the_decoding_logits(engine, prompt, method):
     # scoring a continuation in one block equals decoding it token by token
     spec = parse_spec(f"{method}:0.5")
@@ -85,12 +85,14 @@ def test_continuation_logits_are_the_decoding_logits(engine, prompt, method):
         block = continuation_logits(engine.model, ids, continuation, enc.span, spec)
         whole = continuation_logits(engine.model, ids, continuation, enc.span,
                                     parse_spec("snapkv:0.0"))
-        cache, first = compressed_prefill(engine.model, ids, enc.span, spec)
+        cache, first, reading = compressed_prefill(engine.model, ids, enc.span, spec)
         steps = [first[:, -1]]
         for t in range(continuation.shape[1] - 1):
             position = torch.tensor([[ids.shape[1] + t]])
-            steps.append(engine.model(input_ids=continuation[:, t:t + 1], position_ids=position,
-                                      past_key_values=cache).logits[:, -1])
+            with attention_hooks(reading):
+                steps.append(engine.model(input_ids=continuation[:, t:t + 1],
+                                          position_ids=position,
+                                          past_key_values=cache).logits[:, -1])
     torch.testing.assert_close(block[0], torch.cat(steps), atol=1e-4, rtol=1e-4)
     full = engine.model(input_ids=torch.cat([ids, continuation], 1)).logits[:, ids.shape[1] - 1:-1]
     torch.testing.assert_close(whole, full, atol=1e-4, rtol=1e-4)  # nothing evicted: the plain
@@ -108,7 +110,6 @@ def test_continuation_logits_are_the_decoding_logits(engine, prompt, method):
 @pytest.mark.parametrize(("spec", "message"), [
     ("once:snapkv:0.5", "drop 'once:'"),
     ("retrieval:0.5", "picks keys per decoded token"),
-    ("kvzip:0.5", "second forward pass"),
 ])
 def test_specs_training_cannot_reproduce_are_refused(spec, message):
     with pytest.raises(SpecError, match=message):
