@@ -26,7 +26,8 @@ DEFAULT_MAX_NEW_TOKENS = 64
 SYSTEMS_HELP = (f"Comma-separated systems; known: {', '.join(SYSTEM_HELP.values())}. "
                 "OPTIONS: [key=value;...], the method's settings (snapkv[window=32;kernel=7]) "
                 "and chunk=C (keep whole chunks of C tokens) or chunk=sentence, and "
-                "heads=shared (one kept set for all KV heads of a layer).")
+                "heads=shared (one kept set for all KV heads of a layer) or heads=ranked (a "
+                "layer's budget spread over its KV heads by score rank).")
 
 
 def compare(

@@ -26,6 +26,10 @@ Two cases decode in this module instead (``_DecodePlan``, per request in Python)
   reading a request's keys as views of its runs of consecutive slots beats torch_native's
   per-request gather (``kvrag bench serving`` measures both).
 
+A batch holding a request that reads a prompt packed into cells (``heads=ranked``,
+``cells.py``) attends here whole, prefill and decode, every request of it as a list of
+cells per (layer, head).
+
 Shapes follow SGLang: q [tokens, q_heads * head_dim], pool buffers [slot, kv_head, dim].
 """
 
@@ -38,6 +42,7 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
+from kvrag.engine_plugin import cells
 from kvrag.engine_plugin.capture import QueryCapture
 from kvrag.engine_plugin.once import PositionShifts
 from kvrag.engine_plugin.rows import Rows
@@ -131,11 +136,13 @@ class KvragAttnBackend(AttentionBackend):
         self.layer_ids = rows.layer_ids
         self._view = None  # the forward batch the inner backend sees
         self._plan: list[_DecodePlan] | None = None
+        self._cells: _CellBatch | None = None
 
     # --- metadata: the inner backend owns it, over physical rows when needed ---
     def init_forward_metadata(self, forward_batch) -> None:
         mode = forward_batch.forward_mode
         self._plan = None
+        self._cells = None
         self._view = forward_batch
         self.queries.begin(forward_batch)
         self.shifts.apply(forward_batch)
@@ -144,6 +151,11 @@ class KvragAttnBackend(AttentionBackend):
             self._view = self._physical_decode(forward_batch)
         elif resident and mode.is_extend():
             self._view = self._physical_extend(forward_batch)
+        if self.rows.cells and (mode.is_decode() or mode.is_extend()):
+            self._cells = _CellBatch.of(self._view, self.req_to_token, self.rows.cells,
+                                        self.layer_ids, self.pool)
+            if self._cells is not None:
+                return
         if mode.is_decode() and (self.python_decode or self.rows.uneven):
             self._plan = self._python_plan(self._view)
             return
@@ -220,6 +232,8 @@ class KvragAttnBackend(AttentionBackend):
     # --- prefill: the prompt's queries are kept for compression ---
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         self.queries.record(q, layer, forward_batch)
+        if self._cells is not None:
+            return self._cells.forward(q, k, v, layer, forward_batch, save_kv_cache, self)
         return self.inner.forward_extend(q, k, v, layer, self._view,
                                          save_kv_cache=save_kv_cache, **kwargs)
 
@@ -228,6 +242,8 @@ class KvragAttnBackend(AttentionBackend):
         windowed = layer.is_cross_attention or (layer.sliding_window_size or -1) > -1
         if windowed and self.rows.resident:
             raise NotImplementedError("kvrag compression serves full-attention layers only")
+        if self._cells is not None and not windowed:
+            return self._cells.forward(q, k, v, layer, forward_batch, save_kv_cache, self)
         if self._plan is None or windowed:
             return self.inner.forward_decode(q, k, v, layer, self._view,
                                              save_kv_cache=save_kv_cache, **kwargs)
@@ -244,3 +260,57 @@ class KvragAttnBackend(AttentionBackend):
             values = [vbuf[p] for p in pieces]
             out[i] = _attend(q[i], keys, values, layer.scaling)
         return out.view(q.shape[0], -1)
+
+
+@dataclass
+class _CellBatch:
+    """A batch that attends here over cell lists (``cells.py``): every request's keys
+    for this forward, and for a prefill, which of them each new token may see."""
+
+    index: torch.Tensor  # [layers, batch, kv_heads, S] flat cells, padded
+    valid: torch.Tensor  # [layers, batch, kv_heads, S]
+    causal: list[torch.Tensor] | None  # prefill: per request, bool [new tokens, S_i]
+    widths: list[int]  # per request, its S_i before padding
+
+    @classmethod
+    def of(cls, view, req_to_token, layouts, layer_ids, pool) -> _CellBatch | None:
+        rows = view.req_pool_indices.tolist()
+        if not any(row in layouts for row in rows):
+            return None
+        layers = len(layer_ids)
+        kv_heads = pool.get_key_buffer(layer_ids[0]).shape[1]
+        reads = [cells.CellRead.of(req_to_token[row], length, layouts.get(row), layers,
+                                   kv_heads)
+                 for row, length in zip(rows, view.seq_lens.tolist(), strict=True)]
+        index, valid = cells.stack(reads)
+        causal = None
+        if view.forward_mode.is_extend():
+            causal = []
+            for read, new in zip(reads, view.extend_seq_lens_cpu, strict=True):
+                width = read.index.shape[2]
+                # new token j sees the packed cells and later tokens up to its own
+                seen = torch.arange(width, device=index.device) < (
+                    width - new + torch.arange(new, device=index.device))[:, None] + 1
+                causal.append(seen)
+        return cls(index, valid, causal, [r.index.shape[2] for r in reads])
+
+    def forward(self, q, k, v, layer, forward_batch, save_kv_cache, backend):
+        if save_kv_cache and k is not None and v is not None:
+            backend.pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None),
+                                       k, v)
+        local = layer.layer_id - backend.layer_ids[0]
+        kbuf = backend.pool.get_key_buffer(layer.layer_id)
+        vbuf = backend.pool.get_value_buffer(layer.layer_id)
+        q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        index, valid = self.index[local], self.valid[local]  # [batch, kv_heads, S]
+        if self.causal is None:  # decode: one token per request
+            out = cells.attend(q[:, None], index, valid[:, None], kbuf, vbuf, layer.scaling)
+            return out.reshape(q.shape[0], -1)
+        outs, start = [], 0
+        for i, (seen, width) in enumerate(zip(self.causal, self.widths, strict=True)):
+            new = seen.shape[0]
+            allowed = valid[i, None, :, :width] & seen[:, None, :]  # [new, kv_heads, S_i]
+            outs.append(cells.attend(q[None, start:start + new], index[i:i + 1, :, :width],
+                                     allowed[None], kbuf, vbuf, layer.scaling)[0])
+            start += new
+        return torch.cat(outs).reshape(q.shape[0], -1)

@@ -4,8 +4,10 @@ SGLang's KV buffer is ``[slot, kv_head, head_dim]`` per layer, and ``req_to_toke
 maps a request's token positions to slots. After the last prefill chunk, the kept tokens
 of every (layer, KV head) are copied into ``kmax`` slots (slot j holds the j-th kept token
 of *each* head, which may be a different token per head), and the request's other own
-slots go back to the allocator. Which slots a request may reuse or free, and what happens
-to them afterwards, is ``rows.py``'s.
+slots go back to the allocator. Under ``heads=ranked`` the heads keep different counts
+with the same total per layer, and their tokens are packed into the slots' cells instead
+(``cells.py``). Which slots a request may reuse or free, and what happens to them
+afterwards, is ``rows.py``'s.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 
 from kvrag.compression import CompressionSpec, kept_positions
 from kvrag.compression.base import WHOLE, HeadShard
+from kvrag.compression.select import PAD, kept_counts
+from kvrag.engine_plugin.cells import CellLayout, cell_targets
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Compacted:
     slots: torch.Tensor  # [kmax] pool slots holding the kept tokens
     keep: list[int]  # per layer: tokens kept (documents kept plus everything outside span)
     kept: list[torch.Tensor] = field(repr=False)  # per layer: [kv_heads, keep] positions
+    layout: CellLayout | None = None  # heads=ranked: the per-head counts in the cells
 
     @property
     def kv_tokens(self) -> int:
@@ -69,7 +74,8 @@ def compact(
     keys = [pool.get_key_buffer(lid)[ctx].transpose(0, 1) for lid in layer_ids]
     kept = kept_positions(spec, keys, [q.transpose(0, 1) for q in queries], span, shard,
                           sentence_ends=sentence_ends)
-    keep = [int(k.shape[1]) for k in kept]
+    counts = torch.stack([kept_counts(k) for k in kept])  # [layers, kv_heads]
+    keep = (counts.sum(dim=1) // counts.shape[1]).tolist()
     kmax = max(keep)
     own = row[protected:n].clone()
     allocated = 0
@@ -84,16 +90,33 @@ def compact(
             return None
         allocated = kmax - own.numel()
         slots, to_free = torch.cat([own, extra.to(own.dtype)]), own[:0]
-    for lid, idx, k_layer in zip(layer_ids, kept, keys, strict=True):
-        kv_heads, count = idx.shape
-        heads = torch.arange(kv_heads, device=idx.device)[:, None]
-        src = ctx[idx.to(ctx.device)]  # [kv_heads, count] slots of the kept tokens
+    ranked = spec.ranked_heads
+    for lid, idx, k_layer, count in zip(layer_ids, kept, keys, counts, strict=True):
         kbuf, vbuf = pool.get_key_buffer(lid), pool.get_value_buffer(lid)
-        new_k = k_layer[heads, idx].transpose(0, 1)  # [count, kv_heads, d]
+        if ranked:
+            _pack_cells(kbuf, vbuf, k_layer, ctx, idx, cell_targets(count, slots))
+            continue
+        kv_heads, width = idx.shape
+        heads = torch.arange(kv_heads, device=idx.device)[:, None]
+        src = ctx[idx.to(ctx.device)]  # [kv_heads, width] slots of the kept tokens
+        new_k = k_layer[heads, idx].transpose(0, 1)  # [width, kv_heads, d]
         new_v = vbuf[src, heads].transpose(0, 1)
-        kbuf[slots[:count]] = new_k.to(kbuf.dtype)
-        vbuf[slots[:count]] = new_v.to(vbuf.dtype)
+        kbuf[slots[:width]] = new_k.to(kbuf.dtype)
+        vbuf[slots[:width]] = new_v.to(vbuf.dtype)
     if to_free.numel():
         allocator.free(to_free)
-    record = Compacted(rid, n, protected, slots, keep, kept)
+    layout = CellLayout(counts.cpu(), kmax) if ranked else None
+    record = Compacted(rid, n, protected, slots, keep, kept, layout)
     return CompactionResult(record, int(to_free.numel()), allocated, time.perf_counter() - t0)
+
+
+def _pack_cells(kbuf: torch.Tensor, vbuf: torch.Tensor, keys: torch.Tensor,
+                ctx: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor) -> None:
+    """Copy one layer's kept entries (``idx`` [kv_heads, width], rows ending in PAD) into
+    the flat cells ``targets``, head by head; every source is read before any is written."""
+    heads, at = torch.nonzero(idx != PAD, as_tuple=True)  # head-major, as targets are
+    pos = idx[heads, at]
+    new_k = keys[heads, pos]  # [entries, d]
+    new_v = vbuf[ctx[pos.to(ctx.device)], heads.to(ctx.device)]
+    kbuf.view(-1, kbuf.shape[-1])[targets] = new_k.to(kbuf.dtype)
+    vbuf.view(-1, vbuf.shape[-1])[targets] = new_v.to(vbuf.dtype)

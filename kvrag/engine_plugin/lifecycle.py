@@ -75,6 +75,9 @@ def prepare_for_extend(result, batch, *args, **kwargs):
         state.queries.announce(rows, [_scores(state, req) for req in batch.reqs])
         state.shifts.announce(rows, [req.kvrag.once.shift if once.is_hit(req) else 0
                                      for req in batch.reqs])
+        for row, req in zip(rows, batch.reqs, strict=True):
+            if once.is_hit(req) and req.kvrag.spec.ranked_heads:
+                state.rows.read_cells(row, state.stored_layouts[req.kvrag.once.layout_key])
     return result
 
 
@@ -224,6 +227,8 @@ def free_kv_row(original, cache, kv, ranges):
         original(cache, kv, rest)
     if resident.once is not None and cache.supports_prefix_sharing():
         once.store(cache, resident.once, compacted.slots)
+        if compacted.layout is not None:
+            state.stored_layouts[resident.once.layout_key] = compacted.layout
     else:
         cache.token_to_kv_pool_allocator.free(compacted.slots)
     return None

@@ -19,6 +19,8 @@ its real size (the kept slots), and SGLang's memory checks count it.
   kept slots go to the tree under the key instead of back to the allocator.
 
 A ``full`` request over the same corpus matches the real prefix in the tree as before.
+A prefix packed per head (``heads=ranked``) is stored with its cell layout, which its
+hits read (``cells.py``); a hit whose layout is unknown here runs as a miss.
 """
 
 from __future__ import annotations
@@ -97,6 +99,11 @@ class OnceRequest:
     def hit_prompt(self) -> array:
         return self.key + self.real[self.end:]
 
+    @property
+    def layout_key(self) -> bytes:
+        """Where its prefix's cell layout is kept (``PluginState.stored_layouts``)."""
+        return self.key.tobytes()
+
 
 def of(req) -> OnceRequest | None:
     """The ``once:`` state of an SGLang request, or None."""
@@ -152,11 +159,20 @@ def init_next_round_input(original, req, tree_cache=None, *args, **kwargs):
     once.state = "hit"
     _set_prompt(req, once.hit_prompt(), namespace(once.spec, once.extra_key))
     result = original(req, tree_cache, *args, **kwargs)
-    if req.prefix_len >= once.kmax:
+    if req.prefix_len >= once.kmax and _layout_known(once):
         return result
     once.state = "miss"
     _set_prompt(req, array("q", once.real), once.extra_key)
     return original(req, tree_cache, *args, **kwargs)
+
+
+def _layout_known(once: OnceRequest) -> bool:
+    if not once.spec.ranked_heads:
+        return True
+    from kvrag.engine_plugin.state import current
+
+    state = current()
+    return state is not None and once.layout_key in state.stored_layouts
 
 
 def _set_prompt(req, prompt, extra_key) -> None:

@@ -18,6 +18,13 @@ token's slot), which the attention backend hands the inner backend. On release t
 compacted slots are freed (or stored, for compress-once) instead of the stale
 ``[protected, n)`` range, and the physical row is freed.
 
+Cells (``heads=ranked``, ``cells.py``): a packed prompt's slots are the request's (or,
+for a compress-once prefix, the tree's) exactly as above, and every cell of such a slot
+belongs to the same prompt, whichever head's column it is in; nothing else writes them.
+``cells`` maps the row the attention backend reads (a physical row, or a compress-once
+hit's own row, whose first ``kmax`` positions are the stored prefix) to the prompt's
+``CellLayout``, for as long as that row is in use.
+
 SGLang's strict memory checks (``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY`` / ``_IDLE``)
 count a compacted request's slots as it holds them (``held_slots``) and every row given
 back, so a slot or row leaked or freed twice stops the server; the engine tests run with
@@ -34,6 +41,7 @@ import torch
 
 from kvrag.compression import CompressionSpec, HeadShard
 from kvrag.engine_plugin.capture import QueryTail
+from kvrag.engine_plugin.cells import CellLayout
 from kvrag.engine_plugin.compaction import Compacted, CompactionResult, compact
 
 logger = logging.getLogger(__name__)
@@ -75,6 +83,7 @@ class Rows:
         self.resident: dict[int, Resident] = {}  # req_pool_idx -> compacted request
         self.by_physical: dict[int, Resident] = {}  # its physical row -> the same
         self.uneven = 0  # resident requests with per-layer budgets
+        self.cells: dict[int, CellLayout] = {}  # read row -> its packed prompt's layout
 
     def compress(self, row: int, tail: QueryTail | None, *, rid: str, protected: int,
                  spec: CompressionSpec, span: tuple[int, int],
@@ -119,6 +128,13 @@ class Rows:
         self.physical_row[row] = resident.row
         self.shift[row] = resident.shift
         self.uneven += resident.uneven
+        if record.layout is not None:
+            self.cells[resident.row] = record.layout
+
+    def read_cells(self, row: int, layout: CellLayout) -> None:
+        """The request in ``row`` reads a packed prompt (a compress-once hit's stored
+        prefix) at its first ``layout.kmax`` positions."""
+        self.cells[row] = layout
 
     def shift_of(self, row: int) -> int:
         resident = self.resident.get(row)
@@ -135,9 +151,11 @@ class Rows:
     def release(self, row: int) -> Resident | None:
         """Forget a request leaving ``row``; what it held if it was compacted (its physical
         row is freed here; its slots are the caller's to free or store)."""
+        self.cells.pop(row, None)
         resident = self.resident.pop(row, None)
         if resident is None:
             return None
+        self.cells.pop(resident.row, None)
         del self.by_physical[resident.row]
         self.physical_row[row] = row
         self.shift[row] = 0

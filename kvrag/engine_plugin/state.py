@@ -9,7 +9,9 @@ What it owns, by request row (``req_pool_idx``):
 - ``queries``: the prompt queries kept for the request's method (``capture.py``);
 - ``rows``: its compacted record, physical row and length shift once compressed
   (``rows.py``);
-- ``shifts``: the position shift of a compress-once hit (``once.py``).
+- ``shifts``: the position shift of a compress-once hit (``once.py``);
+and, by compress-once tree key, ``stored_layouts``: the cell layout of each stored
+prefix packed per head (``heads=ranked``, ``cells.py``), which its hits read.
 SGLang's ``Req`` carries one kvrag attribute, ``req.kvrag``: the request's spec and span
 (``config.RequestCompression``), read once when the request is created.
 """
@@ -20,6 +22,7 @@ import functools
 from dataclasses import dataclass, field
 
 from kvrag.engine_plugin.capture import QueryCapture
+from kvrag.engine_plugin.cells import CellLayout
 from kvrag.engine_plugin.config import Settings
 from kvrag.engine_plugin.once import PositionShifts
 from kvrag.engine_plugin.rows import Rows
@@ -43,6 +46,7 @@ class PluginState:
     slot_bytes: int  # one pool slot's bytes over all layers (and tensor-parallel ranks)
     model_path: str  # the tokenizer's, for chunk=sentence
     trust_remote_code: bool = False
+    stored_layouts: dict[bytes, CellLayout] = field(default_factory=dict)
     pending_prefill: PendingPrefill | None = None
     room_made: bool = False  # a compaction freed slots since the scheduler last admitted
     backend: object = field(default=None, repr=False)

@@ -150,3 +150,48 @@ def test_eviction_under_pressure_frees_the_stored_prefix(session, served, prompt
     assert stats["once"] == "built"
     _, _, _, stats = ask(served, prompts[3], SPEC, max_new=2)
     assert stats["once"] == "hit"
+
+
+RANKED = ["once:snapkv[heads=ranked]:0.5", "once:snapkv[heads=ranked;chunk=16]:0.5",
+          "snapkv[heads=ranked]:0.5"]
+
+
+def _by_head(kept) -> list[list[list[int]]]:
+    """Per layer and head, the kept positions without padding."""
+    return [[[p for p in head if p >= 0] for head in layer] for layer in kept]
+
+
+@pytest.mark.parametrize("spec", RANKED)
+def test_ranked_heads_pack_cells_and_answer_as_the_hf_engine(served, hf, prompts, spec):
+    """Heads keep different counts with the same total per layer; the prompt then holds
+    exactly its kept share of slots (packed into cells), and answers as the HF engine
+    (padded and masked) does, built and matched; both keep the same tokens."""
+    compression = parse_spec(spec)
+    served.engine.flush_cache()
+    hf._once.clear()
+    for prompt, kind in ((prompts[4], "built"), (prompts[5], "hit")):
+        ids, logprobs, _, stats = ask(served, prompt, spec)
+        enc = served.encode(prompt)
+        n_doc = enc.context_end - enc.context_start
+        kmax = enc.context_start + compression.kept(n_doc)
+        question = len(enc.input_ids) - enc.context_end
+        if compression.once:
+            assert stats["once"] == kind
+            assert stats["kv_tokens"] == kmax + question
+        else:
+            assert stats["kv_tokens"] == kmax + question  # the question is kept too
+        token, logprob = hf_first_logprob(hf, prompt, spec)
+        assert ids[0] == token and logprobs[0] == pytest.approx(logprob, abs=2e-3), kind
+        text = hf.generate(prompt, MAX_NEW, compression, ignore_eos=True).text
+        assert served_text(hf, ids) == text, kind
+        if kind == "built" or not compression.once:
+            if compression.once:
+                (corpus,) = hf._once.values()
+                kept = corpus.kept
+            else:
+                kept = hf.compress(hf.prefill(enc.input_ids), enc.span, compression).kept
+            assert _by_head([k.tolist() for k in kept]) == _by_head(stats["kept"])
+            counts = [[len(h) for h in layer] for layer in _by_head(stats["kept"])]
+            assert any(len(set(layer)) > 1 for layer in counts)  # heads differ
+        if not compression.once:
+            break
