@@ -145,10 +145,11 @@ class KVzip(Method):
         scale = q.shape[-1] ** -0.5
         for a in range(0, r, rows):
             block = q[:, a:a + rows] * scale
+            hi = a + block.shape[1]
             logits = block @ context  # [q_heads, b, ctx]
-            mine = block @ own_t  # [q_heads, b, r], causal within the pass
-            at = torch.arange(a, a + block.shape[1], device=q.device)
-            mine = mine.masked_fill(torch.arange(r, device=q.device) > at[:, None],
+            mine = block @ own_t[..., :hi]  # [q_heads, b, hi]: causal within the pass
+            at = torch.arange(a, hi, device=q.device)
+            mine = mine.masked_fill(torch.arange(hi, device=q.device) > at[:, None],
                                     float("-inf"))
             norm = torch.logaddexp(logits.logsumexp(-1), mine.logsumexp(-1))
             chunk = logits[..., lo:lo + width] - norm[..., None]

@@ -68,6 +68,10 @@ def _system_summary(records: list[dict], full: dict[str, dict] | None, seed: int
     out["kv_tokens_per_corpus"] = kv_tokens_per_corpus(records)
     out["ci95"] = ci
     if full is not None:
+        same = [float(_same_answer(r, full[r["id"]])) for r in records if r["id"] in full]
+        out["same_as_full"] = _mean(same)
+        if same:
+            ci["same_as_full"] = bootstrap_ci(same, seed)
         out["vs_full"] = {}
         for metric in METRICS:
             pairs = [(r["scores"][metric], full[r["id"]]["scores"][metric])
@@ -82,6 +86,15 @@ def _system_summary(records: list[dict], full: dict[str, dict] | None, seed: int
         groups.setdefault(r["group"], []).append(r)
     out["by_group"] = {g: _group_summary(rs, seed) for g, rs in groups.items()}
     return out
+
+
+def _same_answer(record: dict, full: dict) -> bool:
+    """Whether a system gave ``full``'s answer to the question (the extracted answers,
+    case and spacing aside)."""
+    def norm(r: dict) -> str:
+        return " ".join(str(r.get("answer", r.get("output", ""))).lower().split())
+
+    return norm(record) == norm(full)
 
 
 def _group_summary(records: list[dict], seed: int) -> dict:
@@ -160,14 +173,15 @@ def render_markdown(summary: dict) -> str:
         f"that hit the {summary.get('max_new_tokens', '?')}-token limit. KV per corpus: "
         "what a corpus's questions hold together, the shareable prefix (a prefix cache's "
         "full one, or a once: system's compressed one) counted once; prefilled: prompt "
-        "tokens each question computed." + (" Peak MiB: the most memory the process "
+        "tokens each question computed; same as full: share of questions answered as "
+        "`full` answered them." + (" Peak MiB: the most memory the process "
                                              "allocated while answering (CUDA)." if peaks
                                              else ""),
         "",
-        "| system | n | SubEM | 95% CI | Δ SubEM vs full | SubEM out | Δ SubEM out vs full "
-        "| EM | F1 | MC acc | cut | doc recall | KV tokens | attended | KV per corpus "
+        "| system | n | SubEM | 95% CI | Δ SubEM vs full | same as full | SubEM out "
+        "| Δ SubEM out vs full | EM | F1 | MC acc | cut | doc recall | KV tokens | attended | KV per corpus "
         "| prompt tokens | prefilled | latency s |" + (" peak MiB |" if peaks else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         + ("---|" if peaks else ""),
     ]
     for name, s in summary["systems"].items():
@@ -175,7 +189,8 @@ def render_markdown(summary: dict) -> str:
         peak = f" {_fmt(mib, False)} |" if peaks else ""
         lines.append(
             f"| {name} | {s['n']} | {_fmt(s['subem'])} | {format_ci(s['ci95'].get('subem'))} "
-            f"| {_delta(s, 'subem')} | {_fmt(s['subem_output'])} | {_delta(s, 'subem_output')} "
+            f"| {_delta(s, 'subem')} | {_fmt(s.get('same_as_full'))} "
+            f"| {_fmt(s['subem_output'])} | {_delta(s, 'subem_output')} "
             f"| {_fmt(s['em'])} | {_fmt(s['f1'])} | {_fmt(s['accuracy'])} "
             f"| {_fmt(s['truncated'])} "
             f"| {_fmt(s['doc_recall'])} | {_fmt(s['kv_tokens_mean'], False)} "

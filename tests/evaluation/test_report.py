@@ -126,3 +126,19 @@ def test_peak_memory_shows_per_system_where_it_was_measured() -> None:
     row = next(line for line in render_markdown(summary).splitlines()
                if line.startswith("| other |"))
     assert "peak MiB" in render_markdown(summary) and row.endswith("| 5.00 |")
+
+
+def test_same_answer_as_full_is_the_share_of_questions_answered_alike() -> None:
+    records = []
+    for i in range(4):
+        full = rec(f"q{i}", "full", 1.0, 100)
+        full["answer"] = f"Paris {i}"
+        other = rec(f"q{i}", "other", 1.0, 50)
+        other["answer"] = f" paris  {i}" if i < 3 else "Lyon"  # case and spacing aside
+        records += [full, other]
+    summary = summarize(records, ["full", "other"], [f"q{i}" for i in range(4)],
+                        {"model": "m", "engine": "hf", "dataset": "d"})
+    other = summary["systems"]["other"]
+    assert other["same_as_full"] == pytest.approx(0.75)
+    assert "same_as_full" not in summary["systems"]["full"]
+    assert "| same as full |" in render_markdown(summary)
