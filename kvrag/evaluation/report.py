@@ -180,7 +180,8 @@ def render_markdown(summary: dict) -> str:
         "",
         "| system | n | SubEM | 95% CI | Δ SubEM vs full | same as full | SubEM out "
         "| Δ SubEM out vs full | EM | F1 | MC acc | cut | doc recall | KV tokens | attended "
-        "| KV per corpus | prompt tokens | prefilled | latency s |" + (" peak MiB |" if peaks else ""),
+        "| KV per corpus | prompt tokens | prefilled | latency s |"
+        + (" peak MiB |" if peaks else ""),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         + ("---|" if peaks else ""),
     ]
