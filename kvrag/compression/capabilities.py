@@ -27,7 +27,8 @@ _INSTEAD = {Target.PLUGIN: "use the HF engine", Target.TRAINING: "train with e.g
 def check(spec: CompressionSpec, target: Target) -> None:
     """Raise SpecError saying why ``target`` cannot run ``spec``; the HF engine runs all.
 
-    The SGLang plugin evicts once after prefill in one forward pass, and reads a shared
+    The SGLang plugin evicts once after prefill (KVzip's reconstruction passes only for a
+    corpus compressed once), and reads a shared
     compressed corpus (``once:``) with one kept count for every layer; training compresses
     each prompt with its question (KVzip's reconstruction passes run over its cache
     without gradients).
@@ -42,10 +43,10 @@ def check(spec: CompressionSpec, target: Target) -> None:
     if method.dynamic:
         raise SpecError(f"{spec.name} keeps the whole cache and picks keys per decoded token; "
                         f"{target.value} serves only methods that evict ({instead})")
-    if method.reconstruction and target is Target.PLUGIN:
-        raise SpecError(f"{spec.name} scores with a reconstruction forward pass (a second "
-                        f"forward pass over the documents), which {target.value} does not "
-                        f"run; {instead}")
+    if method.reconstruction and target is Target.PLUGIN and not spec.once:
+        raise SpecError(f"{spec.name} scores with reconstruction forward passes over the "
+                        f"documents, which {target.value} runs for a corpus compressed once "
+                        f"(use {ONCE}{spec.name}), not per question; or {instead}")
     if target is Target.PLUGIN and spec.once and not method.uniform_layers:
         raise SpecError(f"{spec.name}: a shared compressed corpus is read with one kept count "
                         "for every layer, and this method spreads its budget over layers; "

@@ -87,11 +87,13 @@ class RepeatPass:
 
 @dataclass(frozen=True)
 class PassAttention:
-    """One layer's view of one pass: its queries [q_heads, r, d] and its own keys
-    [kv_heads, r, d], after RoPE (r = ``len(RepeatPass.ids)``)."""
+    """One layer's view of (part of) one pass, after RoPE: the queries [q_heads, m, d] of
+    pass tokens ``[offset, offset + m)`` and the pass's own keys [kv_heads, >= offset + m,
+    d] from its first token (a server may run a pass in several prefill chunks)."""
 
     queries: torch.Tensor
     keys: torch.Tensor
+    offset: int = 0
 
 
 @register_method
@@ -129,7 +131,8 @@ class KVzip(Method):
                     seen: PassAttention) -> torch.Tensor:
         """[kv_heads, end - start] scores of the positions ``rep`` repeats, from one layer's
         prompt ``keys`` [kv_heads, n, d] and what the pass computed there."""
-        q, own = seen.queries.float(), seen.keys.float()
+        q, off = seen.queries.float(), seen.offset
+        own = seen.keys[:, :off + seen.queries.shape[1]].float()
         group = q.shape[0] // keys.shape[0]
         sinks = min(self.sinks, rep.start)
         if self.norm == "local":
@@ -139,16 +142,16 @@ class KVzip(Method):
             context, lo = keys, rep.start
         context = context.float().repeat_interleave(group, dim=0).transpose(1, 2)
         own_t = own.repeat_interleave(group, dim=0).transpose(1, 2)  # [q_heads, d, r]
-        width, r = rep.end - rep.start, q.shape[1]
+        width, m = rep.end - rep.start, q.shape[1]
         best = torch.full((q.shape[0], width), float("-inf"), device=q.device)
-        rows = max(1, BLOCK_ELEMENTS // (q.shape[0] * (context.shape[-1] + r)))
+        rows = max(1, BLOCK_ELEMENTS // (q.shape[0] * (context.shape[-1] + off + m)))
         scale = q.shape[-1] ** -0.5
-        for a in range(0, r, rows):
+        for a in range(0, m, rows):
             block = q[:, a:a + rows] * scale
-            hi = a + block.shape[1]
+            hi = off + a + block.shape[1]  # pass position after the block's last query
             logits = block @ context  # [q_heads, b, ctx]
             mine = block @ own_t[..., :hi]  # [q_heads, b, hi]: causal within the pass
-            at = torch.arange(a, hi, device=q.device)
+            at = torch.arange(hi - block.shape[1], hi, device=q.device)
             mine = mine.masked_fill(torch.arange(hi, device=q.device) > at[:, None],
                                     float("-inf"))
             norm = torch.logaddexp(logits.logsumexp(-1), mine.logsumexp(-1))
@@ -167,8 +170,8 @@ class KVzip(Method):
 
 class ReconstructionScores:
     """Per layer, the scores the passes give the prompt's positions ([kv_heads, n],
-    zero where no pass scored), filled one pass and layer at a time as the engine runs
-    them, so no pass's queries outlive its forward."""
+    zero where no pass scored), filled one pass (or part of one) and layer at a time as
+    the engine runs them, so no pass's queries outlive its forward."""
 
     def __init__(self, method: KVzip, n: int) -> None:
         self.method = method
@@ -182,4 +185,5 @@ class ReconstructionScores:
         if scores is None:
             scores = self.by_layer[layer] = torch.zeros(keys.shape[0], self.n,
                                                         device=keys.device)
-        scores[:, rep.start:rep.end] = self.method.pass_scores(keys[:, :self.n], rep, seen)
+        part = self.method.pass_scores(keys[:, :self.n], rep, seen)
+        torch.maximum(scores[:, rep.start:rep.end], part, out=scores[:, rep.start:rep.end])

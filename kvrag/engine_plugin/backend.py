@@ -5,7 +5,8 @@ default) runs every forward. On top:
 
 - prefill (``forward_extend``) also hands each layer's queries to ``capture.py``, which
   keeps the last ones of each prompt that will be compressed (SnapKV's observation
-  window);
+  window), and those of a KVzip reconstruction pass to ``reconstruction.py``, which
+  scores them;
 - after a request's last prefill chunk, a scheduler hook (``lifecycle.py``) compresses
   it into ``kmax`` slots and frees the rest (``rows.py``);
 - a compacted request is then shown to the inner backend as an ordinary request whose
@@ -45,6 +46,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from kvrag.engine_plugin import cells
 from kvrag.engine_plugin.capture import QueryCapture
 from kvrag.engine_plugin.once import PositionShifts
+from kvrag.engine_plugin.reconstruction import Rebuilds
 from kvrag.engine_plugin.rows import Rows
 
 MAX_RUNS = 16  # slot runs read as views; a more fragmented request is gathered instead
@@ -119,8 +121,9 @@ def _attend(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor
 
 class KvragAttnBackend(AttentionBackend):
     def __init__(self, model_runner, inner, queries: QueryCapture, rows: Rows,
-                 shifts: PositionShifts, python_decode: bool) -> None:
-        """``queries``, ``rows``, ``shifts``: the plugin state's (``state.py``), which the
+                 shifts: PositionShifts, rebuilds: Rebuilds, python_decode: bool) -> None:
+        """``queries``, ``rows``, ``shifts``, ``rebuilds``: the plugin state's
+        (``state.py``), which the
         scheduler hooks change between forwards; ``python_decode``: every decode batch runs
         here (see the module docstring)."""
         super().__init__()
@@ -128,6 +131,7 @@ class KvragAttnBackend(AttentionBackend):
         self.queries = queries
         self.rows = rows
         self.shifts = shifts
+        self.rebuilds = rebuilds
         self.python_decode = python_decode
         self.pool = model_runner.token_to_kv_pool
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
@@ -145,6 +149,7 @@ class KvragAttnBackend(AttentionBackend):
         self._cells = None
         self._view = forward_batch
         self.queries.begin(forward_batch)
+        self.rebuilds.begin(forward_batch)
         self.shifts.apply(forward_batch)
         resident = self.rows.resident
         if resident and mode.is_decode():
@@ -233,9 +238,13 @@ class KvragAttnBackend(AttentionBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         self.queries.record(q, layer, forward_batch)
         if self._cells is not None:
-            return self._cells.forward(q, k, v, layer, forward_batch, save_kv_cache, self)
-        return self.inner.forward_extend(q, k, v, layer, self._view,
-                                         save_kv_cache=save_kv_cache, **kwargs)
+            out = self._cells.forward(q, k, v, layer, forward_batch, save_kv_cache, self)
+        else:
+            out = self.inner.forward_extend(q, k, v, layer, self._view,
+                                            save_kv_cache=save_kv_cache, **kwargs)
+        # a KVzip pass's queries, scored once its keys are in the pool
+        self.rebuilds.score(q, layer, forward_batch, self.pool, self.req_to_token)
+        return out
 
     # --- decode ---
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):

@@ -60,6 +60,7 @@ def compact(
     layer_ids: list[int], queries: list[torch.Tensor], spec: CompressionSpec,
     span: tuple[int, int], make_room: Callable[[int], object] | None = None,
     shard: HeadShard = WHOLE, sentence_ends: torch.Tensor | None = None,
+    reconstruction: list[torch.Tensor] | None = None,
 ) -> CompactionResult | None:
     """Compress positions ``[0, n)`` of ``row`` in ``pool``; None if no slots to spare.
 
@@ -67,13 +68,14 @@ def compact(
     queries[i]: [m, q_heads, d] captured at prefill for ``layer_ids[i]``;
     make_room(k): evict unlocked radix-cache entries until k slots can be allocated;
     shard: this rank's KV heads under tensor parallelism;
-    sentence_ends: bool [>= n], the tokens that end a sentence, for ``chunk=sentence``.
+    sentence_ends: bool [>= n], the tokens that end a sentence, for ``chunk=sentence``;
+    reconstruction: per layer, KVzip's pass scores [kv_heads, n].
     """
     t0 = time.perf_counter()
     ctx = row[:n].clone()
     keys = [pool.get_key_buffer(lid)[ctx].transpose(0, 1) for lid in layer_ids]
     kept = kept_positions(spec, keys, [q.transpose(0, 1) for q in queries], span, shard,
-                          sentence_ends=sentence_ends)
+                          reconstruction=reconstruction, sentence_ends=sentence_ends)
     counts = torch.stack([kept_counts(k) for k in kept])  # [layers, kv_heads]
     keep = (counts.sum(dim=1) // counts.shape[1]).tolist()
     kmax = max(keep)

@@ -14,6 +14,7 @@ from kvrag.compression import SpecError
 from kvrag.compression.sentences import sentence_ends_for
 from kvrag.compression.spec import SENTENCE
 from kvrag.engine_plugin import config, once, stats
+from kvrag.engine_plugin.reconstruction import Rebuild, rewind
 from kvrag.engine_plugin.rows import release_ranges
 from kvrag.engine_plugin.state import PendingPrefill, PluginState, current
 
@@ -60,10 +61,12 @@ def compute_max_prefix_len(result, req, input_len, *args, **kwargs):
     stored = req.kvrag.once
     if stored is not None and stored.state == "hit":
         return result  # nothing is scored: the stored prefix is matched whole
-    # the queries scored are the prompt's last ones, or the corpus prefix's for once:
+    # the queries scored are the prompt's last ones, or the corpus prefix's for once:; a
+    # build prefills at least one prefix token, so its prefix chunk ends where it is cut
     end = stored.end if stored is not None else input_len
     capture = state.queries.keep
-    return min(result, 0 if capture is None else max(0, end - capture))
+    keep = end if capture is None else max(capture, 1 if stored is not None else 0)
+    return min(result, max(0, end - keep))
 
 
 def prepare_for_extend(result, batch, *args, **kwargs):
@@ -75,6 +78,7 @@ def prepare_for_extend(result, batch, *args, **kwargs):
         state.queries.announce(rows, [_scores(state, req) for req in batch.reqs])
         state.shifts.announce(rows, [req.kvrag.once.shift if once.is_hit(req) else 0
                                      for req in batch.reqs])
+        state.rebuilds.announce(rows, [_rebuilding(req) for req in batch.reqs])
         for row, req in zip(rows, batch.reqs, strict=True):
             if once.is_hit(req) and req.kvrag.spec.ranked_heads:
                 state.rows.read_cells(row, state.stored_layouts[req.kvrag.once.layout_key])
@@ -83,7 +87,15 @@ def prepare_for_extend(result, batch, *args, **kwargs):
 
 def _scores(state: PluginState, req) -> bool:
     return (getattr(req, "kvrag", None) is not None and req.beam_group is None
-            and not once.is_hit(req) and req.kv.req_pool_idx not in state.rows.resident)
+            and not once.is_hit(req) and req.kv.req_pool_idx not in state.rows.resident
+            and not req.kvrag.spec.build().reconstruction)
+
+
+def _rebuilding(req) -> Rebuild | None:
+    """The reconstruction a request's coming extend runs a pass of, if any."""
+    stored = once.of(req)
+    rebuild = None if stored is None else stored.rebuild
+    return rebuild if rebuild is not None and rebuild.current is not None else None
 
 
 def process_batch_result_prefill(original, processor, batch, *args, **kwargs):
@@ -135,6 +147,11 @@ def _compress_pending(state: PluginState) -> None:
             continue
         if req.finished() or req.is_retracted or row in state.rows.resident:
             continue
+        if stored is not None and stored.spec.build().reconstruction:
+            if _passes_done(state, req, stored, allocator):
+                _compress(state, req, allocator, pending.processor.tree_cache,
+                          stored.rebuild)
+            continue
         if stored is not None:
             # a building once: request is compressed where its corpus prefix ends
             prefilled = state.queries.prefilled(row)
@@ -151,7 +168,27 @@ def _compress_pending(state: PluginState) -> None:
         _compress(state, req, allocator, pending.processor.tree_cache)
 
 
-def _compress(state: PluginState, req, allocator, tree_cache) -> None:
+def _passes_done(state: PluginState, req, stored: once.OnceRequest, allocator) -> bool:
+    """Step a KVzip build through its reconstruction passes (``reconstruction.py``) as its
+    chunks end: start them when the prefix is prefilled, rewind after each; True once the
+    last is done and the prompt is the real one again."""
+    committed = req.kv.kv_committed_len
+    rebuild = stored.rebuild
+    if rebuild is None:
+        if committed != stored.end:
+            return False
+        rebuild = stored.rebuild = Rebuild.start(stored.spec.build(), stored.real,
+                                                 req.kvrag.span, state.tokenizer)
+    elif committed < rebuild.cut:
+        return False
+    else:
+        rewind(req, rebuild, state.rows.req_to_token, allocator)
+    once.set_prompt(req, rebuild.prompt(stored.real), req.extra_key)
+    return rebuild.current is None
+
+
+def _compress(state: PluginState, req, allocator, tree_cache,
+              rebuild: Rebuild | None = None) -> None:
     wanted, row = req.kvrag, req.kv.req_pool_idx
     ends = (sentence_ends_for(wanted.spec, req.origin_input_ids, state.tokenizer)
             if wanted.spec.chunk == SENTENCE else None)
@@ -159,7 +196,10 @@ def _compress(state: PluginState, req, allocator, tree_cache) -> None:
     done = state.rows.compress(
         row, state.queries.pop(row), rid=req.rid, protected=req.kv.cache_protected_len,
         spec=wanted.spec, span=wanted.span, sentence_ends=ends,
-        make_room=lambda k: allocator.evict_to_free_tokens(tree_cache, k))
+        make_room=lambda k: allocator.evict_to_free_tokens(tree_cache, k),
+        reconstruction=(None if rebuild is None
+                        else rebuild.reconstruction(len(state.rows.layer_ids))),
+        n=None if rebuild is None else rebuild.end)
     if done is None:
         return
     state.room_made = state.room_made or done.freed > done.allocated
@@ -173,6 +213,8 @@ def _compress(state: PluginState, req, allocator, tree_cache) -> None:
         "freed": done.freed, "allocated": done.allocated, "free_before": free_before,
         "free_after": allocator.available_size(), "seconds": done.seconds,
     }
+    if rebuild is not None:
+        line["reconstruction"] = rebuild.report()
     if state.settings.record_kept:
         line["kept"] = [k.tolist() for k in comp.kept]
     if wanted.once is not None:

@@ -15,8 +15,9 @@ its real size (the kept slots), and SGLang's memory checks count it.
   logical positions. Nothing else about it differs from a plain request.
 - **Miss.** The prompt is put back. The request prefills its prefix alone (its chunk is
   cut at ``end``), is compacted there with the prefix's last queries (question-agnostic
-  scoring), and then extends its question over the compacted cache. When it leaves, its
-  kept slots go to the tree under the key instead of back to the allocator.
+  scoring; KVzip first runs its reconstruction passes, ``reconstruction.py``), and then
+  extends its question over the compacted cache. When it leaves, its kept slots go to the
+  tree under the key instead of back to the allocator.
 
 A ``full`` request over the same corpus matches the real prefix in the tree as before.
 A prefix packed per head (``heads=ranked``) is stored with its cell layout, which its
@@ -83,6 +84,7 @@ class OnceRequest:
     extra_key: str | None  # the request's own tree namespace
     cache_salt: str | None
     state: str = "new"  # "hit": over the stored prefix; "miss": builds it
+    rebuild: object = None  # reconstruction.Rebuild of a KVzip build, once its passes start
 
     @classmethod
     def of(cls, spec: CompressionSpec, span: tuple[int, int], prompt, extra_key, cache_salt):
@@ -98,6 +100,13 @@ class OnceRequest:
 
     def hit_prompt(self) -> array:
         return self.key + self.real[self.end:]
+
+    def cut(self, prefix_len: int) -> int | None:
+        """Where a building request's prefill chunk starting at ``prefix_len`` must end:
+        at the prefix end, then after each reconstruction pass."""
+        if prefix_len < self.end:
+            return self.end
+        return None if self.rebuild is None else self.rebuild.cut
 
     @property
     def layout_key(self) -> bytes:
@@ -156,13 +165,14 @@ def init_next_round_input(original, req, tree_cache=None, *args, **kwargs):
     once = of(req)
     if once is None or tree_cache is None or req.kv.holds_kv:
         return original(req, tree_cache, *args, **kwargs)
+    once.rebuild = None  # a retracted build starts over
     once.state = "hit"
-    _set_prompt(req, once.hit_prompt(), namespace(once.spec, once.extra_key))
+    set_prompt(req, once.hit_prompt(), namespace(once.spec, once.extra_key))
     result = original(req, tree_cache, *args, **kwargs)
     if req.prefix_len >= once.kmax and _layout_known(once):
         return result
     once.state = "miss"
-    _set_prompt(req, array("q", once.real), once.extra_key)
+    set_prompt(req, array("q", once.real), once.extra_key)
     return original(req, tree_cache, *args, **kwargs)
 
 
@@ -175,7 +185,7 @@ def _layout_known(once: OnceRequest) -> bool:
     return state is not None and once.layout_key in state.stored_layouts
 
 
-def _set_prompt(req, prompt, extra_key) -> None:
+def set_prompt(req, prompt, extra_key) -> None:
     req.origin_input_ids = prompt
     req.extra_key = extra_key
     req.full_untruncated_fill_ids = array("q")  # rebuilt from the prompt when next read
@@ -187,16 +197,18 @@ def select_prefill_admission(result, adder, req, *args, **kwargs):
     once = of(req)
     if once is None or once.state != "miss" or not dataclasses.is_dataclass(result):
         return result
-    if result.prefix_len < once.end < result.prefix_len + result.extend_len:
-        return dataclasses.replace(result, extend_len=once.end - result.prefix_len,
+    cut = once.cut(result.prefix_len)
+    if cut is not None and result.prefix_len < cut < result.prefix_len + result.extend_len:
+        return dataclasses.replace(result, extend_len=cut - result.prefix_len,
                                    is_chunked=True, max_new_tokens=0)
     return result
 
 
 def add_chunked_req(adder, req, *args, **kwargs):
     once = of(req)
-    if once is not None and once.state == "miss" and req.prefix_len < once.end:
-        limit = once.end - req.prefix_len
+    cut = None if once is None or once.state != "miss" else once.cut(req.prefix_len)
+    if cut is not None and req.prefix_len < cut:
+        limit = cut - req.prefix_len
         adder.chunked_req_limit = min(adder.chunked_req_limit or limit, limit)
 
 

@@ -138,6 +138,7 @@ def create_backend(model_runner):
 
     from kvrag.engine_plugin.backend import KvragAttnBackend
     from kvrag.engine_plugin.capture import QueryCapture
+    from kvrag.engine_plugin.reconstruction import Rebuilds
     from kvrag.engine_plugin.rows import Rows
     from kvrag.engine_plugin.state import PluginState, install
 
@@ -155,13 +156,14 @@ def create_backend(model_runner):
     rows = Rows(model_runner, layer_ids, _head_shard(model_runner))
     queries = QueryCapture(settings.capture, layer_ids)
     shifts = once.PositionShifts(rows.req_to_token.shape[0], rows.req_to_token.device)
+    rebuilds = Rebuilds(layer_ids)
     args = resolved_view(model_runner.server_args)
     state = PluginState(
-        settings, queries, rows, shifts, slot_bytes=_slot_bytes(pool, layer_ids),
+        settings, queries, rows, shifts, rebuilds, slot_bytes=_slot_bytes(pool, layer_ids),
         model_path=args.tokenizer_path or args.model_path,
         trust_remote_code=bool(args.trust_remote_code))
     inner = ATTENTION_BACKENDS[inner_name](model_runner)
-    state.backend = KvragAttnBackend(model_runner, inner, queries, rows, shifts,
+    state.backend = KvragAttnBackend(model_runner, inner, queries, rows, shifts, rebuilds,
                                      python_decode=python_decode)
     install(state)
     logger.info("kvrag attention backend over %s (decode: %s); server compression: %s",

@@ -88,9 +88,18 @@ class Rows:
     def compress(self, row: int, tail: QueryTail | None, *, rid: str, protected: int,
                  spec: CompressionSpec, span: tuple[int, int],
                  make_room: Callable[[int], object] | None = None,
-                 sentence_ends: torch.Tensor | None = None) -> CompactionResult | None:
+                 sentence_ends: torch.Tensor | None = None,
+                 reconstruction: list[torch.Tensor] | None = None,
+                 n: int | None = None) -> CompactionResult | None:
         """Compress the prompt KV of the request in ``row`` with its captured queries
-        ``tail``; None leaves it uncompressed (and logs why)."""
+        ``tail``, or, for KVzip, the ``reconstruction`` scores of its first ``n``
+        positions; None leaves it uncompressed (and logs why)."""
+        if reconstruction is not None:
+            assert n is not None
+            tail = QueryTail()
+            tail.end = n
+            for layer, scores in zip(self.layer_ids, reconstruction, strict=True):
+                tail.layers[layer] = scores.new_empty(0, scores.shape[0], 1)
         if tail is None or len(tail.layers) != len(self.layer_ids) or tail.end < span[1]:
             logger.warning("kvrag: no prefill queries for request %s; left uncompressed", rid)
             return None
@@ -112,6 +121,7 @@ class Rows:
             protected=protected, layer_ids=self.layer_ids,
             queries=[tail.layers[lid] for lid in self.layer_ids], spec=spec, span=span,
             make_room=make_room, shard=self.shard, sentence_ends=sentence_ends,
+            reconstruction=reconstruction,
         )
         if result is None:
             self.row_pool.free_rows(physical)

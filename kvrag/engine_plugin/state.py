@@ -10,6 +10,8 @@ What it owns, by request row (``req_pool_idx``):
 - ``rows``: its compacted record, physical row and length shift once compressed
   (``rows.py``);
 - ``shifts``: the position shift of a compress-once hit (``once.py``);
+- ``rebuilds``: the KVzip reconstruction pass a compress-once build runs
+  (``reconstruction.py``);
 and, by compress-once tree key, ``stored_layouts``: the cell layout of each stored
 prefix packed per head (``heads=ranked``, ``cells.py``), which its hits read.
 SGLang's ``Req`` carries one kvrag attribute, ``req.kvrag``: the request's spec and span
@@ -25,6 +27,7 @@ from kvrag.engine_plugin.capture import QueryCapture
 from kvrag.engine_plugin.cells import CellLayout
 from kvrag.engine_plugin.config import Settings
 from kvrag.engine_plugin.once import PositionShifts
+from kvrag.engine_plugin.reconstruction import Rebuilds
 from kvrag.engine_plugin.rows import Rows
 
 
@@ -43,6 +46,7 @@ class PluginState:
     queries: QueryCapture
     rows: Rows
     shifts: PositionShifts
+    rebuilds: Rebuilds
     slot_bytes: int  # one pool slot's bytes over all layers (and tensor-parallel ranks)
     model_path: str  # the tokenizer's, for chunk=sentence
     trust_remote_code: bool = False
@@ -64,6 +68,7 @@ class PluginState:
         """Forget the request leaving ``row``; its ``rows.Resident`` if it was compacted."""
         self.queries.drop(row)
         self.shifts.release(row)
+        self.rebuilds.drop(row)
         return self.rows.release(row)
 
 

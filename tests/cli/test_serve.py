@@ -58,7 +58,7 @@ def test_unknown_eviction_policy_is_refused():
     (["--allow-request-specs", "snapkv:2"], "0 <= RATIO < 1"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--compression", "once:pyramidkv:0.5"], "one kept count for every layer"),
-    (["--compression", "once:kvzip:0.5"], "reconstruction forward pass"),
+    (["--compression", "kvzip:0.5"], "reconstruction forward passes"),
 ])
 def test_serve_refusals_come_before_start(args, message):
     result = CliRunner().invoke(app, ["serve", *args])

@@ -17,7 +17,7 @@ def test_the_hf_engine_runs_every_spec(text):
 @pytest.mark.parametrize(("text", "target", "message"), [
     ("retrieval:0.5", Target.PLUGIN, "the SGLang plugin serves only methods that evict"),
     ("retrieval:0.5", Target.TRAINING, "picks keys per decoded token"),
-    ("kvzip:0.5", Target.PLUGIN, "reconstruction forward pass"),
+    ("kvzip:0.5", Target.PLUGIN, "use once:kvzip:0.5"),
     ("once:pyramidkv:0.5", Target.PLUGIN, "one kept count for every layer"),
     ("once:snapkv:0.5", Target.TRAINING, "drop 'once:'"),
 ])
@@ -28,7 +28,8 @@ def test_each_refusal_names_its_reason(text, target, message):
 
 @pytest.mark.parametrize("text", ["snapkv:0.5", "pyramidkv:0.5", "tova[chunk=16]:0.5",
                                   "once:snapkv:0.5", "h2o:0.5",
-                                  "once:snapkv[heads=ranked]:0.5"])
+                                  "once:snapkv[heads=ranked]:0.5", "once:kvzip:0.5",
+                                  "once:kvzip[heads=ranked]@100"])
 def test_what_the_plugin_serves(text):
     check(parse_spec(text), Target.PLUGIN)
 

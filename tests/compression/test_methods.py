@@ -196,3 +196,20 @@ def test_retrieval_mask_keeps_top_k_document_keys_per_query_head(inp: ScoringInp
         top = sorted(dots, key=dots.get, reverse=True)[:k]
         expected = [j < span[0] or j >= span[1] or j in top for j in range(N)]
         assert mask[h].tolist() == expected
+
+
+def test_kvzip_scores_a_pass_run_in_pieces_as_in_one(inp) -> None:
+    """A server may prefill a pass in chunks: the pieces' scores, accumulated, are the
+    whole pass's."""
+    import kvrag.compression.kvzip as kvzip
+
+    gen = torch.Generator().manual_seed(2)
+    r = 7
+    rq, rk = torch.randn(Q_HEADS, r, D, generator=gen), torch.randn(KV_HEADS, r, D, generator=gen)
+    method, rep = kvzip.KVzip(sinks=2), kvzip.RepeatPass(4, 10, tuple(range(r)))
+    whole = kvzip.ReconstructionScores(method, N)
+    whole.add(0, inp.keys, rep, kvzip.PassAttention(rq, rk))
+    pieces = kvzip.ReconstructionScores(method, N)
+    for a, b in ((0, 3), (3, 4), (4, 7)):
+        pieces.add(0, inp.keys, rep, kvzip.PassAttention(rq[:, a:b], rk[:, :b], offset=a))
+    torch.testing.assert_close(pieces.by_layer[0], whole.by_layer[0])

@@ -52,7 +52,7 @@ def test_invalid_and_dynamic_specs_are_refused():
         config.for_request({"kvrag_compression": "bogus:0.5"}, 500)
     with pytest.raises(SpecError, match="HF engine"):
         config.for_request({"kvrag_compression": "retrieval:0.5"}, 500)
-    with pytest.raises(SpecError, match="reconstruction forward pass"):
+    with pytest.raises(SpecError, match="reconstruction forward passes"):
         config.for_request({"kvrag_compression": "kvzip:0.5"}, 500)
 
 

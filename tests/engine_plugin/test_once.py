@@ -195,3 +195,29 @@ def test_ranked_heads_pack_cells_and_answer_as_the_hf_engine(served, hf, prompts
             assert any(len(set(layer)) > 1 for layer in counts)  # heads differ
         if not compression.once:
             break
+
+
+@pytest.mark.parametrize("spec", ["once:kvzip:0.5", "once:kvzip[heads=ranked]:0.5"])
+def test_kvzip_reconstructs_inside_sglang_and_keeps_the_hf_engines_tokens(served, hf, prompts,
+                                                                          spec):
+    """The build runs KVzip's passes as prefill chunks of the request (split further by
+    the 1,024-token chunked prefill), frees them, compacts the prefix with their scores and
+    stores it; both engines keep the same tokens and answer alike, built and matched."""
+    compression = parse_spec(spec)
+    served.engine.flush_cache()
+    hf._once.clear()
+    for prompt, kind in ((prompts[6], "built"), (prompts[7], "hit")):
+        ids, logprobs, _, stats = ask(served, prompt, spec)
+        enc = served.encode(prompt)
+        kmax = enc.context_start + compression.kept(enc.context_end - enc.context_start)
+        assert stats["once"] == kind
+        assert stats["kv_tokens"] == kmax + len(enc.input_ids) - enc.context_end
+        token, logprob = hf_first_logprob(hf, prompt, spec)
+        assert ids[0] == token and logprobs[0] == pytest.approx(logprob, abs=2e-3), kind
+        text = hf.generate(prompt, MAX_NEW, compression, ignore_eos=True).text
+        assert served_text(hf, ids) == text, kind
+        if kind == "built":
+            (corpus,) = hf._once.values()
+            assert _by_head([k.tolist() for k in corpus.kept]) == _by_head(stats["kept"])
+            n_doc = enc.context_end - enc.context_start
+            assert stats["reconstruction"]["passes"] == -(-n_doc // 2048) > 1
