@@ -3,8 +3,10 @@
 ``Q`` questions over one corpus of ``context_tokens`` go, in one kvrag engine, through:
 
 - ``full``: a full cache, the corpus in the radix tree after the first question;
-- ``METHOD:RATIO``: compressed per question (question-aware), the kept copy its own;
-- ``once:METHOD:RATIO``: the corpus compressed once, stored, and matched by the rest.
+- ``METHOD:RATIO``: compressed per question (question-aware), the kept copy its own
+  (where the plugin serves the method per question: KVzip it serves compress-once only);
+- ``once:METHOD:RATIO``: the corpus compressed once, stored, and matched by the rest;
+the last two for each ratio asked.
 
 Per system, after flushing the radix cache: question 1 alone (it builds what the others
 reuse), then questions 2..Q one at a time, whose median time to first token is reported;
@@ -28,7 +30,8 @@ from pathlib import Path
 
 from kvrag.bench.serving import CPU, flush, plugin_environ, start_engine
 from kvrag.bench.serving_load import _one
-from kvrag.compression import parse_spec
+from kvrag.compression import SpecError, parse_spec
+from kvrag.compression.capabilities import Target, check
 from kvrag.engine_plugin import config as plugin_config
 from kvrag.engine_plugin.once import kept_prefix
 from kvrag.engines.device import Placement
@@ -70,12 +73,14 @@ def _lines(path: Path) -> int:
 
 
 def bench_serving_shared(
-    model_path: Path, method: str = "snapkv", ratio: float = 0.5, questions: int = 8,
+    model_path: Path, method: str = "snapkv", ratios: tuple[float, ...] = (0.5,),
+    questions: int = 8,
     context_tokens: int = 4000, new_tokens: int = 32, pool_tokens: int | None = None,
     on_step: Callable[[str], None] = lambda label: None, placement: Placement = CPU,
     load_format: str | None = None, decode_path: str = "auto",
 ) -> tuple[dict, list[SharedRow]]:
-    """(settings: corpus and question tokens, pool; rows: full, per question, once)."""
+    """(settings: corpus and question tokens, pool; rows: full, then per question and once
+    for each ratio)."""
     import asyncio
 
     from transformers import AutoTokenizer
@@ -98,15 +103,20 @@ def bench_serving_shared(
         raise RuntimeError("the questions' prompts do not share their corpus prefix tokens")
     span = encoded[0].span
     own = [len(e.input_ids) - end for e in encoded]  # each question's own prompt tokens
-    compressed = parse_spec(f"{method}:{ratio!r}")
-    once = parse_spec(f"once:{compressed.name}")
-    kmax = kept_prefix(once, span)
     # implied slots while all decode: shared part once, then each question's own tokens
-    implied = {
-        "full": end + sum(own) + questions * new_tokens,
-        compressed.name: sum(kmax + n for n in own) + questions * new_tokens,
-        once.name: kmax + sum(own) + questions * new_tokens,
-    }
+    decoded = questions * new_tokens
+    implied = {"full": float(end + sum(own) + decoded)}
+    kept: dict[str, int] = {}
+    for ratio in ratios:
+        compressed = parse_spec(f"{method}:{ratio!r}")
+        once = parse_spec(f"once:{compressed.name}")
+        kmax = kept[once.name] = kept_prefix(once, span)
+        try:
+            check(compressed, Target.PLUGIN)
+            implied[compressed.name] = float(sum(kmax + n for n in own) + decoded)
+        except SpecError:
+            pass  # served compress-once only
+        implied[once.name] = float(kmax + sum(own) + decoded)
     pool = pool_tokens or int(1.5 * (end + sum(len(e.input_ids) for e in encoded)
                                      + 2 * questions * new_tokens))
     stats = Path(tempfile.mkstemp(prefix="kvrag-shared-", suffix=".jsonl")[1])
@@ -136,7 +146,7 @@ def bench_serving_shared(
 
     measured: dict[str, dict] = {}
     try:
-        for name in ("full", compressed.name, once.name):
+        for name in implied:
             on_step(f"{name}: question 1, then 2..{questions} one at a time")
             flush(engine)
             first = ask_all(name, [0])[0]
@@ -159,6 +169,6 @@ def bench_serving_shared(
                       m["peak"] / base["peak"], m["ttft"] / base["ttft"])
             for name, m in measured.items()]
     settings = {"questions": questions, "corpus_prefix_tokens": end,
-                "question_tokens_median": statistics.median(own), "kept_prefix_tokens": kmax,
+                "question_tokens_median": statistics.median(own), "kept_prefix_tokens": kept,
                 "new_tokens": new_tokens, "pool_tokens": pool}
     return settings, rows

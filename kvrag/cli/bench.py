@@ -138,8 +138,8 @@ def serving_cmd(
         "KV pool size in tokens with --concurrency (default: what holds 4 full requests)."))
     ] = None,
     shared_corpus: Annotated[int | None, typer.Option(min=2, help=(
-        "Send this many questions over one corpus through full, METHOD:RATIO per question "
-        "and once:METHOD:RATIO (the first ratio of --ratios), in one kvrag engine; report "
+        "Send this many questions over one corpus through full, and METHOD:RATIO per "
+        "question and once:METHOD:RATIO for each of --ratios, in one kvrag engine; report "
         "the KV slots each holds while all questions decode, beside what its spec implies, "
         "and the median time to first token of questions 2..Q; ratios to full."))] = None,
     decode_path: Annotated[str, typer.Option(help=(
@@ -175,7 +175,7 @@ def serving_cmd(
     except (SpecError, ModelNotFoundError, ValueError) as e:  # DeviceError is a ValueError
         fail(str(e))
     if shared_corpus is not None:
-        _serving_shared(model_path, model, method, ratio_list[0], shared_corpus,
+        _serving_shared(model_path, model, method, tuple(ratio_list), shared_corpus,
                         context_tokens, new_tokens, pool_tokens, placement, decode_path, out)
         return
     if concurrency > 1:
@@ -224,18 +224,19 @@ def _serving_load(model_path, model, method, ratios, concurrency, context_tokens
     _write_rows(out, settings, rows)
 
 
-def _serving_shared(model_path, model, method, ratio, questions, context_tokens, new_tokens,
+def _serving_shared(model_path, model, method, ratios, questions, context_tokens, new_tokens,
                     pool_tokens, placement, decode_path, out) -> None:
     from kvrag.bench.serving_shared import bench_serving_shared
 
     settings, rows = _run_bench(
-        "benchmarking a shared corpus", bench_serving_shared, model_path, method, ratio,
+        "benchmarking a shared corpus", bench_serving_shared, model_path, method, ratios,
         questions, context_tokens, new_tokens, pool_tokens, placement=placement,
         decode_path=decode_path)
     console.print(
         f"{model} on {placement.device} in {placement.dtype_name}: {questions} questions over "
-        f"one {settings['corpus_prefix_tokens']:,}-token corpus prefix (kept by the spec: "
-        f"{settings['kept_prefix_tokens']:,}), median {settings['question_tokens_median']:.0f} "
+        f"one {settings['corpus_prefix_tokens']:,}-token corpus prefix (kept by each once: "
+        f"spec: {', '.join(f'{k} {v:,}' for k, v in settings['kept_prefix_tokens'].items())}"
+        f"), median {settings['question_tokens_median']:.0f} "
         f"question tokens, {new_tokens} decoded tokens each, KV pool "
         f"{settings['pool_tokens']:,} tokens; ratios to full", markup=False)
     _print_table(

@@ -91,7 +91,26 @@ def test_shared_corpus_mode_holds_the_kept_corpus_once(tiny_model_dir, tmp_path)
     assert once["slots_held"] < full["slots_held"] < per_question["slots_held"]
     assert full["held_vs_full"] == 1.0 and "held/implied" in result.output
     settings = report["settings"]
-    assert settings["kept_prefix_tokens"] < settings["corpus_prefix_tokens"]
+    assert settings["kept_prefix_tokens"]["once:snapkv:0.5"] < settings["corpus_prefix_tokens"]
+
+
+@pytest.mark.slow
+def test_shared_corpus_mode_serves_kvzip_once_at_two_ratios(tiny_model_dir, tmp_path):
+    """KVzip compress-once at two ratios: its reconstruction runs in the engine, each
+    stored prefix holds what its spec implies; per-question KVzip is not served."""
+    out = tmp_path / "shared.json"
+    result = CliRunner().invoke(app, [
+        "bench", "serving", "--model", str(tiny_model_dir), "--shared-corpus", "3",
+        "--context-tokens", "1200", "--new-tokens", "4", "--ratios", "0.5,0.75",
+        "--method", "kvzip[heads=ranked]", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {r["system"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["full", "once:kvzip[heads=ranked]:0.5",
+                          "once:kvzip[heads=ranked]:0.75"]
+    half, quarter = rows["once:kvzip[heads=ranked]:0.5"], rows["once:kvzip[heads=ranked]:0.75"]
+    for row in (half, quarter):
+        assert 0.95 <= row["held_vs_implied"] <= 1.05 and row["running_at_peak"] == 3
+    assert quarter["slots_held"] < half["slots_held"] < rows["full"]["slots_held"]
 
 
 def test_shared_corpus_mode_needs_two_questions(tiny_model_dir):
