@@ -37,14 +37,18 @@ def bench_compression(
     new_tokens: int = 32, repeats: int = 3,
     on_step: Callable[[str], None] = lambda label: None,
 ) -> tuple[int, float, list[BenchRow]]:
-    """(prompt tokens, prefill seconds, one row per system with ``full`` first)."""
+    """(prompt tokens, median prefill seconds, one row per system with ``full`` first)."""
     if new_tokens < 2:
         raise ValueError("new_tokens must be at least 2: the first comes from the prefill")
     instance = make_demo(seed=1, context_tokens=context_tokens, per_task=1)[0]
     prompt = build_prompt(instance)
     ids = engine.encode(prompt).input_ids
-    on_step("prefill")
-    prefill_s = engine.prefill(ids).seconds
+    prefills = []
+    for r in range(repeats):
+        on_step(f"prefill (repeat {r + 1}/{repeats})")
+        engine.release()
+        prefills.append(engine.prefill(ids).seconds)
+    prefill_s = statistics.median(prefills)
     systems: list[tuple[str, CompressionSpec | None]] = [("full", None)]
     systems += [(s.name, s) for s in specs]
     runs: dict[str, list] = {name: [] for name, _ in systems}

@@ -241,10 +241,11 @@ def _serving_shared(model_path, model, method, ratios, questions, context_tokens
         f"{settings['pool_tokens']:,} tokens; ratios to full", markup=False)
     _print_table(
         ("system", "KV slots held", "implied", "held/implied", "held/full", "running",
-         "TTFT 2..Q s", "TTFT/full", "TTFT q1 s"),
+         "TTFT 2..Q s", "TTFT/full", "TTFT q1 s", "q1/full"),
         [(r.system, f"{r.slots_held:,}", f"{r.slots_implied:,.0f}", f"{r.held_vs_implied:.2f}",
           f"{r.held_vs_full:.2f}", str(r.running_at_peak), f"{r.ttft_s_median:.2f}",
-          f"{r.ttft_vs_full:.2f}", f"{r.ttft_first_s:.1f}") for r in rows])
+          f"{r.ttft_vs_full:.2f}", f"{r.ttft_first_s:.1f}", f"{r.first_vs_full:.2f}")
+         for r in rows])
     _write_rows(out, settings, rows)
 
 

@@ -197,9 +197,8 @@ def _compress(state: PluginState, req, allocator, tree_cache,
         row, state.queries.pop(row), rid=req.rid, protected=req.kv.cache_protected_len,
         spec=wanted.spec, span=wanted.span, sentence_ends=ends,
         make_room=lambda k: allocator.evict_to_free_tokens(tree_cache, k),
-        reconstruction=(None if rebuild is None
-                        else rebuild.reconstruction(len(state.rows.layer_ids))),
-        n=None if rebuild is None else rebuild.end)
+        reconstruction=(None if rebuild is None else
+                        (rebuild.end, rebuild.reconstruction(len(state.rows.layer_ids)))))
     if done is None:
         return
     state.room_made = state.room_made or done.freed > done.allocated

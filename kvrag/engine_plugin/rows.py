@@ -89,28 +89,28 @@ class Rows:
                  spec: CompressionSpec, span: tuple[int, int],
                  make_room: Callable[[int], object] | None = None,
                  sentence_ends: torch.Tensor | None = None,
-                 reconstruction: list[torch.Tensor] | None = None,
-                 n: int | None = None) -> CompactionResult | None:
+                 reconstruction: tuple[int, list[torch.Tensor]] | None = None,
+                 ) -> CompactionResult | None:
         """Compress the prompt KV of the request in ``row`` with its captured queries
-        ``tail``, or, for KVzip, the ``reconstruction`` scores of its first ``n``
-        positions; None leaves it uncompressed (and logs why)."""
+        ``tail``, or, for KVzip, ``reconstruction``: (n, per layer its passes' scores of
+        the first n positions); None leaves it uncompressed (and logs why)."""
         if reconstruction is not None:
-            assert n is not None
-            tail = QueryTail()
-            tail.end = n
-            for layer, scores in zip(self.layer_ids, reconstruction, strict=True):
-                tail.layers[layer] = scores.new_empty(0, scores.shape[0], 1)
-        if tail is None or len(tail.layers) != len(self.layer_ids) or tail.end < span[1]:
+            n, rebuilt = reconstruction
+            queries = [scores.new_empty(0, scores.shape[0], 1) for scores in rebuilt]  # none
+        elif tail is None or len(tail.layers) != len(self.layer_ids) or tail.end < span[1]:
             logger.warning("kvrag: no prefill queries for request %s; left uncompressed", rid)
             return None
-        n = tail.end
-        needed = spec.build().queries_needed()
-        have = tail.layers[self.layer_ids[0]].shape[0]
-        if needed is None and have < n - protected or needed is not None and have < min(
-                needed, n - protected):
-            logger.warning("kvrag: %s needs %s prompt queries, the backend kept %d; request "
-                           "%s left uncompressed", spec.name, needed or "all", have, rid)
-            return None
+        else:
+            n, rebuilt = tail.end, None
+            queries = [tail.layers[lid] for lid in self.layer_ids]
+            needed = spec.build().queries_needed()
+            have = queries[0].shape[0]
+            if needed is None and have < n - protected or needed is not None and have < min(
+                    needed, n - protected):
+                logger.warning("kvrag: %s needs %s prompt queries, the backend kept %d; "
+                               "request %s left uncompressed", spec.name, needed or "all",
+                               have, rid)
+                return None
         physical = self.row_pool.alloc_rows(1)
         if not physical:
             logger.warning("kvrag: no free req_to_token row for the compacted request %s; "
@@ -118,10 +118,9 @@ class Rows:
             return None
         result = compact(
             self.pool, self.allocator, self.req_to_token[row], rid=rid, n=n,
-            protected=protected, layer_ids=self.layer_ids,
-            queries=[tail.layers[lid] for lid in self.layer_ids], spec=spec, span=span,
-            make_room=make_room, shard=self.shard, sentence_ends=sentence_ends,
-            reconstruction=reconstruction,
+            protected=protected, layer_ids=self.layer_ids, queries=queries, spec=spec,
+            span=span, make_room=make_room, shard=self.shard, sentence_ends=sentence_ends,
+            reconstruction=rebuilt,
         )
         if result is None:
             self.row_pool.free_rows(physical)

@@ -23,6 +23,7 @@ from kvrag.engine_plugin import backend
 from kvrag.engine_plugin.backend import KvragAttnBackend
 from kvrag.engine_plugin.capture import QueryCapture, QueryTail
 from kvrag.engine_plugin.once import PositionShifts
+from kvrag.engine_plugin.reconstruction import Rebuilds
 from kvrag.engine_plugin.rows import Rows
 
 KV_HEADS, Q_HEADS, D, LAYERS = 2, 4, 8, 2
@@ -124,7 +125,7 @@ def _backend(runner, python_decode: bool) -> KvragAttnBackend:
     rows = Rows(runner, layers, HeadShard())
     return KvragAttnBackend(runner, TorchNativeAttnBackend(runner), QueryCapture(64, layers),
                             rows, PositionShifts(rows.req_to_token.shape[0], "cpu"),
-                            python_decode=python_decode)
+                            Rebuilds(layers), python_decode=python_decode)
 
 
 def _compress(kv: KvragAttnBackend, row: int, **kwargs):
@@ -171,6 +172,56 @@ def test_decode_over_a_compacted_and_a_full_request(python_decode):
     physical = kv.rows.resident[compacted].row
     kmax = kv.rows.resident[compacted].record.slots.numel()
     assert req_to_token[physical, kmax:kmax + 3].tolist() == decoded[compacted]
+
+
+def test_ranked_heads_decode_over_their_own_cells_beside_a_full_request():
+    """Heads keeping different counts are packed into the prompt's cells; each query head
+    must attend to exactly its KV head's kept tokens (as they were before packing), then
+    the decoded ones, in a batch with an ordinary request."""
+    torch.manual_seed(3)
+    runner = _runner()
+    kv = _backend(runner, python_decode=True)
+    compacted, prompt_slots = _prefilled(runner, kv, 120)
+    full, full_slots = _prefilled(runner, kv, 90)
+    kv.queries.pop(full)
+    before = [(runner.token_to_kv_pool.get_key_buffer(lid)[prompt_slots].clone(),
+               runner.token_to_kv_pool.get_value_buffer(lid)[prompt_slots].clone())
+              for lid in range(LAYERS)]
+    done = _compress(kv, compacted, rid="c", protected=0,
+                     spec=parse_spec("snapkv[heads=ranked]:0.5"), span=(0, 100))
+    record = done.compacted
+    assert record.layout is not None and done.freed == 120 - record.kv_tokens
+    assert record.kv_tokens == 20 + 50  # the kept share exactly, whatever each head keeps
+    req_to_token = runner.req_to_token_pool.req_to_token
+    decoded = {compacted: [], full: []}
+    for step in range(2):
+        new = runner.token_to_kv_pool_allocator.alloc(2)
+        lens = [120 + step + 1, 90 + step + 1]
+        for row, slot, length in zip((compacted, full), new.tolist(), lens, strict=True):
+            req_to_token[row, length - 1] = slot
+            decoded[row].append(slot)
+        fb = _batch(ForwardMode.DECODE, [compacted, full], lens, new)
+        kv.init_forward_metadata(fb)
+        for lid in range(LAYERS):
+            q, k, v = torch.randn(2, Q_HEADS * D), torch.randn(2, KV_HEADS, D), torch.randn(
+                2, KV_HEADS, D)
+            out = kv.forward_decode(q, k, v, _layer(lid), fb).view(2, Q_HEADS, D)
+            kbuf = runner.token_to_kv_pool.get_key_buffer(lid)
+            vbuf = runner.token_to_kv_pool.get_value_buffer(lid)
+            want_f = _sdpa(q.view(2, Q_HEADS, D)[1:], kbuf, vbuf,
+                           torch.cat([full_slots, torch.tensor(decoded[full])]), D ** -0.5)
+            assert torch.allclose(out[1], want_f[0], atol=1e-5)
+            keys, values = before[lid]
+            new_slots = torch.tensor(decoded[compacted])
+            for qh in range(Q_HEADS):
+                h = qh // (Q_HEADS // KV_HEADS)
+                kept = [p for p in record.kept[lid][h].tolist() if p >= 0]
+                ks = torch.cat([keys[kept, h], kbuf[new_slots, h]])
+                vs = torch.cat([values[kept, h], vbuf[new_slots, h]])
+                w = (ks @ q.view(2, Q_HEADS, D)[0, qh] * D ** -0.5).softmax(0)
+                assert torch.allclose(out[0, qh], w @ vs, atol=1e-5)
+    counts = record.layout.counts
+    assert (counts.sum(dim=1) == KV_HEADS * 70).all() and len(set(counts[0].tolist())) > 1
 
 
 def test_an_extend_over_a_compacted_request_reads_its_kept_slots():
