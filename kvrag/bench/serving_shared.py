@@ -80,10 +80,11 @@ def bench_serving_shared(
     questions: int = 8,
     context_tokens: int = 4000, new_tokens: int = 32, pool_tokens: int | None = None,
     on_step: Callable[[str], None] = lambda label: None, placement: Placement = CPU,
-    load_format: str | None = None, decode_path: str = "auto",
+    load_format: str | None = None, decode_path: str = "auto", repeats: int = 1,
 ) -> tuple[dict, list[SharedRow]]:
     """(settings: corpus and question tokens, pool; rows: full, then per question and once
-    for each ratio)."""
+    for each ratio). Question 1 runs ``repeats`` times after a flush each (its median is
+    ``ttft_first_s``)."""
     import asyncio
 
     from transformers import AutoTokenizer
@@ -151,8 +152,11 @@ def bench_serving_shared(
     try:
         for name in implied:
             on_step(f"{name}: question 1, then 2..{questions} one at a time")
-            flush(engine)
-            first = ask_all(name, [0])[0]
+            builds = []
+            for _ in range(repeats):
+                flush(engine)
+                builds.append(ask_all(name, [0])[0])
+            first = statistics.median(builds)
             ttft = [ask_all(name, [i])[0] for i in range(1, questions)]
             on_step(f"{name}: all {questions} questions at once")
             flush(engine)

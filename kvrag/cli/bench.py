@@ -130,7 +130,9 @@ def serving_cmd(
     ] = 6000,
     new_tokens: Annotated[int, typer.Option(min=2, help="Tokens decoded per request.")] = 32,
     repeats: Annotated[int, typer.Option(
-        min=1, help="Requests per system, one at a time; medians (single-request mode).")] = 3,
+        min=1, help=("Requests per system, one at a time; medians (single-request mode; with "
+                     "--shared-corpus, how often question 1 builds what the others reuse)."))
+    ] = 3,
     concurrency: Annotated[int, typer.Option(min=1, help=(
         "Above 1: send this many distinct long requests at once against a pool of "
         "--pool-tokens, and report requests running at once, tokens/s, TTFT and TPOT."))] = 1,
@@ -176,7 +178,8 @@ def serving_cmd(
         fail(str(e))
     if shared_corpus is not None:
         _serving_shared(model_path, model, method, tuple(ratio_list), shared_corpus,
-                        context_tokens, new_tokens, pool_tokens, placement, decode_path, out)
+                        context_tokens, new_tokens, pool_tokens, placement, decode_path, out,
+                        repeats)
         return
     if concurrency > 1:
         _serving_load(model_path, model, method, ratio_list, concurrency, context_tokens,
@@ -225,13 +228,13 @@ def _serving_load(model_path, model, method, ratios, concurrency, context_tokens
 
 
 def _serving_shared(model_path, model, method, ratios, questions, context_tokens, new_tokens,
-                    pool_tokens, placement, decode_path, out) -> None:
+                    pool_tokens, placement, decode_path, out, repeats) -> None:
     from kvrag.bench.serving_shared import bench_serving_shared
 
     settings, rows = _run_bench(
         "benchmarking a shared corpus", bench_serving_shared, model_path, method, ratios,
         questions, context_tokens, new_tokens, pool_tokens, placement=placement,
-        decode_path=decode_path)
+        decode_path=decode_path, repeats=repeats)
     console.print(
         f"{model} on {placement.device} in {placement.dtype_name}: {questions} questions over "
         f"one {settings['corpus_prefix_tokens']:,}-token corpus prefix (kept by each once: "

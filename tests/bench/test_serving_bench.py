@@ -80,7 +80,7 @@ def test_shared_corpus_mode_holds_the_kept_corpus_once(tiny_model_dir, tmp_path)
     result = CliRunner().invoke(app, [
         "bench", "serving", "--model", str(tiny_model_dir), "--shared-corpus", "4",
         "--context-tokens", "1200", "--new-tokens", "6", "--ratios", "0.5",
-        "--out", str(out)])
+        "--repeats", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     rows = {r["system"]: r for r in report["rows"]}
@@ -102,7 +102,7 @@ def test_shared_corpus_mode_serves_kvzip_once_at_two_ratios(tiny_model_dir, tmp_
     result = CliRunner().invoke(app, [
         "bench", "serving", "--model", str(tiny_model_dir), "--shared-corpus", "3",
         "--context-tokens", "1200", "--new-tokens", "4", "--ratios", "0.5,0.75",
-        "--method", "kvzip[heads=ranked]", "--out", str(out)])
+        "--method", "kvzip[heads=ranked]", "--repeats", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     rows = {r["system"]: r for r in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["full", "once:kvzip[heads=ranked]:0.5",
