@@ -100,15 +100,16 @@ def attend(q: torch.Tensor, index: torch.Tensor, allowed: torch.Tensor, kbuf: to
 
     index: [batch, kv_heads, S] flat cells of ``kbuf``/``vbuf`` ([slots, kv_heads, d]);
     allowed: bool [batch, m, kv_heads, S], which of them each query sees.
-    Returns [batch, m, q_heads, d_v].
+    Returns [batch, m, q_heads, d_v] in ``q``'s dtype; scores, softmax and the weighted
+    sum run in float32, as attention kernels accumulate.
     """
     batch, m, q_heads, d = q.shape
     kv_heads = index.shape[1]
-    keys = kbuf.view(-1, kbuf.shape[-1])[index].to(q.dtype)  # [b, h, S, d]
-    values = vbuf.view(-1, vbuf.shape[-1])[index].to(q.dtype)
-    qg = q.view(batch, m, kv_heads, q_heads // kv_heads, d).permute(0, 2, 3, 1, 4)
+    keys = kbuf.view(-1, kbuf.shape[-1])[index].float()  # [b, h, S, d]
+    values = vbuf.view(-1, vbuf.shape[-1])[index].float()
+    qg = q.float().view(batch, m, kv_heads, q_heads // kv_heads, d).permute(0, 2, 3, 1, 4)
     logits = torch.einsum("bhgmd,bhsd->bhgms", qg, keys) * scale
     mask = allowed.permute(0, 2, 1, 3)[:, :, None]  # [b, h, 1, m, S]
     weights = logits.masked_fill(~mask, float("-inf")).softmax(dim=-1)
     out = torch.einsum("bhgms,bhsd->bhgmd", weights, values)  # [b, h, g, m, d_v]
-    return out.permute(0, 3, 1, 2, 4).reshape(batch, m, q_heads, -1)
+    return out.permute(0, 3, 1, 2, 4).reshape(batch, m, q_heads, -1).to(q.dtype)

@@ -36,3 +36,18 @@ def test_attention_over_cells_is_attention_over_each_heads_own_keys():
         cells = own[h] + [3 * 2 + h, 11 * 2 + h]
         w = (flat_k[cells] @ q[0, 0, qh] * 0.5).softmax(0)
         torch.testing.assert_close(out[0, 0, qh], w @ flat_v[cells])
+
+
+def test_bfloat16_buffers_attend_in_float32_and_return_bfloat16():
+    gen = torch.Generator().manual_seed(1)
+    kbuf = torch.randn(8, 2, 16, generator=gen)
+    vbuf = torch.randn(8, 2, 16, generator=gen)
+    q = torch.randn(1, 3, 4, 16, generator=gen)
+    read = CellRead.of(torch.tensor([1, 4, 6, 2, 7]), 5, CellLayout(torch.tensor([[1, 3]]), 2),
+                       layers=1, kv_heads=2)
+    index, valid = stack([read])
+    causal = torch.ones(3, 2, index.shape[2], dtype=torch.bool)
+    want = attend(q, index[0], causal[None], kbuf, vbuf, 0.25)
+    got = attend(q.bfloat16(), index[0], causal[None], kbuf.bfloat16(), vbuf.bfloat16(), 0.25)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
