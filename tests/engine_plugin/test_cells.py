@@ -46,7 +46,7 @@ def test_bfloat16_buffers_attend_in_float32_and_return_bfloat16():
     read = CellRead.of(torch.tensor([1, 4, 6, 2, 7]), 5, CellLayout(torch.tensor([[1, 3]]), 2),
                        layers=1, kv_heads=2)
     index, valid = stack([read])
-    causal = torch.ones(3, 2, index.shape[2], dtype=torch.bool)
+    causal = torch.ones(3, 2, index.shape[-1], dtype=torch.bool)
     want = attend(q, index[0], causal[None], kbuf, vbuf, 0.25)
     got = attend(q.bfloat16(), index[0], causal[None], kbuf.bfloat16(), vbuf.bfloat16(), 0.25)
     assert got.dtype == torch.bfloat16
