@@ -49,6 +49,7 @@ def req_init(result, req, *args, **kwargs):
         if wanted.spec.once:
             wanted.once = once.OnceRequest.of(wanted.spec, wanted.span, req.origin_input_ids,
                                               req.extra_key, req.cache_salt)
+            wanted.once.layouts = state.stored_layouts
     return result
 
 

@@ -85,6 +85,8 @@ class OnceRequest:
     cache_salt: str | None
     state: str = "new"  # "hit": over the stored prefix; "miss": builds it
     rebuild: object = None  # reconstruction.Rebuild of a KVzip build, once its passes start
+    # the process's stored cell layouts (PluginState.stored_layouts), for heads=ranked
+    layouts: dict | None = None
 
     @classmethod
     def of(cls, spec: CompressionSpec, span: tuple[int, int], prompt, extra_key, cache_salt):
@@ -177,12 +179,8 @@ def init_next_round_input(original, req, tree_cache=None, *args, **kwargs):
 
 
 def _layout_known(once: OnceRequest) -> bool:
-    if not once.spec.ranked_heads:
-        return True
-    from kvrag.engine_plugin.state import current
-
-    state = current()
-    return state is not None and once.layout_key in state.stored_layouts
+    return not once.spec.ranked_heads or (once.layouts is not None
+                                          and once.layout_key in once.layouts)
 
 
 def set_prompt(req, prompt, extra_key) -> None:
