@@ -11,10 +11,17 @@ with ``custom_params`` in its sampling parameters (the OpenAI API passes them th
   tail of a corpus-in-context prompt sit there). ``kvrag compare --engine sglang`` passes
   the documents' exact span, so both engines evict from the same tokens. A ``once:`` spec
   needs it: the corpus prefix that is compressed once and shared is ``[0, end)``.
+
+sglang-router rebuilds ``/generate`` bodies from its own typed fields and drops
+``custom_params``, but forwards ``extra_key``. So the same parameters may come as
+``extra_key = "kvrag:" + JSON object`` (``routed_params``); the plugin reads them there and
+clears the key before SGLang matches the prefix, so a request's cache is what it would be
+with ``custom_params``. ``kvrag compare --engine sglang-url`` always sends them that way.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +50,7 @@ ENV_DECODE_PATH = "KVRAG_DECODE_PATH"
 ENV_ALLOWED = "KVRAG_ALLOWED_REQUEST_SPECS"
 PARAM_SPEC = "kvrag_compression"
 PARAM_SPAN = "kvrag_span"
+EXTRA_KEY_PREFIX = "kvrag:"  # an ``extra_key`` that carries the parameters (routed_params)
 # meta_info key of the plugin's report on each response: a one-item list of what the
 # request's prompt holds in the pool at decode start (``kv_tokens`` slots, ``kv_bytes``)
 # and, for a compressed request, what compression kept and freed
@@ -148,6 +156,33 @@ class RequestCompression:
     spec: CompressionSpec
     span: tuple[int, int]  # evictable token positions, half-open
     once: OnceRequest | None = None
+
+
+def routed_params(params: dict) -> str:
+    """The ``extra_key`` that carries ``params`` (``PARAM_SPEC``, ``PARAM_SPAN``) through
+    sglang-router, which forwards that field and drops ``custom_params``."""
+    return EXTRA_KEY_PREFIX + json.dumps(params, separators=(",", ":"))
+
+
+def request_params(custom_params: dict | None, extra_key: str | None,
+                   ) -> tuple[dict | None, str | None]:
+    """(the request's kvrag parameters, the ``extra_key`` it keeps): those that came in
+    ``extra_key`` (``routed_params``) or else its ``custom_params``. Raises SpecError for a
+    malformed key or parameters in both places."""
+    if not isinstance(extra_key, str) or not extra_key.startswith(EXTRA_KEY_PREFIX):
+        return custom_params, extra_key
+    try:
+        routed = json.loads(extra_key[len(EXTRA_KEY_PREFIX):])
+    except ValueError:
+        routed = None
+    if not isinstance(routed, dict):
+        raise SpecError(f"extra_key {extra_key[:80]!r} starts with {EXTRA_KEY_PREFIX!r} but "
+                        "is not followed by a JSON object of kvrag parameters")
+    if isinstance(custom_params, dict) and (PARAM_SPEC in custom_params
+                                            or PARAM_SPAN in custom_params):
+        raise SpecError("kvrag parameters came both in custom_params and in extra_key; "
+                        "send them in one place")
+    return routed, None
 
 
 def for_request(custom_params: dict | None, n_prompt: int,

@@ -28,8 +28,9 @@ def req_init(result, req, *args, **kwargs):
     if state is None:
         return result
     try:
-        wanted = config.for_request(req.sampling_params.custom_params,
-                                    len(req.origin_input_ids), state.settings)
+        params, req.extra_key = config.request_params(req.sampling_params.custom_params,
+                                                      req.extra_key)
+        wanted = config.for_request(params, len(req.origin_input_ids), state.settings)
         if wanted is not None and req.session is not None:
             raise SpecError("compression is not served for session requests: a session "
                             "keeps the request's KV row for its next turn")
@@ -292,6 +293,19 @@ def process_batch_result_decode(processor, batch, *args, **kwargs):
     line = {"used": int(allocator.size - allocator.available_size()),
             "running": len(batch.reqs)}
     stats.write(state.settings.pool_log, line)
+
+
+def get_internal_state(result, scheduler, *args, **kwargs):
+    """``/server_info`` says what the KV pool holds now (``kvrag_pool``): slots in use,
+    the radix tree's among them (cached prefixes, stored compressed corpora), and free."""
+    if current() is None:
+        return result
+    allocator, tree = scheduler.token_to_kv_pool_allocator, scheduler.tree_cache
+    free = int(allocator.available_size())
+    result.internal_state["kvrag_pool"] = {
+        "slots": int(allocator.size), "used": int(allocator.size) - free, "free": free,
+        "tree": int(tree.evictable_size()) + int(tree.protected_size())}
+    return result
 
 
 def _tp_rank() -> int:

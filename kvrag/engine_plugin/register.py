@@ -48,8 +48,8 @@ HOOKS = (
     Hook(_BATCH + "Req._compute_max_prefix_len", "after", lifecycle.compute_max_prefix_len,
          "recompute the prompt queries a method scores with, even over a cached prefix"),
     Hook(_BATCH + "ScheduleBatch.prepare_for_extend", "after", lifecycle.prepare_for_extend,
-         "announce which requests of the coming prefill keep their queries, and the "
-         "position shift of each compress-once hit"),
+         "announce which requests of the coming prefill keep their queries, the position "
+         "shift of each compress-once hit, and the KVzip repeat passes it scores"),
     Hook(_RESULTS + "SchedulerBatchResultProcessor.process_batch_result_prefill", "around",
          lifecycle.process_batch_result_prefill,
          "compress requests whose prefill ended, before their results stream"),
@@ -71,10 +71,14 @@ HOOKS = (
     Hook(_RESULTS + "SchedulerBatchResultProcessor.process_batch_result_decode", "before",
          lifecycle.process_batch_result_decode,
          "KVRAG_PLUGIN_POOL_LOG: the slots in use at each decode step"),
+    Hook("sglang.srt.managers.scheduler.Scheduler.get_internal_state", "after",
+         lifecycle.get_internal_state,
+         "/server_info says what the KV pool and its radix tree hold now"),
     Hook(_BATCH + "Req.init_next_round_input", "around", once.init_next_round_input,
          "a once: request matches its stored compressed corpus, or builds it"),
     Hook(_POLICY + "_select_prefill_admission", "after", once.select_prefill_admission,
-         "a building once: request's chunk ends where its corpus prefix ends"),
+         "a building once: request's chunk ends where its corpus prefix, or a KVzip "
+         "repeat pass, ends"),
     Hook(_POLICY + "add_chunked_req", "before", once.add_chunked_req,
          "the same, for a request already being chunked"),
 )

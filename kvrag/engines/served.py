@@ -54,6 +54,9 @@ def served_cost(enc: EncodedPrompt, asked: CompressionSpec | None, meta_info: di
     if sent is not None and not compressed:
         raise UncompressedError(f"SGLang left the {sent.name} request uncompressed (its log "
                                 "says why); its answer would be a full-cache one")
+    if sent is None and compressed:
+        raise RuntimeError(f"SGLang compressed ({report['spec']}) a request sent for a full "
+                           "cache: its kvrag parameters did not reach the plugin")
     if report is None:
         kv_tokens, kv_bytes, layer_mean = n, n * plain_bytes_per_token, float(n)
     else:
