@@ -40,17 +40,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def request(url: str, api_key: str | None, body: dict | None = None,
-            timeout_s: float = 30) -> dict:
-    """GET (or, with ``body``, POST) ``url`` with the key; the JSON answer."""
+def call(url: str, api_key: str | None, body: dict | None = None,
+         timeout_s: float = 30) -> bytes:
+    """GET (or, with ``body``, POST as JSON) ``url`` with the key; the answer's bytes."""
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     data = None if body is None else json.dumps(body).encode()
     with urllib.request.urlopen(urllib.request.Request(url, data, headers),
                                 timeout=timeout_s) as response:
-        text = response.read()
-    return json.loads(text) if text.strip() else {}
+        return response.read()
 
 
 @dataclass
@@ -67,7 +66,7 @@ class Worker:
 
     def pool(self, api_key: str | None) -> dict:
         """What the worker's KV pool holds now (the plugin's ``kvrag_pool``)."""
-        info = request(self.url + "/server_info", api_key)
+        info = json.loads(call(self.url + "/server_info", api_key))
         return info["internal_states"][0]["kvrag_pool"]
 
     def flush(self, api_key: str | None, timeout_s: float = 60) -> None:
@@ -75,7 +74,7 @@ class Worker:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                request(self.url + "/flush_cache", api_key, {})
+                call(self.url + "/flush_cache", api_key, {})
                 return
             except urllib.error.HTTPError:
                 if time.monotonic() > deadline:
@@ -217,7 +216,8 @@ def _wait_router(url: str, process: subprocess.Popen, workers: int, log: Path,
         if process.poll() is not None:
             raise FleetError(f"sglang-router exited with {process.returncode}; its log: {log}")
         try:
-            if request(url + "/get_server_info", None).get("workers_count") == workers:
+            info = json.loads(call(url + "/get_server_info", None))
+            if info.get("workers_count") == workers:
                 return
         except (OSError, ValueError):
             pass

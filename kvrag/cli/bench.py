@@ -280,6 +280,89 @@ def _print_serving(rows) -> None:
          for r in rows])
 
 
+@app.command("fleet")
+def fleet_cmd(
+    model: Annotated[str, typer.Option(help="Packaged model name or checkpoint dir.")] = "smollm2",
+    workers: Annotated[int, typer.Option(min=1, help="kvrag serve workers to start.")] = 2,
+    corpora: Annotated[int, typer.Option(min=1, help="Corpora asked about.")] = 4,
+    questions: Annotated[int, typer.Option(min=2, help="Questions per corpus.")] = 4,
+    system: Annotated[str, typer.Option(
+        help="The compressed system routed (a once: spec shows builds and hits).")
+    ] = "once:snapkv:0.5",
+    policies: Annotated[str, typer.Option(help=(
+        "Comma-separated sglang-router policies for the system: cache_aware, round_robin, "
+        "manual (one worker per corpus, by X-SMG-Routing-Key). full always runs behind "
+        "cache_aware as the baseline."))] = "cache_aware,round_robin,manual",
+    dataset: Annotated[str, typer.Option(help=(
+        "Questions with corpus ids: 'demo-shared' (bundled) or a .jsonl path."))
+    ] = "demo-shared",
+    new_tokens: Annotated[int, typer.Option(min=1, help="Tokens decoded per question.")] = 8,
+    concurrency: Annotated[int | None, typer.Option(
+        min=1, help="Requests in flight (default: one per worker).")] = None,
+    max_total_tokens: Annotated[int, typer.Option(
+        min=64, help="Each worker's KV pool in tokens.")] = 32768,
+    seed: Annotated[int, typer.Option(help="Seed of the question order.")] = 0,
+    out: Annotated[Path | None, typer.Option(help=(
+        "Also write the rows as JSON here (worker and router logs beside it)."))] = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+) -> None:
+    """Compressed corpora behind sglang-router: builds, reuse and fleet memory per policy.
+
+    Starts WORKERS kvrag serve processes on loopback ports and, for each arm, a fresh
+    sglang-router in front of them (python -m sglang_router.launch_router), with one
+    random API key. CORPORA x QUESTIONS questions go through the router in one seeded
+    random order. Per arm: how many times each corpus was built in the fleet, the share of
+    follow-up questions that reused what a worker held, the KV slots the workers' pools
+    hold afterwards (summed, read from each pool), and the median time to first token of
+    follow-ups; ratios to full behind the cache-aware router, measured in the same run.
+    """
+    import secrets
+
+    from kvrag.bench.fleet import bench_fleet, fleet_logs, shared_questions
+    from kvrag.bench.fleet_processes import POLICIES, Fleet, FleetError
+    from kvrag.compression import parse_spec
+    from kvrag.compression.capabilities import Target, check
+    from kvrag.data.loaders import load_dataset
+
+    try:
+        policy_list = tuple(p.strip() for p in policies.split(",") if p.strip())
+        if unknown := [p for p in policy_list if p not in POLICIES]:
+            raise ValueError(f"unknown routing policy {unknown[0]!r}; use {', '.join(POLICIES)}")
+        check(parse_spec(system), Target.PLUGIN)
+        instances = shared_questions(load_dataset(dataset), corpora, questions)
+        model_path = resolve_model(model, console)
+    except (SpecError, ModelNotFoundError, ValueError) as e:  # DatasetError is a ValueError
+        fail(str(e))
+    logs = fleet_logs(out)
+    key = secrets.token_hex(16)
+    try:
+        with console.status(f"starting {workers} workers") as status:
+            fleet = Fleet.start(model_path, workers, logs, api_key=key,
+                                max_total_tokens=max_total_tokens,
+                                serve_args=("--device", device, "--dtype", dtype))
+            try:
+                settings, rows = bench_fleet(fleet, instances, system, policy_list, new_tokens,
+                                             concurrency, seed, on_step=status.update)
+            finally:
+                status.update("stopping the fleet")
+                fleet.stop()
+    except (FleetError, RuntimeError) as e:
+        fail(f"{e} (logs in {logs})")
+    console.print(
+        f"{model}: {settings['corpora']} corpora x {questions} questions "
+        f"(median corpus prefix {settings['corpus_prefix_tokens_median']:,.0f} tokens) over "
+        f"{workers} workers, {settings['concurrency']} in flight, {new_tokens} decoded tokens "
+        f"each; ratios to full behind cache_aware; logs in {logs}", markup=False)
+    _print_table(
+        ("system", "policy", "builds/corpus", "hit rate", "workers", "slots held",
+         "held/full", "TTFT s", "TTFT/full", "resent"),
+        [(r.system, r.policy, f"{r.builds_per_corpus:.2f}", f"{r.hit_rate:.2f}",
+          str(r.workers_used), f"{r.slots_held:,}", f"{r.held_vs_full:.2f}",
+          f"{r.ttft_s_median:.2f}", f"{r.ttft_vs_full:.2f}", str(r.resent)) for r in rows])
+    _write_rows(out, settings, rows)
+
+
 @app.command("gpu")
 def gpu_cmd(
     out: Annotated[Path, typer.Option(help="Report folder (gpu_check.json, the compare run).")

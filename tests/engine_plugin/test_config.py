@@ -112,3 +112,17 @@ def test_decode_path_defaults_to_python_over_torch_native_only(monkeypatch):
     monkeypatch.setenv(config.ENV_DECODE_PATH, "fast")
     with pytest.raises(SpecError, match="use 'python' or 'inner'"):
         config.python_decode("triton")
+
+
+def test_parameters_routed_in_extra_key_are_read_and_the_key_cleared():
+    params = {"kvrag_compression": "once:snapkv:0.5", "kvrag_span": [3, 900]}
+    key = config.routed_params(params)
+    assert key.startswith(config.EXTRA_KEY_PREFIX)
+    assert config.request_params(None, key) == (params, None)
+    # another caller's extra_key is theirs: left alone, custom_params read as before
+    assert config.request_params({"kvrag_compression": "none"}, "tenant-7") == (
+        {"kvrag_compression": "none"}, "tenant-7")
+    with pytest.raises(SpecError, match="not followed by a JSON object"):
+        config.request_params(None, config.EXTRA_KEY_PREFIX + "[1, 2]")
+    with pytest.raises(SpecError, match="both in custom_params and in extra_key"):
+        config.request_params({"kvrag_span": [0, 5]}, key)
