@@ -46,7 +46,13 @@ from kvrag.engines.admission import PrefixAdmission
 from kvrag.engines.base import Generation
 from kvrag.engines.chat import TokenizerMethods
 from kvrag.engines.checkpoint import CheckpointSide
-from kvrag.engines.served import Timing, report_of, request_spec, served_cost
+from kvrag.engines.served import (
+    Timing,
+    UncompressedError,
+    report_of,
+    request_spec,
+    served_cost,
+)
 
 K = TypeVar("K")
 
@@ -169,8 +175,11 @@ class SGLangURLEngine(TokenizerMethods):
     ) -> Iterator[tuple[K, Generation]]:
         """Up to ``concurrency`` requests in flight; each (key, answer) as it lands. Jobs
         with one prompt wait for its first uncompressed one (``PrefixAdmission``), so a
-        server (or sglang-router's cache-aware routing) can reuse its prefill."""
+        server (or sglang-router's cache-aware routing) can reuse its prefill. A request
+        the server could not compress (its pool too full to compact) is asked again alone
+        at the end, as the in-process engine does."""
         admission = PrefixAdmission(jobs)
+        again: list[tuple[K, Prompt, CompressionSpec | None]] = []
         with ThreadPoolExecutor(concurrency) as pool:
             in_flight: dict[Future, tuple[K, Prompt, CompressionSpec | None]] = {}
 
@@ -184,8 +193,14 @@ class SGLangURLEngine(TokenizerMethods):
                 for future in done:
                     job = in_flight.pop(future)
                     admission.done(job)  # without streaming, done is the first sign
+                    if isinstance(future.exception(), UncompressedError):
+                        again.append(job)
+                        continue
                     yield job[0], future.result()
                 top_up()
+        for key, prompt, compression in again:
+            self.retried_alone += 1
+            yield key, self.generate(prompt, max_new_tokens, compression)
 
 
 def _headers(api_key: str | None) -> dict[str, str]:

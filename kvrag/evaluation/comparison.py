@@ -303,7 +303,7 @@ def _run(plan: _Plan, shared: _SharedEngine, console: Console, progress: Progres
         console.print(f"{total - len(work)}/{total} answers already in {store.path}; "
                       f"running {len(work)} more with {model} on {engine}.")
         eng = shared.get(plan)
-        retried = eng.retried_alone
+        retried, resent = eng.retried_alone, getattr(eng, "resent", 0)
         with progress("answering", len(work), "score") as bar:
             answered: list[float | None] = []
 
@@ -321,6 +321,9 @@ def _run(plan: _Plan, shared: _SharedEngine, console: Console, progress: Progres
                 raise ComparisonError(
                     f"{e}; the {len(store.records)} answers stored in {store.path} are kept "
                     "and a rerun resumes after them") from e
+        if resent := getattr(eng, "resent", 0) - resent:
+            console.print(f"{resent} requests were lost on their way (a worker gone, a stream "
+                          "cut) and sent again; only their complete answers were stored.")
         if retried := eng.retried_alone - retried:
             console.print(f"{retried} compressed requests found the KV pool too full "
                           "to compact and were asked again one at a time; a larger "

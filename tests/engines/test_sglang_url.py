@@ -142,3 +142,17 @@ def test_a_server_without_the_plugin_gets_no_kvrag_parameters(tiny_model_dir):
         with pytest.raises(ValueError, match="does not run the kvrag plugin"):
             eng.check_servable(parse_spec("snapkv:0.5"))
     assert "extra_key" not in seen[0]["body"]
+
+
+def test_a_request_left_uncompressed_is_asked_again_alone(tiny_model_dir):
+    """A server whose pool was too full to compact answers a compressed request with a
+    full cache; that answer is dropped and the request sent again after the others."""
+    compressed = {"output_ids": [5], "meta_info": {"finish_reason": {"type": "stop"},
+                  "kvrag": [{"spec": "snapkv:0.5", "kv_tokens": 40, "kv_bytes": 400,
+                             "layer_mean_kv_tokens": 40.0, "seconds": 0.1}]}}
+    with stand_in([[DONE], [compressed]]) as (url, seen):
+        eng = engine(url, tiny_model_dir)
+        jobs = [("q0", build_prompt(INSTANCE), parse_spec("snapkv:0.5"))]
+        answers = dict(eng.generate_many(iter(jobs), 4, concurrency=2))
+    assert len(seen) == 2 and eng.retried_alone == 1 and eng.resent == 0
+    assert answers["q0"].cost.kv_tokens == 40
