@@ -64,10 +64,12 @@ class Worker:
             return []
         return [json.loads(x) for x in self.stats.read_text().splitlines() if x.strip()]
 
-    def pool(self, api_key: str | None) -> dict:
-        """What the worker's KV pool holds now (the plugin's ``kvrag_pool``)."""
+    def pool(self, api_key: str | None) -> dict[str, int]:
+        """What the worker's KV pools hold now (the plugin's ``kvrag_pool``), summed over
+        its data-parallel ranks."""
         info = json.loads(call(self.url + "/server_info", api_key))
-        return info["internal_states"][0]["kvrag_pool"]
+        pools = [state["kvrag_pool"] for state in info["internal_states"]]
+        return {k: sum(pool[k] for pool in pools) for k in pools[0]}
 
     def flush(self, api_key: str | None, timeout_s: float = 60) -> None:
         """Empty the radix cache (SGLang refuses while requests run: try again)."""

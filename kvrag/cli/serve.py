@@ -94,7 +94,11 @@ def serve(
     """Serve MODEL with compressed-KV attention and a cost-aware radix cache.
 
     The OpenAI-compatible API is at http://HOST:PORT/v1. Each request's compression can
-    be set with extra_body={"custom_params": {"kvrag_compression": "snapkv:0.75"}}.
+    be set with extra_body={"custom_params": {"kvrag_compression": "snapkv:0.75"}}, or,
+    behind sglang-router (which drops custom_params), with the same object in the
+    request's extra_key as 'kvrag:' + JSON (kvrag compare --engine sglang-url does so).
+    For several workers, start one kvrag serve per device with the same --api-key and put
+    python -m sglang_router.launch_router --worker-urls ... --api-key KEY in front.
     SIGTERM or Ctrl-C stops the SGLang server and its worker processes.
     """
     if eviction_policy not in EVICTION_POLICIES:
