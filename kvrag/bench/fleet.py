@@ -99,6 +99,7 @@ def bench_fleet(
                 "workers": len(fleet.workers), "concurrency": concurrency,
                 "corpora": len({i.corpus_id for i in order}), "questions": len(order),
                 "corpus_prefix_tokens_median": statistics.median(prefix.values()),
+                "pool_slots": [w.pool(fleet.api_key)["slots"] for w in fleet.workers],
                 "order_seed": seed}
             empty = [w.pool(fleet.api_key)["used"] for w in fleet.workers]
             label = f"{name} behind {policy}"

@@ -118,10 +118,12 @@ class Fleet:
 
     @classmethod
     def start(cls, model: Path, workers: int, logs: Path, api_key: str | None = None,
-              max_total_tokens: int = 16384, mem_fraction_static: float = 0.15,
+              max_total_tokens: int = 16384, mem_fraction_static: float = 0.2,
               allow_request_specs: str = "any", serve_args: tuple[str, ...] = (),
               timeout_s: float = 600) -> Fleet:
-        """Start the workers side by side and wait until each answers /health."""
+        """Start the workers one after another, each once the last answers /health: on a
+        CPU, SGLang sizes a pool from the memory free when it starts, so workers started
+        together may leave one of them almost nothing."""
         logs.mkdir(parents=True, exist_ok=True)
         fleet = cls(model, [], api_key, logs)
         kvrag = str(Path(sys.executable).with_name("kvrag"))
@@ -139,10 +141,9 @@ class Fleet:
                 process = subprocess.Popen(
                     cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                     env=os.environ | {plugin_config.ENV_STATS: str(stats)})
-                fleet.workers.append(Worker(f"http://127.0.0.1:{port}", port, stats, process))
-            for worker in fleet.workers:
-                _wait_healthy(worker.url, worker.process, timeout_s,
-                              logs / f"worker-{worker.port}.log")
+                worker = Worker(f"http://127.0.0.1:{port}", port, stats, process)
+                fleet.workers.append(worker)
+                _wait_healthy(worker.url, process, timeout_s, logs / f"worker-{port}.log")
         except BaseException:
             fleet.stop()
             raise

@@ -353,7 +353,8 @@ def fleet_cmd(
         f"{model}: {settings['corpora']} corpora x {questions} questions "
         f"(median corpus prefix {settings['corpus_prefix_tokens_median']:,.0f} tokens) over "
         f"{workers} workers, {settings['concurrency']} in flight, {new_tokens} decoded tokens "
-        f"each; ratios to full behind cache_aware; logs in {logs}", markup=False)
+        f"each, pools of {', '.join(f'{n:,}' for n in settings['pool_slots'])} slots; "
+        f"ratios to full behind cache_aware; logs in {logs}", markup=False)
     _print_table(
         ("system", "policy", "builds/corpus", "hit rate", "workers", "slots held",
          "held/full", "TTFT s", "TTFT/full", "resent"),
