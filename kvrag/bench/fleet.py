@@ -11,8 +11,9 @@ one seeded random order (every arm the same), ``W`` requests in flight. Arms, in
   client sets to the corpus's digest).
 
 Before each arm every worker's radix cache is flushed and a fresh router started. Per arm:
-a question *built* its corpus when its worker prefilled at least the corpus prefix (the
-server's report); every other question reused what a worker held. ``hit_rate`` is the
+a question *built* its corpus when its worker prefilled at least as many tokens as its
+documents hold (the server's report; the chat template's head may be shared by every
+corpus); every other question reused what a worker held. ``hit_rate`` is the
 share of follow-up questions (all but one per corpus) that reused; ``builds_per_corpus``
 is 1.0 when each corpus was built once in the whole fleet. ``slots_held`` is the sum over
 workers of the KV slots their pools hold once the traffic is done (``/server_info``,
@@ -40,7 +41,7 @@ class FleetRow:
     system: str
     policy: str
     questions: int
-    builds: int  # questions whose worker prefilled their corpus prefix
+    builds: int  # questions whose worker prefilled their documents
     builds_per_corpus: float
     hit_rate: float  # follow-up questions that reused a prefix their worker held
     workers_used: int  # workers whose pools hold more than when the arm began
@@ -94,11 +95,12 @@ def bench_fleet(
         with fleet.router(policy) as url:
             engine = SGLangURLEngine(url, fleet.model, api_key=fleet.api_key)
             prompts = {i.id: build_prompt(i) for i in order}
-            prefix = {i.id: engine.encode(prompts[i.id]).context_end for i in order}
+            spans = {i.id: engine.encode(prompts[i.id]).span for i in order}
+            documents = {k: end - start for k, (start, end) in spans.items()}
             settings = settings or {
                 "workers": len(fleet.workers), "concurrency": concurrency,
                 "corpora": len({i.corpus_id for i in order}), "questions": len(order),
-                "corpus_prefix_tokens_median": statistics.median(prefix.values()),
+                "corpus_prefix_tokens_median": statistics.median(e for _, e in spans.values()),
                 "pool_slots": [w.pool(fleet.api_key)["slots"] for w in fleet.workers],
                 "order_seed": seed}
             empty = [w.pool(fleet.api_key)["used"] for w in fleet.workers]
@@ -106,7 +108,8 @@ def bench_fleet(
             answers = _ask(engine, order, prompts, arm_spec, new_tokens, concurrency,
                            lambda k, label=label: on_step(f"{label}: {k}/{len(order)}"))
             held = [w.pool(fleet.api_key)["used"] for w in fleet.workers]
-            row = _row(name, policy, order, answers, prefix, held, empty, engine.resent, full)
+            row = _row(name, policy, order, answers, documents, held, empty, engine.resent,
+                       full)
         rows.append(row)
         full = full or row
     return settings, rows
@@ -126,9 +129,9 @@ def _ask(engine: SGLangURLEngine, order: list[Instance], prompts: dict[str, Prom
 
 
 def _row(name: str, policy: str, order: list[Instance], answers: dict[str, tuple[float, int]],
-         prefix: dict[str, int], held_by_worker: list[int], empty: list[int], resent: int,
+         documents: dict[str, int], held_by_worker: list[int], empty: list[int], resent: int,
          full: FleetRow | None) -> FleetRow:
-    built = {i.id: answers[i.id][1] >= prefix[i.id] for i in order}
+    built = {i.id: answers[i.id][1] >= documents[i.id] for i in order}
     first = {}
     for i in order:
         first.setdefault(i.corpus_id, i.id)
