@@ -47,6 +47,10 @@ def check(spec: CompressionSpec, target: Target) -> None:
         raise SpecError(f"{spec.name} scores with reconstruction forward passes over the "
                         f"documents, which {target.value} runs for a corpus compressed once "
                         f"(use {ONCE}{spec.name}), not per question; or {instead}")
+    if target is Target.PLUGIN and spec.recall is not None and not spec.recall.reprefill:
+        raise SpecError(f"{spec.name}: the SGLang plugin prefills a question again over what "
+                        "it recalled (reprefill=1); answering from its first prefill is "
+                        "measured on the HF engine")
     if target is Target.PLUGIN and spec.once and not method.uniform_layers:
         raise SpecError(f"{spec.name}: a shared compressed corpus is read with one kept count "
                         "for every layer, and this method spreads its budget over layers; "

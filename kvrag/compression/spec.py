@@ -20,6 +20,14 @@ compressed cache. Its scoring is question-agnostic: the methods that score with 
 prompt's last queries (SnapKV's observation window, TOVA's last token) see the corpus
 tail instead of the question, kvpress's convention. Without ``once:`` the whole prompt,
 question included, is prefilled before the documents are compressed (question-aware).
+
+``once:METHOD:RATIO+recall@TOKENS`` (or ``+recall:SHARE``, a share of the document tokens)
+keeps the evicted entries of the compressed corpus in host memory, and lets each question
+bring back up to TOKENS of them per layer, chosen by its own queries (``recall.py``).
+The corpus must keep one set for all heads (``heads=shared``). Its options:
+``chunk=C`` recalls whole chunks of C document tokens (default 16); ``reprefill=0``
+answers from the question's first prefill instead of prefilling it again over what it
+recalled (the default, ``reprefill=1``).
 """
 
 from __future__ import annotations
@@ -39,6 +47,10 @@ class SpecError(ValueError):
 
 
 ONCE = "once:"
+RECALL = "+recall"
+RECALL_CHUNK = 16
+#: the options ``+recall`` takes, and what each allows
+RECALL_OPTIONS = {"chunk": "a whole number of tokens >= 1", "reprefill": "0 or 1"}
 SENTENCE = "sentence"
 HEADS = ("per-head", "shared", "ranked")
 #: Options every method takes, and what each allows.
@@ -104,6 +116,7 @@ class CompressionSpec:
     budget: int | None = None
     once: bool = False  # compress the corpus prefix once, before any question
     options: tuple[tuple[str, str], ...] = ()  # (key, value) pairs, sorted by key
+    recall: Recall | None = None  # once: only: per-question recall from the host store
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -126,6 +139,21 @@ class CompressionSpec:
         if method.dynamic and self.selection_options:
             raise SpecError(f"{self.method} picks keys per decoded token, not one kept set "
                             f"after prefill, so it takes no {' or '.join(SELECTION_OPTIONS)}")
+        if self.recall is not None:
+            self._check_recall(method)
+
+    def _check_recall(self, method: Method) -> None:
+        base = replace(self, recall=None).name
+        if not self.once:
+            raise SpecError(f"{RECALL} recalls what a corpus compressed once evicted; write "
+                            f"{ONCE}{base}{RECALL}...")
+        if not self.shared_heads:
+            raise SpecError(f"{base}{RECALL}: a recalled token is brought back for every KV "
+                            "head, so the corpus must keep one set for all heads; add "
+                            "heads=shared to its options")
+        if not method.uniform_layers:
+            raise SpecError(f"{base}{RECALL}: {self.method} keeps different counts per "
+                            "layer; recall needs one count for every layer")
 
     @property
     def name(self) -> str:
@@ -134,6 +162,8 @@ class CompressionSpec:
             method += "[" + ";".join(f"{k}={v}" for k, v in self.options) + "]"
         # repr: the shortest text that reads back as the same float, so no two ratios collide
         base = f"{method}:{self.ratio!r}" if self.ratio is not None else f"{method}@{self.budget}"
+        if self.recall is not None:
+            base += self.recall.name
         return ONCE + base if self.once else base
 
     @property
@@ -178,6 +208,69 @@ class CompressionSpec:
         return self.ratio is None and self.kept(n_evictable) >= n_evictable
 
 
+@dataclass(frozen=True)
+class Recall:
+    """``+recall``: how much of what a compressed corpus evicted each question may bring
+    back (``tokens`` per layer, or a ``share`` of the document tokens), in whole chunks."""
+
+    tokens: int | None = None
+    share: float | None = None
+    chunk: int = RECALL_CHUNK
+    reprefill: bool = True  # prefill the question again over what it recalled
+
+    def __post_init__(self) -> None:
+        usage = (f"write {RECALL}@TOKENS (TOKENS >= 1) or {RECALL}:SHARE (0 < SHARE <= 1 of "
+                 f"the document tokens), with options {RECALL}[key=value;...]: "
+                 + ", ".join(f"{k} ({v})" for k, v in RECALL_OPTIONS.items()))
+        if (self.tokens is None) == (self.share is None):
+            raise SpecError(f"give exactly one recall budget; {usage}")
+        if self.tokens is not None and self.tokens < 1 or self.share is not None and not (
+                0 < self.share <= 1) or self.chunk < 1:
+            raise SpecError(f"recall budget or chunk out of range; {usage}")
+
+    @classmethod
+    def parse(cls, text: str, spec: str) -> Recall:
+        """``text``: what follows ``+recall`` in ``spec``."""
+        match = _SPEC.fullmatch(text)
+        assert match is not None
+        settings: dict = {}
+        if match["method"].strip():
+            raise SpecError(f"cannot read {text!r} after {RECALL} in {spec!r}")
+        for key, value in _parse_options(match["options"], spec) if match["options"] else ():
+            if key not in RECALL_OPTIONS:
+                raise SpecError(f"unknown {RECALL} option {key!r}; it takes "
+                                + ", ".join(f"{k} ({v})" for k, v in RECALL_OPTIONS.items()))
+            if key == "chunk" and value.isdigit() and int(value) >= 1:
+                settings["chunk"] = int(value)
+            elif key == "reprefill" and value in ("0", "1"):
+                settings["reprefill"] = value == "1"
+            else:
+                raise SpecError(f"{RECALL} option {key}={value!r} is not allowed; {key} is "
+                                f"{RECALL_OPTIONS[key]}")
+        rest = match["rest"].strip()
+        try:
+            if rest.startswith(":"):
+                return cls(share=float(rest[1:]), **settings)
+            if rest.startswith("@"):
+                return cls(tokens=int(rest[1:]), **settings)
+        except ValueError as err:
+            if isinstance(err, SpecError):
+                raise
+        return cls(**settings)  # no budget: SpecError with the usage
+
+    @property
+    def name(self) -> str:
+        options = [f"chunk={self.chunk}"] if self.chunk != RECALL_CHUNK else []
+        options += [] if self.reprefill else ["reprefill=0"]
+        head = RECALL + (f"[{';'.join(options)}]" if options else "")
+        return head + (f"@{self.tokens}" if self.tokens is not None else f":{self.share!r}")
+
+    def budget(self, n_doc: int, n_evicted: int) -> int:
+        """Tokens a question recalls per layer: its budget, at most what was evicted."""
+        want = self.tokens if self.tokens is not None else int(round(n_doc * self.share))
+        return min(want, n_evicted)
+
+
 @functools.cache
 def _build(spec: CompressionSpec) -> Method:
     kinds = method_options(spec.method)
@@ -208,7 +301,13 @@ def _parse_options(text: str, spec: str) -> tuple[tuple[str, str], ...]:
 def parse_spec(text: str) -> CompressionSpec:
     text = text.strip()
     if text.startswith(ONCE):
-        return replace(parse_spec(text[len(ONCE):]), once=True)
+        base, plus, recall = text[len(ONCE):].partition(RECALL)
+        spec = replace(parse_spec(base), once=True)
+        return replace(spec, recall=Recall.parse(recall, text)) if plus else spec
+    if RECALL in text:
+        base = text.partition(RECALL)[0]
+        raise SpecError(f"{RECALL} recalls what a corpus compressed once evicted; write "
+                        f"{ONCE}{base}{RECALL}...")
     match = _SPEC.fullmatch(text)
     assert match is not None  # every part of the pattern may be empty
     method, rest = match["method"].strip(), match["rest"].strip()

@@ -24,6 +24,11 @@ class Cost:
     kept tokens averaged over layers, which differs from an SGLang ``kv_tokens`` only
     under per-layer budgets (PyramidKV). ``peak_bytes``: on CUDA, the most memory the
     process allocated during the answer's prefill and decode (None elsewhere).
+    ``recalled_tokens``, ``recall_s``, ``host_kv_bytes`` (``once:...+recall``): the
+    evicted corpus tokens per layer the question brought back (part of ``kv_tokens``, not
+    of ``shared_kv_tokens``), the seconds choosing and copying them took, and the bytes
+    of the corpus's evicted entries held in host memory (shared by the corpus's
+    questions, outside the device's KV).
     ``served_uncompressed``: the system asked for compression with a budget at or above the
     documents' length, so there was nothing to evict and the full cache answered.
     ``attended_tokens`` is what each decoded token attends to at most: ``kv_tokens``
@@ -52,10 +57,13 @@ class Cost:
     layer_mean_kv_tokens: float | None = None
     peak_bytes: int | None = None
     served_uncompressed: bool = False
+    recalled_tokens: float = 0.0
+    recall_s: float = 0.0
+    host_kv_bytes: int = 0
 
     @property
     def latency_s(self) -> float:
-        return self.prefill_s + self.compress_s + self.decode_s
+        return self.prefill_s + self.compress_s + self.recall_s + self.decode_s
 
     def to_json(self) -> dict:
         return asdict(self) | {"latency_s": self.latency_s}

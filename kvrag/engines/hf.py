@@ -7,7 +7,9 @@ context before the documents' cache is compressed. A ``once:`` spec is question-
 compressed once per corpus, and each question extends a copy of that compressed cache
 with its own tokens at their logical positions. Compressed corpora are kept for every
 ``once:`` system asked about the same corpus, and dropped when a question over another
-corpus arrives (the comparison runner groups questions by corpus).
+corpus arrives (the comparison runner groups questions by corpus). With ``+recall`` the
+corpus's evicted entries are kept in host memory and each question brings back the spans
+its queries ask for (``compression/recall.py``, the definition the SGLang plugin serves).
 
 After the prefill of the whole prompt, a compression spec physically shrinks every
 layer's cache to the kept tokens (per KV head), and decoding continues from it at the
@@ -36,6 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from kvrag.compression import CompressionSpec, kept_positions
 from kvrag.compression.capabilities import check_queries
 from kvrag.compression.kvzip import RepeatTokens
+from kvrag.compression.recall import WINDOW, HostStore, recall_indices
 from kvrag.compression.select import PAD, kept_counts
 from kvrag.compression.sentences import sentence_ends_for
 from kvrag.data.prompt import Prompt
@@ -67,6 +70,7 @@ class CompressedCache:
     # per layer, bool [kv_heads, width]: the entries each head really holds, where heads
     # keep different counts (heads=ranked) and every layer is padded to one width
     valid: list[torch.Tensor] | None = None
+    host: HostStore | None = None  # +recall: the evicted entries, in host memory
 
     @property
     def slots(self) -> int:
@@ -87,6 +91,21 @@ class _Start:
     compress_s: float
     prefill_tokens: int
     shared_kv_tokens: float
+    recall: _Recalled | None = None
+
+
+@dataclass
+class _Recalled:
+    """What a ``+recall`` question brought back: per layer, indices into the corpus's
+    host store, and the seconds choosing and copying them took."""
+
+    indices: list[torch.Tensor]
+    seconds: float
+    host: HostStore
+
+    @property
+    def tokens(self) -> int:
+        return int(self.indices[0].numel())
 
 
 def copy_cache(cache: DynamicCache) -> DynamicCache:
@@ -237,7 +256,11 @@ class HFEngine(TokenizerMethods):
                 sentence_ends=sentence_ends_for(spec, pre.ids, self.tokenizer))
         padded, valid = pad_kept(kept)
         cache = gather_cache(pre.cache, padded)
-        return CompressedCache(cache, kept, time.perf_counter() - t0, valid)
+        host = None
+        if spec is not None and spec.recall is not None:
+            host = HostStore.of([layer.keys[0] for layer in pre.cache.layers],
+                                [layer.values[0] for layer in pre.cache.layers], kept, n)
+        return CompressedCache(cache, kept, time.perf_counter() - t0, valid, host)
 
     @torch.inference_mode()
     def generate(
@@ -279,6 +302,9 @@ class HFEngine(TokenizerMethods):
             layer_mean_kv_tokens=kv_tokens,
             peak_bytes=int(torch.cuda.max_memory_allocated(self.device)) if cuda else None,
             served_uncompressed=asked is not None and compression is None,
+            **({} if start.recall is None else {
+                "recalled_tokens": float(start.recall.tokens),
+                "recall_s": start.recall.seconds, "host_kv_bytes": start.recall.host.nbytes}),
         )
         return Generation(self.tokenizer.decode(new, skip_special_tokens=True), cost,
                           truncated=len(new) == max_new_tokens)
@@ -328,15 +354,36 @@ class HFEngine(TokenizerMethods):
             corpus = self._once[key] = self.compress(pre, enc.span, spec)
             prefill_s, compress_s = pre.seconds, corpus.seconds
             del pre
-        cache = copy_cache(corpus.cache)
         question = ids[end:]
         t0 = time.perf_counter()
+        cache, logits, captured = self._extend(copy_cache(corpus.cache), question, end,
+                                               corpus.valid, spec.recall is not None)
+        prefill_s += time.perf_counter() - t0
+        kept = corpus.slots
+        recalled = None
+        if spec.recall is not None:
+            reprefill = spec.recall.reprefill
+            recalled, cache = self._recall(enc, spec, corpus, cache, captured, reprefill)
+            if reprefill:
+                t1 = time.perf_counter()
+                cache, logits, _ = self._extend(cache, question, end, None, False)
+                prefill_s += time.perf_counter() - t1
+        slots = kept + (len(question) + (recalled.tokens if recalled else 0)) * self.n_layers
+        return _Start(cache, logits, slots, False, corpus.valid, prefill_s, compress_s,
+                      len(question) + (end if built else 0), kept / self.n_layers, recalled)
+
+    def _extend(self, cache: DynamicCache, tokens: list[int], position: int,
+                head_valid: list[torch.Tensor] | None, capture: bool,
+                ) -> tuple[DynamicCache, torch.Tensor, dict[int, torch.Tensor] | None]:
+        """``tokens`` run over ``cache`` at logical positions from ``position``: the cache,
+        the last token's logits, and (``capture``) every layer's last queries."""
         # one forward when every layer holds as many tokens (the mask is built for layer 0's
         # length); token by token under per-layer budgets (PyramidKV)
         even = len({layer.keys.shape[2] for layer in cache.layers}) == 1
-        steps = [question] if even else [[t] for t in question]
-        position = end
-        hooks = hf_attention.AttentionHooks(head_valid=corpus.valid)
+        steps = [tokens] if even else [[t] for t in tokens]
+        hooks = hf_attention.AttentionHooks(head_valid=head_valid,
+                                            captured={} if capture else None,
+                                            capture_last=WINDOW)
         with hf_attention.attention_hooks(hooks):
             for step in steps:
                 out = self.model(input_ids=torch.tensor([step], device=self.device),
@@ -344,9 +391,27 @@ class HFEngine(TokenizerMethods):
                                                            device=self.device)[None],
                                  past_key_values=cache, use_cache=True, logits_to_keep=1)
                 position += len(step)
-        prefill_s += time.perf_counter() - t0
-        kept = corpus.slots
-        return _Start(cache, out.logits[0, -1], kept + len(question) * self.n_layers, False,
-                      corpus.valid, prefill_s, compress_s,
-                      len(question) + (end if built else 0),
-                      kept / self.n_layers)
+        return cache, out.logits[0, -1], hooks.captured
+
+    def _recall(self, enc: EncodedPrompt, spec: CompressionSpec, corpus: CompressedCache,
+                cache: DynamicCache, captured: dict[int, torch.Tensor], reprefill: bool,
+                ) -> tuple[_Recalled, DynamicCache]:
+        """Which evicted corpus entries the question's queries bring back, and a new cache
+        holding them after the kept corpus (``reprefill``: the question runs again over
+        it) or after the question's first prefill (attention does not depend on the
+        order of the entries; their keys carry their positions)."""
+        assert corpus.host is not None
+        t0 = time.perf_counter()
+        k = corpus.cache.layers[0].keys.shape[2]
+        indices = recall_indices(
+            spec, [captured[layer] for layer in range(self.n_layers)],
+            [layer.keys[0, :, :k] for layer in cache.layers],
+            [layer.keys[0, :, k:] for layer in cache.layers], corpus.host, enc.span)
+        out = DynamicCache()
+        base = corpus.cache if reprefill else cache
+        for layer, idx in enumerate(indices):
+            keys, values = corpus.host.fetch(layer, idx, self.device, self.dtype)
+            out.update(torch.cat([base.layers[layer].keys, keys.transpose(0, 1)[None]], 2),
+                       torch.cat([base.layers[layer].values, values.transpose(0, 1)[None]], 2),
+                       layer)
+        return _Recalled(indices, time.perf_counter() - t0, corpus.host), out

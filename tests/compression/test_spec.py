@@ -87,3 +87,30 @@ def test_bad_options_are_refused_naming_the_allowed_ones(text: str, message: str
 def test_lists_split_on_commas_outside_brackets() -> None:
     assert split_specs("full, snapkv[window=32;chunk=16]:0.5 ,rag:1024") == [
         "full", "snapkv[window=32;chunk=16]:0.5", "rag:1024"]
+
+
+def test_recall_specs_name_their_budget_and_read_back() -> None:
+    spec = parse_spec("once:snapkv[heads=shared;chunk=16]:0.75+recall@256")
+    assert spec.recall is not None and spec.recall.tokens == 256 and spec.recall.reprefill
+    assert spec.name == "once:snapkv[chunk=16;heads=shared]:0.75+recall@256"
+    assert parse_spec(spec.name) == spec
+    share = parse_spec("once:knorm[heads=shared]@64+recall[reprefill=0;chunk=8]:0.25")
+    assert share.recall.share == 0.25 and share.recall.chunk == 8
+    assert not share.recall.reprefill and parse_spec(share.name) == share
+    assert share.recall.budget(n_doc=1000, n_evicted=936) == 250
+    assert spec.recall.budget(n_doc=1000, n_evicted=100) == 100  # no more than was evicted
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("snapkv[heads=shared]:0.5+recall@64", "write once:snapkv[heads=shared]:0.5+recall"),
+     ("once:snapkv:0.5+recall@64", "add heads=shared"),
+     ("once:pyramidkv[heads=shared]:0.5+recall@64", "one count for every layer"),
+     ("once:snapkv[heads=shared]:0.5+recall", "give exactly one recall budget"),
+     ("once:snapkv[heads=shared]:0.5+recall:1.5", "out of range"),
+     ("once:snapkv[heads=shared]:0.5+recall[depth=2]@8", "unknown +recall option 'depth'"),
+     ("once:snapkv[heads=shared]:0.5+recall[reprefill=2]@8", "reprefill is 0 or 1")],
+)
+def test_impossible_recall_specs_say_what_is_allowed(text: str, message: str) -> None:
+    with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("+", r"\+")):
+        parse_spec(text)

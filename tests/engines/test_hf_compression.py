@@ -190,3 +190,43 @@ def test_ranked_heads_answer_as_the_full_cache_masked_to_their_kept_sets(engine,
     assert got.text == engine.tokenizer.decode(new, skip_special_tokens=True)
     assert got.cost.kv_bytes >= engine.kv_bytes_per_token_layer * sum(
         int(c.max()) for c in counts)  # what the padded cache holds
+
+
+RECALL = "once:snapkv[chunk=16;heads=shared]:0.75"
+
+
+def test_recalling_every_evicted_token_answers_as_the_full_cache(engine, prompt) -> None:
+    """With a budget of everything the corpus evicted, kept + recalled is the whole corpus,
+    so the question prefilled again over it answers as the full cache does."""
+    enc = engine.encode(prompt)
+    n_doc = enc.context_end - enc.context_start
+    full = engine.generate(prompt, 8)
+    every = engine.generate(prompt, 8, parse_spec(f"{RECALL}+recall@{n_doc}"))
+    assert every.text == full.text
+    assert every.cost.kv_tokens == full.cost.kv_tokens
+    assert every.cost.recalled_tokens == n_doc - parse_spec(RECALL).kept(n_doc)
+
+
+def test_recall_holds_its_tokens_on_the_device_and_the_rest_on_the_host(engine, prompt):
+    enc = engine.encode(prompt)
+    n_doc, question = enc.context_end - enc.context_start, len(enc.input_ids) - enc.context_end
+    base = parse_spec(RECALL)
+    kept = enc.context_start + base.kept(n_doc)
+    engine.generate(prompt, 1, base)  # the corpus is built once for each system
+    with torch.inference_mode():
+        for spec in (f"{RECALL}+recall@64", f"{RECALL}+recall[reprefill=0]@64"):
+            compression = parse_spec(spec)
+            answer = engine.generate(prompt, 4, compression)
+            cost = answer.cost
+            assert cost.kv_tokens == kept + 64 + question and cost.shared_kv_tokens == kept
+            assert cost.recalled_tokens == 64 and cost.recall_s > 0
+            corpus = engine._once[(tuple(enc.input_ids[:enc.context_end]), spec)]
+            assert cost.host_kv_bytes == corpus.host.nbytes
+            layer = corpus.cache.layers[0]
+            evicted = n_doc - base.kept(n_doc)
+            per_token = 2 * layer.keys[0, :, 0].numel() * layer.keys.element_size()
+            assert cost.host_kv_bytes >= evicted * engine.n_layers * per_token
+            # the device cache holds kept + recalled + question, nothing of the host store
+            start = engine._start_once(enc, compression)
+            assert start.cache.layers[0].keys.shape[2] == kept + 64 + question
+            assert cost.kv_bytes == start.cache.layers[0].keys.nbytes * 2 * engine.n_layers

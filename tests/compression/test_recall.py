@@ -1,0 +1,67 @@
+"""The recall definition: what a question's queries bring back from a host store."""
+
+import pytest
+import torch
+
+from kvrag.compression import parse_spec
+from kvrag.compression.recall import HostStore, choose, recall_indices, recall_scores
+
+
+def test_scores_are_attention_weights_over_the_whole_logical_prompt() -> None:
+    """Against a dense softmax over kept + evicted + the question's own keys (causal)."""
+    torch.manual_seed(0)
+    q_heads, kv_heads, d, m, q = 4, 2, 8, 3, 5
+    queries = torch.randn(q_heads, m, d)
+    kept, evicted, own = (torch.randn(kv_heads, n, d) for n in (7, 11, q))
+    scores = recall_scores(queries, kept, evicted, own)
+    keys = torch.cat([kept, evicted, own], dim=1).repeat_interleave(2, dim=0)
+    logits = queries @ keys.transpose(1, 2) / d ** 0.5
+    own_pos = torch.arange(q)
+    future = own_pos > torch.arange(q - m, q)[:, None]
+    logits[:, :, 18:] = logits[:, :, 18:].masked_fill(future, float("-inf"))
+    dense = logits.softmax(-1)[:, :, 7:18].mean(dim=(0, 1))
+    assert torch.allclose(scores, dense, atol=1e-6)
+
+
+def test_choice_takes_whole_chunks_best_first_then_the_best_of_the_next() -> None:
+    # evicted positions in chunks of 4 from span start 10: chunk 0 = {10, 11}, chunk 1 =
+    # {14, 15, 16}, chunk 2 = {20, 21}
+    positions = torch.tensor([10, 11, 14, 15, 16, 20, 21])
+    scores = torch.tensor([0.1, 0.1, 0.5, 0.4, 0.0, 0.9, 0.8])
+    assert choose(scores, positions, (10, 30), 4, 2).tolist() == [5, 6]
+    assert choose(scores, positions, (10, 30), 4, 4).tolist() == [2, 3, 5, 6]
+    assert choose(scores, positions, (10, 30), 4, 0).tolist() == []
+
+
+def test_host_store_keeps_exactly_the_evicted_entries_off_the_device() -> None:
+    keys, values = torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 4)  # [layer, heads, n, d]
+    kept = [torch.tensor([0, 1, 5, 9]).expand(3, -1), torch.tensor([0, 2, 3, 9]).expand(3, -1)]
+    store = HostStore.of(list(keys), list(values), kept, 10)
+    assert store.positions.tolist() == [[2, 3, 4, 6, 7, 8], [1, 4, 5, 6, 7, 8]]
+    assert torch.equal(store.keys[1][2], keys[1][:, 5])  # [kv_heads, d] of position 5
+    assert store.keys[0].device.type == "cpu"
+    assert store.nbytes == 2 * 2 * 6 * 3 * 4 * 4 + store.positions.numel() * 8
+    k, v = store.fetch(0, torch.tensor([1]), "cpu", torch.float64)
+    assert k.dtype == torch.float64 and torch.equal(v[0].float(), values[0][:, 3])
+
+
+def test_a_question_recalls_the_chunk_its_queries_look_at() -> None:
+    """One evicted chunk holds keys aligned with the question's queries: it is recalled."""
+    torch.manual_seed(1)
+    d, heads = 16, 2
+    spec = parse_spec("once:snapkv[heads=shared]:0.5+recall[chunk=4]@4")
+    keys = torch.randn(heads, 40, d) * 0.1
+    target = torch.randn(d)
+    keys[:, 24:28] = target * 3  # positions 24..27: one chunk from span start 8
+    kept = [torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, *range(28, 40)]).expand(heads, -1)]
+    store = HostStore.of([keys], [keys.clone()], kept, 40)
+    queries = target.expand(heads, 2, d).clone()
+    (idx,) = recall_indices(spec, [queries], [keys[:, kept[0][0]]], [torch.randn(heads, 3, d)],
+                            store, (8, 40))
+    assert store.positions[0][idx].tolist() == [24, 25, 26, 27]
+
+
+@pytest.mark.parametrize("share", [0.25, 1.0])
+def test_share_budgets_count_document_tokens(share) -> None:
+    spec = parse_spec(f"once:snapkv[heads=shared]:0.5+recall:{share}")
+    assert spec.recall.budget(400, 200) == min(200, int(400 * share))
