@@ -20,6 +20,7 @@ import torch
 
 from kvrag.compression import CompressionSpec, kept_positions
 from kvrag.compression.base import WHOLE, HeadShard
+from kvrag.compression.recall import HostStore
 from kvrag.compression.select import PAD, kept_counts
 from kvrag.engine_plugin.cells import CellLayout, cell_targets
 
@@ -35,6 +36,7 @@ class Compacted:
     keep: list[int]  # per layer: tokens kept (documents kept plus everything outside span)
     kept: list[torch.Tensor] = field(repr=False)  # per layer: [kv_heads, keep] positions
     layout: CellLayout | None = None  # heads=ranked: the per-head counts in the cells
+    host: HostStore | None = None  # +recall: the evicted entries, copied to host memory
 
     @property
     def kv_tokens(self) -> int:
@@ -76,6 +78,10 @@ def compact(
     keys = [pool.get_key_buffer(lid)[ctx].transpose(0, 1) for lid in layer_ids]
     kept = kept_positions(spec, keys, [q.transpose(0, 1) for q in queries], span, shard,
                           reconstruction=reconstruction, sentence_ends=sentence_ends)
+    host = None
+    if spec.recall is not None:  # before the kept entries overwrite the request's slots
+        host = HostStore.of(keys, [pool.get_value_buffer(lid)[ctx].transpose(0, 1)
+                                   for lid in layer_ids], kept, n)
     counts = torch.stack([kept_counts(k) for k in kept])  # [layers, kv_heads]
     keep = (counts.sum(dim=1) // counts.shape[1]).tolist()
     kmax = max(keep)
@@ -108,7 +114,7 @@ def compact(
     if to_free.numel():
         allocator.free(to_free)
     layout = CellLayout(counts.cpu(), kmax) if ranked else None
-    record = Compacted(rid, n, protected, slots, keep, kept, layout)
+    record = Compacted(rid, n, protected, slots, keep, kept, layout, host)
     return CompactionResult(record, int(to_free.numel()), allocated, time.perf_counter() - t0)
 
 

@@ -14,6 +14,7 @@ from kvrag.compression import SpecError
 from kvrag.compression.sentences import sentence_ends_for
 from kvrag.compression.spec import SENTENCE
 from kvrag.engine_plugin import config, once, stats
+from kvrag.engine_plugin import recall as recall_step
 from kvrag.engine_plugin.reconstruction import Rebuild, rewind
 from kvrag.engine_plugin.rows import release_ranges
 from kvrag.engine_plugin.state import PendingPrefill, PluginState, current
@@ -50,7 +51,7 @@ def req_init(result, req, *args, **kwargs):
         if wanted.spec.once:
             wanted.once = once.OnceRequest.of(wanted.spec, wanted.span, req.origin_input_ids,
                                               req.extra_key, req.cache_salt)
-            wanted.once.layouts = state.stored_layouts
+            wanted.once.stored = (state.stored_layouts, state.host_stores)
     return result
 
 
@@ -78,8 +79,7 @@ def prepare_for_extend(result, batch, *args, **kwargs):
     if state is not None:
         rows = [req.kv.req_pool_idx for req in batch.reqs]
         state.queries.announce(rows, [_scores(state, req) for req in batch.reqs])
-        state.shifts.announce(rows, [req.kvrag.once.shift if once.is_hit(req) else 0
-                                     for req in batch.reqs])
+        state.shifts.announce(rows, [once.position_shift(req) for req in batch.reqs])
         state.rebuilds.announce(rows, [_rebuilding(req) for req in batch.reqs])
         for row, req in zip(rows, batch.reqs, strict=True):
             if once.is_hit(req) and req.kvrag.spec.ranked_heads:
@@ -88,8 +88,15 @@ def prepare_for_extend(result, batch, *args, **kwargs):
 
 
 def _scores(state: PluginState, req) -> bool:
-    return (getattr(req, "kvrag", None) is not None and req.beam_group is None
-            and not once.is_hit(req) and req.kv.req_pool_idx not in state.rows.resident
+    if getattr(req, "kvrag", None) is None or req.beam_group is not None:
+        return False
+    stored = req.kvrag.once
+    if stored is not None and stored.recall is not None and stored.recall.pending \
+            and stored.state != "new" and req.kv.req_pool_idx in state.rows.resident:
+        return True  # a build's question scoring pass, after its prefix was compressed
+    if stored is not None and stored.state == "hit":
+        return stored.recall is not None and stored.recall.pending
+    return (req.kv.req_pool_idx not in state.rows.resident
             and not req.kvrag.spec.build().reconstruction)
 
 
@@ -141,11 +148,18 @@ def _compress_pending(state: PluginState) -> None:
                 _report(state, req, _held(state, len(req.origin_input_ids)), write=False)
             continue
         stored = wanted.once
+        if stored is not None and recall_step.pass_done(state, req):
+            recall_step.recall(state, req, allocator, pending.processor.tree_cache)
+            if stored.recall.report is not None:  # a build reports once it has recalled
+                _report(state, req, stored.recall.report | _held(state, once.held_slots(stored))
+                        | recall_step.report(stored))
+            continue
         if stored is not None and stored.state == "hit":
             if last:
-                prefilled = len(stored.real) - stored.end
+                prefilled = stored.question * (1 if stored.recall is None else 2)
                 _report(state, req, once.report(req, stored, "hit", prefilled)
-                        | _held(state, once.held_slots(stored)) | {"seconds": 0.0})
+                        | _held(state, once.held_slots(stored)) | {"seconds": 0.0}
+                        | ({} if stored.recall is None else recall_step.report(stored)))
             continue
         if req.finished() or req.is_retracted or row in state.rows.resident:
             continue
@@ -218,11 +232,18 @@ def _compress(state: PluginState, req, allocator, tree_cache,
         line["reconstruction"] = rebuild.report()
     if state.settings.record_kept:
         line["kept"] = [k.tolist() for k in comp.kept]
-    if wanted.once is not None:
-        state.rows.resident[row].once = wanted.once  # its slots go to the tree on release
-        prefilled = len(wanted.once.real) - req.kv.cache_protected_len
-        line |= once.report(req, wanted.once, "built", prefilled)
-        line |= _held(state, once.held_slots(wanted.once))
+    stored = wanted.once
+    if stored is not None:
+        state.rows.resident[row].once = stored  # its slots go to the tree on release
+        prefilled = len(stored.real) - req.kv.cache_protected_len
+        line |= once.report(req, stored, "built", prefilled)
+        line |= _held(state, once.held_slots(stored))
+        if stored.recall is not None:  # its question's scoring pass comes next
+            line["prefill_tokens"] += stored.question
+            stored.recall.report = line
+            once.set_prompt(req, stored.real[:stored.end] + stored.question_ids(),
+                            req.extra_key)
+            return
     _report(state, req, line)
 
 
@@ -272,6 +293,8 @@ def free_kv_row(original, cache, kv, ranges):
         once.store(cache, resident.once, compacted.slots)
         if compacted.layout is not None:
             state.stored_layouts[resident.once.layout_key] = compacted.layout
+        if compacted.host is not None:
+            state.host_stores[resident.once.layout_key] = compacted.host
     else:
         cache.token_to_kv_pool_allocator.free(compacted.slots)
     return None
@@ -297,15 +320,36 @@ def process_batch_result_decode(processor, batch, *args, **kwargs):
 
 def get_internal_state(result, scheduler, *args, **kwargs):
     """``/server_info`` says what the KV pool holds now (``kvrag_pool``): slots in use,
-    the radix tree's among them (cached prefixes, stored compressed corpora), and free."""
-    if current() is None:
+    the radix tree's among them (cached prefixes, stored compressed corpora), and free;
+    and the bytes of the stored corpora's host stores (``+recall``)."""
+    state = current()
+    if state is None:
         return result
     allocator, tree = scheduler.token_to_kv_pool_allocator, scheduler.tree_cache
     free = int(allocator.available_size())
     result.internal_state["kvrag_pool"] = {
         "slots": int(allocator.size), "used": int(allocator.size) - free, "free": free,
-        "tree": int(tree.evictable_size()) + int(tree.protected_size())}
+        "tree": int(tree.evictable_size()) + int(tree.protected_size()),
+        "host_kv_bytes": sum(store.nbytes for store in state.host_stores.values())}
     return result
+
+
+def delete_leaf(cache, node, *args, **kwargs):
+    """The classic radix tree deletes each victim here."""
+    once.forget(node)
+
+
+def evict_device_leaf(cache, node_id, *args, **kwargs):
+    """The unified radix tree evicts each device victim here."""
+    once.forget(cache.tree_core.node_by_id(node_id))
+
+
+def reset_tree(result, cache, *args, **kwargs):
+    """A flushed radix tree takes every stored prefix's layout and host store with it."""
+    state = current()
+    if state is not None:
+        state.stored_layouts.clear()
+        state.host_stores.clear()
 
 
 def _tp_rank() -> int:

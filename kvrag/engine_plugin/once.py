@@ -19,6 +19,11 @@ its real size (the kept slots), and SGLang's memory checks count it.
   extends its question over the compacted cache. When it leaves, its kept slots go to the
   tree under the key instead of back to the allocator.
 
+With ``+recall`` (``recall.py``) the evicted entries go to a host store kept beside the
+tree entry, and every question, the building one included, runs its question twice: a
+scoring pass (a middle chunk, cut where the question ends), after which it recalls, and
+the question again over the kept prefix and what it recalled.
+
 A ``full`` request over the same corpus matches the real prefix in the tree as before.
 A prefix packed per head (``heads=ranked``) is stored with its cell layout, which its
 hits read (``cells.py``); a hit whose layout is unknown here runs as a miss.
@@ -85,35 +90,79 @@ class OnceRequest:
     cache_salt: str | None
     state: str = "new"  # "hit": over the stored prefix; "miss": builds it
     rebuild: object = None  # reconstruction.Rebuild of a KVzip build, once its passes start
-    # the process's stored cell layouts (PluginState.stored_layouts), for heads=ranked
-    layouts: dict | None = None
+    # the process's (stored_layouts, host_stores) (PluginState), which hits read
+    stored: tuple[dict, dict] | None = None
+    recall: RecallRun | None = None  # +recall: this question's recall
 
     @classmethod
     def of(cls, spec: CompressionSpec, span: tuple[int, int], prompt, extra_key, cache_salt):
         kmax = kept_prefix(spec, span)
         real = array("q", prompt)
         return cls(spec, span[1], kmax, real, key_tokens(real[:span[1]], spec, kmax),
-                   extra_key, cache_salt)
+                   extra_key, cache_salt, recall=None if spec.recall is None else RecallRun())
+
+    @property
+    def question(self) -> int:
+        return len(self.real) - self.end
+
+    @property
+    def question_start(self) -> int:
+        """Where the question starts in the request's (logical) row."""
+        return self.kmax if self.state == "hit" else self.end
 
     @property
     def shift(self) -> int:
-        """Logical minus physical position of a hit's tokens."""
-        return self.end - self.kmax
+        """Logical minus SGLang's position of the request's tokens: a hit runs over
+        ``kmax`` slots where its logical prefix is ``end`` tokens long; a recalled span sits
+        in its row before its question although its positions are the corpus's."""
+        recalled = 0 if self.recall is None else self.recall.tokens
+        return (self.end - self.kmax if self.state == "hit" else 0) - recalled
 
     def hit_prompt(self) -> array:
-        return self.key + self.real[self.end:]
+        return self.key + self.question_ids()
+
+    def question_ids(self) -> array:
+        """The question as the request runs it next: twice while its recall's scoring pass
+        is still to run (the pass is a middle chunk, cut where the first copy ends)."""
+        question = self.real[self.end:]
+        return question + question if self.recall is not None and self.recall.pending \
+            else question
 
     def cut(self, prefix_len: int) -> int | None:
-        """Where a building request's prefill chunk starting at ``prefix_len`` must end:
-        at the prefix end, then after each reconstruction pass."""
-        if prefix_len < self.end:
-            return self.end
-        return None if self.rebuild is None else self.rebuild.cut
+        """Where the request's prefill chunk starting at ``prefix_len`` must end: for a
+        build, at the prefix end, then after each reconstruction pass; then, with recall,
+        after the question's scoring pass."""
+        if self.state == "miss":
+            if prefix_len < self.end:
+                return self.end
+            if self.rebuild is not None and self.rebuild.cut is not None:
+                return self.rebuild.cut
+        if self.recall is not None and self.recall.pending:
+            return self.question_start + self.question
+        return None
 
     @property
     def layout_key(self) -> bytes:
-        """Where its prefix's cell layout is kept (``PluginState.stored_layouts``)."""
-        return self.key.tobytes()
+        """Where its prefix's cell layout and host store are kept
+        (``PluginState.stored_layouts``, ``host_stores``): its key's hash and length."""
+        return stored_id(self.key)
+
+
+def stored_id(token_ids) -> bytes:
+    """The id of a stored compressed prefix, from the start of its tree key."""
+    return array("q", token_ids[:_HASH_TOKENS + 1]).tobytes()
+
+
+@dataclass
+class RecallRun:
+    """One ``+recall`` question's recall: pending until its scoring pass has run."""
+
+    pending: bool = True
+    tokens: int = 0  # entries recalled per layer
+    seconds: float = 0.0
+    host_bytes: int = 0  # the host store it read
+    positions: list[list[int]] | None = None  # per layer, the prompt positions recalled
+    report: dict | None = None  # a build's report, sent once its recall is done
 
 
 def of(req) -> OnceRequest | None:
@@ -134,13 +183,16 @@ class PositionShifts:
 
     def __init__(self, n_rows: int, device) -> None:
         self.by_row = torch.zeros(n_rows, dtype=torch.int64, device=device)
-        self.rows: set[int] = set()  # rows with a shift, host side
+        self.rows: dict[int, int] = {}  # rows with a shift, and it, host side
 
     def announce(self, rows: list[int], shifts: list[int]) -> None:
         for row, shift in zip(rows, shifts, strict=True):
-            if shift and row not in self.rows:
+            if self.rows.get(row, 0) != shift:  # a recall changes a row's shift
                 self.by_row[row] = shift
-                self.rows.add(row)
+                if shift:
+                    self.rows[row] = shift
+                else:
+                    del self.rows[row]
 
     def apply(self, forward_batch) -> None:
         mode = forward_batch.forward_mode
@@ -153,8 +205,7 @@ class PositionShifts:
         forward_batch.positions += shift
 
     def release(self, row: int) -> None:
-        if row in self.rows:
-            self.rows.discard(row)
+        if self.rows.pop(row, None) is not None:
             self.by_row[row] = 0
 
 
@@ -168,6 +219,8 @@ def init_next_round_input(original, req, tree_cache=None, *args, **kwargs):
     if once is None or tree_cache is None or req.kv.holds_kv:
         return original(req, tree_cache, *args, **kwargs)
     once.rebuild = None  # a retracted build starts over
+    if once.recall is not None:
+        once.recall = RecallRun()
     once.state = "hit"
     set_prompt(req, once.hit_prompt(), namespace(once.spec, once.extra_key))
     result = original(req, tree_cache, *args, **kwargs)
@@ -179,8 +232,13 @@ def init_next_round_input(original, req, tree_cache=None, *args, **kwargs):
 
 
 def _layout_known(once: OnceRequest) -> bool:
-    return not once.spec.ranked_heads or (once.layouts is not None
-                                          and once.layout_key in once.layouts)
+    """Whether this process holds what a hit reads besides the slots: the cell layout of a
+    prefix packed per head, the host store of a prefix that recalls."""
+    if once.stored is None:
+        return not once.spec.ranked_heads and once.spec.recall is None
+    layouts, hosts = once.stored
+    return ((not once.spec.ranked_heads or once.layout_key in layouts)
+            and (once.spec.recall is None or once.layout_key in hosts))
 
 
 def set_prompt(req, prompt, extra_key) -> None:
@@ -191,9 +249,10 @@ def set_prompt(req, prompt, extra_key) -> None:
 
 def select_prefill_admission(result, adder, req, *args, **kwargs):
     """End a building request's prefill chunk where its corpus prefix ends, so the prefix
-    is compressed before the question runs."""
+    is compressed before the question runs (and a recalling question's where its scoring
+    pass ends)."""
     once = of(req)
-    if once is None or once.state != "miss" or not dataclasses.is_dataclass(result):
+    if once is None or once.state == "new" or not dataclasses.is_dataclass(result):
         return result
     cut = once.cut(result.prefix_len)
     if cut is not None and result.prefix_len < cut < result.prefix_len + result.extend_len:
@@ -204,7 +263,7 @@ def select_prefill_admission(result, adder, req, *args, **kwargs):
 
 def add_chunked_req(adder, req, *args, **kwargs):
     once = of(req)
-    cut = None if once is None or once.state != "miss" else once.cut(req.prefix_len)
+    cut = None if once is None or once.state == "new" else once.cut(req.prefix_len)
     if cut is not None and req.prefix_len < cut:
         limit = cut - req.prefix_len
         adder.chunked_req_limit = min(adder.chunked_req_limit or limit, limit)
@@ -234,5 +293,26 @@ def report(req, once: OnceRequest, kind: str, prefilled: int) -> dict:
 
 
 def held_slots(once: OnceRequest) -> int:
-    """Slots a once: request's prompt holds: the kept corpus, then its question."""
-    return once.kmax + len(once.real) - once.end
+    """Slots a once: request's prompt holds: the kept corpus, what it recalled, then its
+    question."""
+    return once.kmax + (0 if once.recall is None else once.recall.tokens) + once.question
+
+
+def position_shift(req) -> int:
+    """What ``PositionShifts`` adds to the positions of ``req``'s coming forward."""
+    stored = of(req)
+    return 0 if stored is None or stored.state == "new" else stored.shift
+
+
+def forget(node) -> None:
+    """A tree node leaving the tree: if it is a stored compressed prefix, its cell layout
+    and host store leave with it."""
+    from kvrag.engine_plugin.eviction import stored_length
+    from kvrag.engine_plugin.state import current
+
+    state = current()
+    if state is None or getattr(node, "key", None) is None or stored_length(node) is None:
+        return
+    key = stored_id(node.key.token_ids)
+    state.stored_layouts.pop(key, None)
+    state.host_stores.pop(key, None)

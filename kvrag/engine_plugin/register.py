@@ -31,6 +31,8 @@ _BATCH = "sglang.srt.managers.schedule_batch."
 _RESULTS = "sglang.srt.managers.scheduler_components.batch_result_processor."
 _STREAMER = "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer"
 _POLICY = "sglang.srt.managers.schedule_policy.PrefillAdder."
+_RADIX = "sglang.srt.mem_cache.radix_cache.RadixCache."
+_UNIFIED = "sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache."
 
 
 @dataclass(frozen=True)
@@ -78,9 +80,17 @@ HOOKS = (
          "a once: request matches its stored compressed corpus, or builds it"),
     Hook(_POLICY + "_select_prefill_admission", "after", once.select_prefill_admission,
          "a building once: request's chunk ends where its corpus prefix, or a KVzip "
-         "repeat pass, ends"),
+         "repeat pass, ends; a recalling question's where its scoring pass ends"),
     Hook(_POLICY + "add_chunked_req", "before", once.add_chunked_req,
          "the same, for a request already being chunked"),
+    Hook(_UNIFIED + "_evict_device_leaf", "before", lifecycle.evict_device_leaf,
+         "a stored compressed prefix evicted from the tree takes its cell layout and host "
+         "store with it"),
+    Hook(_RADIX + "_delete_leaf", "before", lifecycle.delete_leaf,
+         "the same, for the classic radix tree"),
+    Hook(_UNIFIED + "reset", "after", lifecycle.reset_tree,
+         "a flushed tree takes every stored prefix's layout and host store with it"),
+    Hook(_RADIX + "reset", "after", lifecycle.reset_tree, "the same, for the classic tree"),
 )
 
 

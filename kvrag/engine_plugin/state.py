@@ -12,8 +12,10 @@ What it owns, by request row (``req_pool_idx``):
 - ``shifts``: the position shift of a compress-once hit (``once.py``);
 - ``rebuilds``: the KVzip reconstruction pass a compress-once build runs
   (``reconstruction.py``);
-and, by compress-once tree key, ``stored_layouts``: the cell layout of each stored
-prefix packed per head (``heads=ranked``, ``cells.py``), which its hits read.
+and, by compress-once prefix (``once.stored_id``), what its hits read besides its slots:
+``stored_layouts``, the cell layout of a prefix packed per head (``heads=ranked``,
+``cells.py``), and ``host_stores``, the evicted entries of a prefix that recalls
+(``+recall``, ``recall.py``); both leave with the prefix's tree entry (``once.forget``).
 SGLang's ``Req`` carries one kvrag attribute, ``req.kvrag``: the request's spec and span
 (``config.RequestCompression``), read once when the request is created.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
+from kvrag.compression.recall import HostStore
 from kvrag.engine_plugin.capture import QueryCapture
 from kvrag.engine_plugin.cells import CellLayout
 from kvrag.engine_plugin.config import Settings
@@ -51,6 +54,7 @@ class PluginState:
     model_path: str  # the tokenizer's, for chunk=sentence
     trust_remote_code: bool = False
     stored_layouts: dict[bytes, CellLayout] = field(default_factory=dict)
+    host_stores: dict[bytes, HostStore] = field(default_factory=dict)
     pending_prefill: PendingPrefill | None = None
     room_made: bool = False  # a compaction freed slots since the scheduler last admitted
     backend: object = field(default=None, repr=False)

@@ -369,8 +369,9 @@ class HFEngine(TokenizerMethods):
                 cache, logits, _ = self._extend(cache, question, end, None, False)
                 prefill_s += time.perf_counter() - t1
         slots = kept + (len(question) + (recalled.tokens if recalled else 0)) * self.n_layers
+        prefilled = len(question) * (2 if recalled is not None and spec.recall.reprefill else 1)
         return _Start(cache, logits, slots, False, corpus.valid, prefill_s, compress_s,
-                      len(question) + (end if built else 0), kept / self.n_layers, recalled)
+                      prefilled + (end if built else 0), kept / self.n_layers, recalled)
 
     def _extend(self, cache: DynamicCache, tokens: list[int], position: int,
                 head_valid: list[torch.Tensor] | None, capture: bool,

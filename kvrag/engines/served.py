@@ -63,6 +63,7 @@ def served_cost(enc: EncodedPrompt, asked: CompressionSpec | None, meta_info: di
         kv_tokens, kv_bytes = int(report["kv_tokens"]), int(report["kv_bytes"])
         layer_mean = float(report["layer_mean_kv_tokens"])
     seconds = float(report.get("seconds", 0.0)) if compressed else 0.0
+    recall_s = float(report.get("recall_seconds", 0.0)) if compressed else 0.0
     if compressed and "prefill_tokens" in report:
         prefilled = int(report["prefill_tokens"])
     else:
@@ -71,7 +72,10 @@ def served_cost(enc: EncodedPrompt, asked: CompressionSpec | None, meta_info: di
     shared = float(enc.context_end if sent is None else report.get("shared_kv_tokens", 0.0))
     return Cost(
         prompt_tokens=n, kv_tokens=float(kv_tokens), kv_bytes=kv_bytes,
-        prefill_s=timing.prefill_s - seconds, compress_s=seconds, decode_s=timing.decode_s,
+        prefill_s=timing.prefill_s - seconds - recall_s, compress_s=seconds,
+        decode_s=timing.decode_s, recall_s=recall_s,
+        recalled_tokens=float(report.get("recalled_tokens", 0)) if compressed else 0.0,
+        host_kv_bytes=int(report.get("host_kv_bytes", 0)) if compressed else 0,
         new_tokens=new_tokens, attended_tokens=float(kv_tokens), doc_tokens=n_doc,
         prefill_tokens=prefilled, shared_kv_tokens=shared, layer_mean_kv_tokens=layer_mean,
         served_uncompressed=asked is not None and sent is None,

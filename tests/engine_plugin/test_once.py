@@ -221,3 +221,96 @@ def test_kvzip_reconstructs_inside_sglang_and_keeps_the_hf_engines_tokens(served
             assert _by_head([k.tolist() for k in corpus.kept]) == _by_head(stats["kept"])
             n_doc = enc.context_end - enc.context_start
             assert stats["reconstruction"]["passes"] == -(-n_doc // 2048) > 1
+
+
+RECALL = "once:snapkv[chunk=16;heads=shared]:0.75+recall@128"
+
+
+def _host_kv_bytes(served) -> int:
+    (internal,) = served.engine.get_server_info()["internal_states"]
+    return internal["kvrag_pool"]["host_kv_bytes"]
+
+
+def test_recall_brings_back_what_the_hf_engine_brings_back(served, hf, prompts) -> None:
+    """Built, then matched twice: each question recalls the same positions as the HF
+    engine, answers as it does, and holds the kept corpus, its recalled entries and its
+    question; the host store outlives the build and leaves with the flushed tree."""
+    spec = parse_spec(RECALL)
+    served.engine.flush_cache()
+    hf._once.clear()
+    for prompt, kind in ((prompts[0], "built"), (prompts[1], "hit"), (prompts[2], "hit")):
+        ids, logprobs, _, stats = ask(served, prompt, RECALL)
+        enc = served.encode(prompt)
+        question = len(enc.input_ids) - enc.context_end
+        kmax = enc.context_start + spec.kept(enc.context_end - enc.context_start)
+        assert stats["once"] == kind
+        assert stats["recalled_tokens"] == 128 and stats["recall_seconds"] > 0
+        assert stats["kv_tokens"] == kmax + 128 + question
+        assert stats["shared_kv_tokens"] == kmax
+        with torch.inference_mode():
+            start = hf._start_once(hf.encode(prompt), spec)
+        _assert_same_recall(hf, prompt, spec, start, stats["recalled"])
+        assert stats["host_kv_bytes"] == start.recall.host.nbytes
+        logprob = start.logits.float().log_softmax(-1)
+        assert ids[0] == int(logprob.argmax()), kind
+        assert logprobs[0] == pytest.approx(float(logprob.max()), abs=2e-3), kind
+        text = hf.generate(prompt, MAX_NEW, spec, ignore_eos=True).text
+        assert served_text(hf, ids) == text, kind
+    assert _host_kv_bytes(served) == stats["host_kv_bytes"]
+    served.engine.flush_cache()
+    assert _host_kv_bytes(served) == 0
+
+
+def _assert_same_recall(hf, prompt, spec, start, served_positions) -> None:
+    """Both engines recall the same chunks, but for chunks whose mean scores tie with the
+    last one taken to 0.5% (relative): the random tiny model's attention is nearly flat
+    (its chunk means differ by parts in 1e4), and the two engines' rotary embeddings
+    differ by about 1e-4 radians at these positions, which may order such chunks either
+    way. ``test_recalling_everything_answers_as_the_full_cache`` checks the machinery
+    without ties."""
+    from kvrag.compression.recall import WINDOW, recall_scores, recalled_positions
+    from kvrag.engines.hf import copy_cache
+
+    ours = recalled_positions(start.recall.host, start.recall.indices)
+    enc = hf.encode(prompt)
+    corpus = hf._once[(tuple(enc.input_ids[:enc.context_end]), spec.name)]
+    with torch.inference_mode():
+        cache, _, captured = hf._extend(copy_cache(corpus.cache), enc.input_ids[enc.context_end:],
+                                        enc.context_end, None, True)
+    k = corpus.cache.layers[0].keys.shape[2]
+    for layer, (mine, theirs) in enumerate(zip(ours, served_positions, strict=True)):
+        assert len(mine) == len(theirs)
+        if mine == theirs:
+            continue
+        keys = cache.layers[layer].keys[0]
+        scores = recall_scores(captured[layer][:, -WINDOW:], keys[:, :k],
+                               corpus.host.keys[layer].transpose(0, 1), keys[:, k:])
+        chunk = (corpus.host.positions[layer] - enc.context_start) // spec.recall.chunk
+        mean = {int(c): float(scores[chunk == c].mean()) for c in chunk.unique()}
+        of = {int(p): int((p - enc.context_start) // spec.recall.chunk) for p in mine + theirs}
+        boundary = min(mean[of[p]] for p in mine)
+        for p in set(mine) ^ set(theirs):
+            assert abs(mean[of[p]] - boundary) <= 5e-3 * boundary, (layer, p)
+
+
+def test_recalling_everything_answers_as_the_full_cache(served, prompts) -> None:
+    """A budget of every evicted token: kept + recalled is the whole corpus, in the
+    request's own slots after the stored prefix, and the question prefilled again over it
+    answers as the full cache (built, then matched)."""
+    served.engine.flush_cache()
+    for prompt, kind in ((prompts[3], "built"), (prompts[4], "hit")):
+        enc = served.encode(prompt)
+        n_doc = enc.context_end - enc.context_start
+        spec = f"{RECALL.rpartition('+')[0]}+recall@{n_doc}"
+        ids, logprobs, _, stats = ask(served, prompt, spec)
+        assert stats["once"] == kind
+        assert stats["recalled_tokens"] == n_doc - parse_spec(spec).kept(n_doc)
+        assert stats["kv_tokens"] == len(enc.input_ids)
+        full_ids, full_logprobs, _, _ = ask(served, prompt, None)
+        assert ids == full_ids, kind
+        assert logprobs == pytest.approx(full_logprobs, abs=2e-3), kind
+    assert _host_kv_bytes(served) > 0
+    # a request that needs nearly the whole pool evicts the stored prefix, host store too
+    served.engine.generate(input_ids=list(range(1000, 8000)),
+                           sampling_params={"max_new_tokens": 2, "temperature": 0.0})
+    assert _host_kv_bytes(served) == 0
