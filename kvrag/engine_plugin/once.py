@@ -307,11 +307,13 @@ def position_shift(req) -> int:
 def forget(node) -> None:
     """A tree node leaving the tree: if it is a stored compressed prefix, its cell layout
     and host store leave with it."""
-    from kvrag.engine_plugin.eviction import stored_length
     from kvrag.engine_plugin.state import current
 
     state = current()
-    if state is None or getattr(node, "key", None) is None or stored_length(node) is None:
+    # a stored prefix is a child of the root (whose parent is None)
+    parent = getattr(node, "parent", None)
+    if state is None or parent is None or parent.parent is not None \
+            or stored_prefix_length(node.key) is None:
         return
     key = stored_id(node.key.token_ids)
     state.stored_layouts.pop(key, None)

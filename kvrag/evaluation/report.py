@@ -58,7 +58,7 @@ def _system_summary(records: list[dict], full: dict[str, dict] | None, seed: int
         out[key] = _mean(_metric_values(records, key))
     for key in ("kv_tokens", "attended_tokens", "layer_mean_kv_tokens", "kv_bytes",
                 "prompt_tokens", "prefill_tokens", "latency_s", "prefill_s", "compress_s",
-                "decode_s"):
+                "decode_s", "recalled_tokens", "recall_s", "host_kv_bytes"):
         out[f"{key}_mean"] = _mean([r["cost"][key] for r in records
                                     if r["cost"].get(key) is not None])
     peaks = [r["cost"]["peak_bytes"] for r in records if r["cost"].get("peak_bytes")]
@@ -162,6 +162,7 @@ def _delta(system: dict, metric: str) -> str:
 
 def render_markdown(summary: dict) -> str:
     peaks = any(s.get("peak_bytes_max") for s in summary["systems"].values())
+    recalls = any(s.get("host_kv_bytes_mean") for s in summary["systems"].values())
     lines = [
         f"# kvrag comparison: {summary['dataset']}",
         "",
@@ -176,14 +177,18 @@ def render_markdown(summary: dict) -> str:
         "tokens each question computed; same as full: share of questions answered as "
         "`full` answered them." + (" Peak MiB: the most memory the process "
                                              "allocated while answering (CUDA)." if peaks
-                                             else ""),
+                                             else "")
+        + (" Recalled: corpus tokens per layer a +recall question brought back (part of its "
+           "KV tokens); recall s: choosing and copying them; host KV MiB: the corpus's "
+           "evicted entries held in host memory, once per corpus." if recalls else ""),
         "",
         "| system | n | SubEM | 95% CI | Δ SubEM vs full | same as full | SubEM out "
         "| Δ SubEM out vs full | EM | F1 | MC acc | cut | doc recall | KV tokens | attended "
         "| KV per corpus | prompt tokens | prefilled | latency s |"
-        + (" peak MiB |" if peaks else ""),
+        + (" peak MiB |" if peaks else "")
+        + (" recalled | recall s | host KV MiB |" if recalls else ""),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-        + ("---|" if peaks else ""),
+        + ("---|" if peaks else "") + ("---|---|---|" if recalls else ""),
     ]
     for name, s in summary["systems"].items():
         mib = s["peak_bytes_max"] / 2**20 if s.get("peak_bytes_max") else None
@@ -199,10 +204,17 @@ def render_markdown(summary: dict) -> str:
             f"| {_fmt(s.get('kv_tokens_per_corpus'), False)} "
             f"| {_fmt(s['prompt_tokens_mean'], False)} "
             f"| {_fmt(s.get('prefill_tokens_mean'), False)} | {_fmt(s['latency_s_mean'], False)} |"
-            + peak
+            + peak + (_recall_cells(s) if recalls else "")
         )
     lines += _task_table(summary)
     return "\n".join(lines) + "\n"
+
+
+def _recall_cells(s: dict) -> str:
+    host = s.get("host_kv_bytes_mean")
+    return (f" {_fmt(s.get('recalled_tokens_mean'), False)} "
+            f"| {_fmt(s.get('recall_s_mean'), False)} "
+            f"| {_fmt(host / 2**20 if host else None, False)} |")
 
 
 def _task_table(summary: dict) -> list[str]:

@@ -29,3 +29,15 @@ def test_answers_of_the_wrong_kind_are_refused():
     compressed = plain | {"spec": "snapkv:0.5", "kv_tokens": 500}
     with pytest.raises(RuntimeError, match="did not reach the plugin"):
         served_cost(ENC, None, {"kvrag": [compressed]}, TIMING, 4, 64)
+
+
+def test_a_recalling_answer_reports_its_recall_apart_from_its_prefill():
+    spec = parse_spec("once:snapkv[heads=shared]:0.5+recall@64")
+    report = {"spec": spec.name, "kv_tokens": 600, "kv_bytes": 600 * 64,
+              "layer_mean_kv_tokens": 600.0, "seconds": 0.0, "prefill_tokens": 200,
+              "shared_kv_tokens": 455.0, "recalled_tokens": 64, "recall_seconds": 0.125,
+              "host_kv_bytes": 1 << 20}
+    cost = served_cost(ENC, spec, {"kvrag": [report]}, TIMING, 4, 64)
+    assert (cost.recalled_tokens, cost.recall_s, cost.host_kv_bytes) == (64, 0.125, 1 << 20)
+    assert cost.prefill_s == pytest.approx(0.875) and cost.shared_kv_tokens == 455
+    assert cost.latency_s == pytest.approx(1.5)

@@ -142,3 +142,24 @@ def test_same_answer_as_full_is_the_share_of_questions_answered_alike() -> None:
     assert other["same_as_full"] == pytest.approx(0.75)
     assert "same_as_full" not in summary["systems"]["full"]
     assert "| same as full |" in render_markdown(summary)
+
+
+def test_recall_columns_show_what_each_question_recalled_and_the_host_held() -> None:
+    records = []
+    for i in range(4):
+        r = rec(f"q{i}", "once:x+recall@64", 1.0, 300)
+        r["corpus"] = "c0"
+        r["cost"] |= {"shared_kv_tokens": 200.0, "recalled_tokens": 64.0, "recall_s": 0.25,
+                      "host_kv_bytes": 3 * 2**20}
+        records.append(r)
+    records += [rec(f"q{i}", "full", 1.0, 1000) for i in range(4)]
+    summary = summarize(records, ["full", "once:x+recall@64"], [f"q{i}" for i in range(4)],
+                        {"model": "m", "engine": "hf", "dataset": "d"})
+    recall = summary["systems"]["once:x+recall@64"]
+    # the compressed corpus once, and each of the 4 questions' recalled and own tokens
+    assert recall["kv_tokens_per_corpus"] == 200 + 4 * 100
+    text = render_markdown(summary)
+    assert "| recalled | recall s | host KV MiB |" in text
+    assert "| 64.00 | 0.25 | 3.00 |" in text
+    full_line = next(line for line in text.splitlines() if line.startswith("| full |"))
+    assert full_line.endswith("| – | – | – |")
