@@ -340,8 +340,16 @@ def delete_leaf(cache, node, *args, **kwargs):
 
 
 def evict_device_leaf(cache, node_id, *args, **kwargs):
-    """The unified radix tree evicts each device victim here."""
-    once.forget(cache.tree_core.node_by_id(node_id))
+    """The unified radix tree evicts each device victim here. Its Rust core does not
+    resolve nodes (SGLang's default policies use it; ``kvrag-cost`` the Python core), so
+    under it a stored prefix's host store leaves only with a flushed tree."""
+    if current() is None or not current().host_stores and not current().stored_layouts:
+        return
+    try:
+        node = cache.tree_core.node_by_id(node_id)
+    except NotImplementedError:
+        return
+    once.forget(node)
 
 
 def reset_tree(result, cache, *args, **kwargs):
