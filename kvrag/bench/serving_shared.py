@@ -6,7 +6,9 @@
 - ``METHOD:RATIO``: compressed per question (question-aware), the kept copy its own
   (where the plugin serves the method per question: KVzip it serves compress-once only);
 - ``once:METHOD:RATIO``: the corpus compressed once, stored, and matched by the rest;
-the last two for each ratio asked.
+- ``once:METHOD:RATIO+recall@R``: the same, each question recalling R evicted tokens per
+  layer from the host store (for each of ``recall``; METHOD must keep shared heads);
+the last three for each ratio asked.
 
 Per system, after flushing the radix cache: question 1 alone (it builds what the others
 reuse), then questions 2..Q one at a time, whose median time to first token is reported;
@@ -15,8 +17,9 @@ then, after another flush and question 1 again, all Q at once, each decoding
 plugin's pool log: the tree's cached prefixes included) is what the system holds. Beside
 it, the figure its spec implies: the shared part once (``full``: the corpus prefix;
 ``once:``: its kept tokens) plus each question's own tokens (its question, or its kept
-copy for per-question compression) and its decoded ones. Every ratio is to ``full``,
-measured in the same run.
+copy for per-question compression; plus what it recalled) and its decoded ones. The host
+store a ``+recall`` corpus keeps is read from the server (``kvrag_pool.host_kv_bytes``)
+after the questions ran. Every ratio is to ``full``, measured in the same run.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class SharedRow:
     # question 1's time to first token over full's: for once:, what building the compressed
     # prefix (prefill, compression, its question) costs against prefilling it
     first_vs_full: float
+    host_kv_bytes: int = 0  # +recall: the corpus's evicted entries in host memory
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -71,6 +75,12 @@ def _pool_peak(path: Path, start: int, questions: int) -> tuple[int, int]:
     return peak, most
 
 
+def _host_kv_bytes(engine) -> int:
+    """What the server's host stores hold now (``+recall`` corpora)."""
+    states = engine.get_server_info()["internal_states"]
+    return sum(int(state.get("kvrag_pool", {}).get("host_kv_bytes", 0)) for state in states)
+
+
 def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
@@ -81,6 +91,7 @@ def bench_serving_shared(
     context_tokens: int = 4000, new_tokens: int = 32, pool_tokens: int | None = None,
     on_step: Callable[[str], None] = lambda label: None, placement: Placement = CPU,
     load_format: str | None = None, decode_path: str = "auto", repeats: int = 1,
+    recall: tuple[int, ...] = (),
 ) -> tuple[dict, list[SharedRow]]:
     """(settings: corpus and question tokens, pool; rows: full, then per question and once
     for each ratio). Question 1 runs ``repeats`` times after a flush each (its median is
@@ -121,6 +132,11 @@ def bench_serving_shared(
         except SpecError:
             pass  # served compress-once only
         implied[once.name] = float(kmax + sum(own) + decoded)
+        for budget in recall:
+            recalling = parse_spec(f"{once.name}+recall@{budget}")
+            kept[recalling.name] = kmax
+            back = recalling.recall.budget(span[1] - span[0], span[1] - kmax)
+            implied[recalling.name] = float(kmax + sum(n + back for n in own) + decoded)
     pool = pool_tokens or int(1.5 * (end + sum(len(e.input_ids) for e in encoded)
                                      + 2 * questions * new_tokens))
     stats = Path(tempfile.mkstemp(prefix="kvrag-shared-", suffix=".jsonl")[1])
@@ -165,7 +181,7 @@ def bench_serving_shared(
             ask_all(name, list(range(questions)))
             peak, running = _pool_peak(pool_log, start, questions)
             measured[name] = {"first": first, "ttft": statistics.median(ttft), "peak": peak,
-                              "running": running}
+                              "running": running, "host": _host_kv_bytes(engine)}
     finally:
         engine.shutdown()
         stats.unlink(missing_ok=True)
@@ -174,7 +190,7 @@ def bench_serving_shared(
     rows = [SharedRow(name, questions, m["peak"], float(implied[name]), m["running"],
                       m["ttft"], m["first"], m["peak"] / implied[name],
                       m["peak"] / base["peak"], m["ttft"] / base["ttft"],
-                      m["first"] / base["first"])
+                      m["first"] / base["first"], m["host"])
             for name, m in measured.items()]
     settings = {"questions": questions, "corpus_prefix_tokens": end,
                 "question_tokens_median": statistics.median(own), "kept_prefix_tokens": kept,

@@ -144,6 +144,10 @@ def serving_cmd(
         "question and once:METHOD:RATIO for each of --ratios, in one kvrag engine; report "
         "the KV slots each holds while all questions decode, beside what its spec implies, "
         "and the median time to first token of questions 2..Q; ratios to full."))] = None,
+    recall: Annotated[str, typer.Option(help=(
+        "With --shared-corpus: comma-separated recall budgets R, each adding a "
+        "once:METHOD:RATIO+recall@R row per ratio (METHOD must keep shared heads, e.g. "
+        "--method 'snapkv[chunk=16;heads=shared]')."))] = "",
     decode_path: Annotated[str, typer.Option(help=(
         "Who decodes in the kvrag engine: auto (python over torch_native, else the inner "
         "backend), python, or inner."))] = "auto",
@@ -169,8 +173,11 @@ def serving_cmd(
     try:
         placement = resolve(device, dtype)
         ratio_list = [float(r) for r in ratios.split(",")]
+        recall_list = tuple(int(r) for r in recall.split(",") if r.strip())
         for ratio in ratio_list:
             parse_spec(f"{method}:{ratio}")
+            for budget in recall_list:
+                parse_spec(f"once:{method}:{ratio}+recall@{budget}")
         if decode_path not in ("auto", "python", "inner"):
             raise ValueError(f"--decode-path {decode_path!r}: use auto, python or inner")
         model_path = resolve_model(model, console)
@@ -179,7 +186,7 @@ def serving_cmd(
     if shared_corpus is not None:
         _serving_shared(model_path, model, method, tuple(ratio_list), shared_corpus,
                         context_tokens, new_tokens, pool_tokens, placement, decode_path, out,
-                        repeats)
+                        repeats, recall_list)
         return
     if concurrency > 1:
         _serving_load(model_path, model, method, ratio_list, concurrency, context_tokens,
@@ -228,13 +235,13 @@ def _serving_load(model_path, model, method, ratios, concurrency, context_tokens
 
 
 def _serving_shared(model_path, model, method, ratios, questions, context_tokens, new_tokens,
-                    pool_tokens, placement, decode_path, out, repeats) -> None:
+                    pool_tokens, placement, decode_path, out, repeats, recall) -> None:
     from kvrag.bench.serving_shared import bench_serving_shared
 
     settings, rows = _run_bench(
         "benchmarking a shared corpus", bench_serving_shared, model_path, method, ratios,
         questions, context_tokens, new_tokens, pool_tokens, placement=placement,
-        decode_path=decode_path, repeats=repeats)
+        decode_path=decode_path, repeats=repeats, recall=recall)
     console.print(
         f"{model} on {placement.device} in {placement.dtype_name}: {questions} questions over "
         f"one {settings['corpus_prefix_tokens']:,}-token corpus prefix (kept by each once: "
@@ -244,10 +251,12 @@ def _serving_shared(model_path, model, method, ratios, questions, context_tokens
         f"{settings['pool_tokens']:,} tokens; ratios to full", markup=False)
     _print_table(
         ("system", "KV slots held", "implied", "held/implied", "held/full", "running",
-         "TTFT 2..Q s", "TTFT/full", "TTFT q1 s", "q1/full"),
+         "host KV MiB", "TTFT 2..Q s", "TTFT/full", "TTFT q1 s", "q1/full"),
         [(r.system, f"{r.slots_held:,}", f"{r.slots_implied:,.0f}", f"{r.held_vs_implied:.2f}",
-          f"{r.held_vs_full:.2f}", str(r.running_at_peak), f"{r.ttft_s_median:.2f}",
-          f"{r.ttft_vs_full:.2f}", f"{r.ttft_first_s:.1f}", f"{r.first_vs_full:.2f}")
+          f"{r.held_vs_full:.2f}", str(r.running_at_peak),
+          f"{r.host_kv_bytes / 2**20:.1f}" if r.host_kv_bytes else "–",
+          f"{r.ttft_s_median:.2f}", f"{r.ttft_vs_full:.2f}", f"{r.ttft_first_s:.1f}",
+          f"{r.first_vs_full:.2f}")
          for r in rows])
     _write_rows(out, settings, rows)
 

@@ -8,12 +8,17 @@ definition both engines serve.
 - **Scoring.** A question is first prefilled over the kept corpus. Its last ``WINDOW``
   queries (the question and the chat-template tail) each attend, in float32, over every
   key of the logical prompt: the kept corpus, the evicted tokens, and the question's own
-  keys up to its position. An evicted token's score is its attention weight averaged
-  over those queries and over every query head of the layer (all tensor-parallel ranks').
-- **Choice.** Per layer, evicted tokens are grouped by the document chunk they lie in
-  (``chunk`` tokens from the documents' start); chunks are ranked by the mean score of
-  their evicted tokens and taken whole, best first, until the budget is met, the last one
-  by its best tokens (``select.chunk_priority``'s rule).
+  keys up to its position. An evicted token's score in a layer is the largest weight any
+  of those queries gives it, averaged over every query head of the layer (all
+  tensor-parallel ranks'): a span one query looks at hard counts, where averaging over
+  queries would drown it in the weight every query spreads over the whole prompt.
+- **Choice.** Evicted tokens are grouped by the document chunk they lie in (``chunk``
+  tokens from the documents' start). Each layer scores a chunk by the mean score of its
+  evicted tokens there, scaled so the layer's chunk scores sum to 1; chunks are ranked
+  once, for all layers, by the sum of their layers' scores (ties to the earlier chunk),
+  because an answer needs its span in most layers, not only in the layers that find it.
+  Each layer then takes its evicted tokens of the best chunks, best first, until its
+  budget is met, the last chunk by its best tokens; every layer recalls the same count.
 - **Answer.** The recalled entries are copied into device memory the question owns. With
   ``reprefill=1`` (the default) the question is prefilled again over the kept corpus and
   the recalled entries, and its first prefill is dropped; with ``reprefill=0`` it keeps
@@ -28,7 +33,6 @@ from dataclasses import dataclass
 import torch
 
 from kvrag.compression.base import WHOLE, HeadShard
-from kvrag.compression.select import chunk_priority
 from kvrag.compression.spec import CompressionSpec
 
 #: the question's last queries that score the evicted tokens (SnapKV's window)
@@ -113,23 +117,46 @@ def recall_scores(queries: torch.Tensor, kept_keys: torch.Tensor, evicted_keys: 
     for keys in (kept_keys, evicted_keys):
         parts += [_logits(queries, block).logsumexp(-1) for block in _blocks(keys)]
     lse = torch.stack(parts).logsumexp(0)[..., None]  # [q_heads, m, 1]
-    weights = torch.cat([(_logits(queries, block) - lse).exp().mean(dim=1)
+    weights = torch.cat([(_logits(queries, block) - lse).exp().amax(dim=1)
                          for block in _blocks(evicted_keys)], dim=-1)  # [q_heads, n_evicted]
     return shard.all_query_heads(weights).mean(dim=0)
 
 
-def choose(scores: torch.Tensor, positions: torch.Tensor, span: tuple[int, int], chunk: int,
-           budget: int) -> torch.Tensor:
-    """Ascending indices (into ``positions``) of the ``budget`` evicted tokens recalled:
-    whole chunks by mean score, ties to the earlier chunk."""
-    n = scores.shape[0]
-    if budget <= 0 or n == 0:
-        return torch.zeros(0, dtype=torch.int64, device=scores.device)
-    chunk_of = (positions.to(scores.device) - span[0]) // chunk
-    starts = torch.nonzero(torch.cat([chunk_of.new_ones(1), chunk_of[1:] != chunk_of[:-1]]))
-    priority = chunk_priority(scores[None].double(), (0, n), starts.flatten())
-    best = torch.sort(priority[0], descending=True, stable=True).indices[:budget]
-    return torch.sort(best).values
+def chunk_scores(scores: list[torch.Tensor], positions: torch.Tensor, span: tuple[int, int],
+                 chunk: int) -> torch.Tensor:
+    """[n_chunks] float64: each document chunk's mean evicted score per layer, scaled to
+    sum 1 in each layer, summed over layers (the ranking ``choose`` follows)."""
+    n_chunks = -(-(span[1] - span[0]) // chunk)
+    device = scores[0].device
+    pooled = torch.zeros(n_chunks, dtype=torch.float64, device=device)
+    for layer_scores, row in zip(scores, positions, strict=True):
+        chunks = (row.to(device) - span[0]) // chunk
+        sums = torch.zeros(n_chunks, dtype=torch.float64, device=device)
+        sums.index_add_(0, chunks, layer_scores.double())
+        counts = torch.bincount(chunks, minlength=n_chunks)
+        means = torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
+        if float(means.sum()) > 0:
+            pooled += means / means.sum()
+    return pooled
+
+
+def choose(scores: list[torch.Tensor], positions: torch.Tensor, span: tuple[int, int],
+           chunk: int, budget: int) -> list[torch.Tensor]:
+    """Per layer, ascending indices (into its row of ``positions``) of the ``budget``
+    evicted tokens it recalls, from every layer's ``scores`` [n_evicted] (see the module
+    docstring)."""
+    device = scores[0].device
+    chunk_of = [(row.to(device) - span[0]) // chunk for row in positions]
+    pooled = chunk_scores(scores, positions, span, chunk)
+    order = torch.sort(pooled, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(0, order,
+                                            torch.arange(len(order), device=device))
+    out = []
+    for layer_scores, chunks in zip(scores, chunk_of, strict=True):
+        by_score = torch.sort(layer_scores, descending=True, stable=True).indices
+        by_chunk = torch.sort(rank[chunks[by_score]], stable=True).indices
+        out.append(torch.sort(by_score[by_chunk][:max(budget, 0)]).values)
+    return out
 
 
 def recall_indices(spec: CompressionSpec, queries: list[torch.Tensor],
@@ -144,13 +171,13 @@ def recall_indices(spec: CompressionSpec, queries: list[torch.Tensor],
     assert spec.recall is not None
     n_doc = span[1] - span[0]
     budget = spec.recall.budget(n_doc, store.n_evicted)
-    out = []
     with torch.no_grad():
-        for layer, (qs, kept, own) in enumerate(zip(queries, kept_keys, own_keys, strict=True)):
+        scores = []
+        for layer, (qs, kept, own) in enumerate(zip(queries, kept_keys, own_keys,
+                                                    strict=True)):
             evicted = store.keys[layer].to(kept.device, non_blocking=True).transpose(0, 1)
-            scores = recall_scores(qs[:, -WINDOW:], kept, evicted, own, shard)
-            out.append(choose(scores, store.positions[layer], span, spec.recall.chunk, budget))
-    return out
+            scores.append(recall_scores(qs[:, -WINDOW:], kept, evicted, own, shard))
+        return choose(scores, store.positions, span, spec.recall.chunk, budget)
 
 
 def recalled_positions(store: HostStore, indices: list[torch.Tensor]) -> list[list[int]]:

@@ -336,20 +336,21 @@ def get_internal_state(result, scheduler, *args, **kwargs):
 
 def delete_leaf(cache, node, *args, **kwargs):
     """The classic radix tree deletes each victim here."""
-    once.forget(node)
+    once.forget(current(), node)
 
 
 def evict_device_leaf(cache, node_id, *args, **kwargs):
     """The unified radix tree evicts each device victim here. Its Rust core does not
     resolve nodes (SGLang's default policies use it; ``kvrag-cost`` the Python core), so
     under it a stored prefix's host store leaves only with a flushed tree."""
-    if current() is None or not current().host_stores and not current().stored_layouts:
+    state = current()
+    if state is None or not state.host_stores and not state.stored_layouts:
         return
     try:
         node = cache.tree_core.node_by_id(node_id)
     except NotImplementedError:
         return
-    once.forget(node)
+    once.forget(state, node)
 
 
 def reset_tree(result, cache, *args, **kwargs):

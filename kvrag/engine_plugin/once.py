@@ -250,14 +250,20 @@ def set_prompt(req, prompt, extra_key) -> None:
 def select_prefill_admission(result, adder, req, *args, **kwargs):
     """End a building request's prefill chunk where its corpus prefix ends, so the prefix
     is compressed before the question runs (and a recalling question's where its scoring
-    pass ends)."""
+    pass ends). SGLang continues one chunked request at a time (``new_chunked_req``), so
+    a request to be cut waits for the next batch when another one already was."""
     once = of(req)
     if once is None or once.state == "new" or not dataclasses.is_dataclass(result):
         return result
     cut = once.cut(result.prefix_len)
     if cut is not None and result.prefix_len < cut < result.prefix_len + result.extend_len:
-        return dataclasses.replace(result, extend_len=cut - result.prefix_len,
-                                   is_chunked=True, max_new_tokens=0)
+        result = dataclasses.replace(result, extend_len=cut - result.prefix_len,
+                                     is_chunked=True, max_new_tokens=0)
+    other = getattr(adder, "new_chunked_req", None)
+    if result.is_chunked and other is not None and other is not req:
+        from sglang.srt.managers.schedule_policy import AddReqResult
+
+        return AddReqResult.OTHER
     return result
 
 
@@ -304,12 +310,9 @@ def position_shift(req) -> int:
     return 0 if stored is None or stored.state == "new" else stored.shift
 
 
-def forget(node) -> None:
+def forget(state, node) -> None:
     """A tree node leaving the tree: if it is a stored compressed prefix, its cell layout
-    and host store leave with it."""
-    from kvrag.engine_plugin.state import current
-
-    state = current()
+    and host store leave ``state`` (the plugin's) with it."""
     # a stored prefix is a child of the root (whose parent is None)
     parent = getattr(node, "parent", None)
     if state is None or parent is None or parent.parent is not None \

@@ -117,3 +117,32 @@ def test_shared_corpus_mode_needs_two_questions(tiny_model_dir):
     result = CliRunner().invoke(app, ["bench", "serving", "--model", str(tiny_model_dir),
                                       "--shared-corpus", "1"])
     assert result.exit_code == 2 and "--shared-corpus" in result.output
+
+
+@pytest.mark.slow
+def test_shared_corpus_mode_puts_recall_beside_once(tiny_model_dir, tmp_path):
+    """Span selection per question, compress-once, and compress-once recalling 64 tokens
+    per question: the recalling row holds the kept corpus once plus each question's
+    recalled and own tokens, and the host store shows up beside it."""
+    out = tmp_path / "shared.json"
+    method = "snapkv[chunk=16;heads=shared]"
+    result = CliRunner().invoke(app, [
+        "bench", "serving", "--model", str(tiny_model_dir), "--shared-corpus", "3",
+        "--context-tokens", "1200", "--new-tokens", "4", "--ratios", "0.75",
+        "--method", method, "--recall", "64", "--repeats", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {r["system"]: r for r in json.loads(out.read_text())["rows"]}
+    once, recall = f"once:{method}:0.75", f"once:{method}:0.75+recall@64"
+    assert list(rows) == ["full", f"{method}:0.75", once, recall]
+    assert 0.95 <= rows[recall]["held_vs_implied"] <= 1.05
+    assert rows[recall]["running_at_peak"] == 3
+    assert rows[recall]["slots_implied"] == rows[once]["slots_implied"] + 3 * 64
+    assert rows[recall]["host_kv_bytes"] > 0 == rows[once]["host_kv_bytes"]
+    assert "host KV MiB" in result.output
+
+
+def test_recall_rows_need_a_method_that_keeps_shared_heads(tiny_model_dir):
+    result = CliRunner().invoke(app, [
+        "bench", "serving", "--model", str(tiny_model_dir), "--shared-corpus", "3",
+        "--recall", "64"])
+    assert result.exit_code != 0 and "heads=shared" in result.output

@@ -8,7 +8,8 @@ from kvrag.compression.recall import HostStore, choose, recall_indices, recall_s
 
 
 def test_scores_are_attention_weights_over_the_whole_logical_prompt() -> None:
-    """Against a dense softmax over kept + evicted + the question's own keys (causal)."""
+    """Against a dense softmax over kept + evicted + the question's own keys (causal): the
+    most any query gives a token, averaged over the query heads."""
     torch.manual_seed(0)
     q_heads, kv_heads, d, m, q = 4, 2, 8, 3, 5
     queries = torch.randn(q_heads, m, d)
@@ -19,18 +20,25 @@ def test_scores_are_attention_weights_over_the_whole_logical_prompt() -> None:
     own_pos = torch.arange(q)
     future = own_pos > torch.arange(q - m, q)[:, None]
     logits[:, :, 18:] = logits[:, :, 18:].masked_fill(future, float("-inf"))
-    dense = logits.softmax(-1)[:, :, 7:18].mean(dim=(0, 1))
+    dense = logits.softmax(-1)[:, :, 7:18].amax(dim=1).mean(dim=0)
     assert torch.allclose(scores, dense, atol=1e-6)
 
 
-def test_choice_takes_whole_chunks_best_first_then_the_best_of_the_next() -> None:
-    # evicted positions in chunks of 4 from span start 10: chunk 0 = {10, 11}, chunk 1 =
-    # {14, 15, 16}, chunk 2 = {20, 21}
-    positions = torch.tensor([10, 11, 14, 15, 16, 20, 21])
-    scores = torch.tensor([0.1, 0.1, 0.5, 0.4, 0.0, 0.9, 0.8])
-    assert choose(scores, positions, (10, 30), 4, 2).tolist() == [5, 6]
-    assert choose(scores, positions, (10, 30), 4, 4).tolist() == [2, 3, 5, 6]
-    assert choose(scores, positions, (10, 30), 4, 0).tolist() == []
+def test_choice_ranks_chunks_once_for_all_layers_and_fills_each_layers_budget() -> None:
+    # chunks of 4 from span start 10; layer 0 evicted {10, 11 | 14, 15, 16 | 20, 21},
+    # layer 1 evicted {12, 13 | 14, 17 | 22, 23}: the same count, different tokens
+    positions = torch.tensor([[10, 11, 14, 15, 16, 20, 21], [12, 13, 14, 17, 22, 23, 24]])
+    scores = [torch.tensor([0.1, 0.1, 0.5, 0.4, 0.0, 0.9, 0.8]),
+              torch.tensor([0.0, 0.0, 0.9, 0.9, 0.3, 0.3, 0.0])]
+    # chunk means scaled to sum 1 per layer, then added: chunk 1 (14-17) .24 + .82, chunk
+    # 2 (18-21) .68 + 0, chunk 3 (22-25) 0 + .18, chunk 0 (10-13) .08 + 0
+    two = choose(scores, positions, (10, 30), 4, 2)
+    assert [p.tolist() for p in two] == [[2, 3], [2, 3]]  # chunk 1 first, in both layers
+    four = choose(scores, positions, (10, 30), 4, 4)
+    # layer 0: all three of chunk 1, then chunk 2's best; layer 1: chunk 1's two, chunk 2
+    # (none evicted there), then chunk 3's best two (ties to the earlier token)
+    assert [p.tolist() for p in four] == [[2, 3, 4, 5], [2, 3, 4, 5]]
+    assert [p.tolist() for p in choose(scores, positions, (10, 30), 4, 0)] == [[], []]
 
 
 def test_host_store_keeps_exactly_the_evicted_entries_off_the_device() -> None:

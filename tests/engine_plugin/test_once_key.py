@@ -23,7 +23,9 @@ def test_a_request_knows_its_two_prompts_and_shift() -> None:
     spec = parse_spec("once:knorm@100")
     prompt = list(range(5000, 5700))
     once = OnceRequest.of(spec, (10, 650), prompt, None, None)
-    assert once.kmax == 110 and once.shift == 650 - 110
+    assert once.kmax == 110 and once.shift == 0  # nothing shifts until it runs as a hit
+    once.state = "hit"
+    assert once.shift == 650 - 110
     hit = once.hit_prompt()
     assert list(hit[110:]) == prompt[650:] and len(hit) == 110 + 50
     assert list(once.real) == prompt
@@ -41,3 +43,17 @@ def test_once_requests_need_a_span_that_leaves_a_question() -> None:
     with pytest.raises(SpecError, match="one kept count for every layer"):
         config.for_request({"kvrag_compression": "once:pyramidkv:0.5",
                             "kvrag_span": [5, 900]}, 1000)
+
+
+def test_a_recalling_request_runs_its_question_twice_then_shifts_past_its_recall() -> None:
+    spec = parse_spec("once:snapkv[heads=shared]:0.5+recall@32")
+    prompt = list(range(5000, 5700))
+    once = OnceRequest.of(spec, (10, 650), prompt, None, None)
+    once.state = "hit"
+    assert list(once.hit_prompt()[once.kmax:]) == prompt[650:] * 2
+    assert once.cut(once.kmax) == once.kmax + 50  # the scoring pass ends with its copy
+    once.recall.pending, once.recall.tokens = False, 32
+    assert once.cut(once.kmax + 32) is None
+    assert once.shift == 650 - once.kmax - 32
+    once.state = "miss"  # the request that built the prefix runs at its real positions
+    assert once.shift == -32

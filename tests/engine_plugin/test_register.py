@@ -15,6 +15,10 @@ def test_entry_point_names_register():
     assert len(found) == 1 and found[0].load() is plugin.register
 
 
+_POLICY_TARGETS = {"sglang.srt.mem_cache.radix_cache.RadixCache._delete_leaf",
+                   "sglang.srt.mem_cache.unified_radix_cache.UnifiedRadixCache._evict_device_leaf"}
+
+
 def test_register_is_idempotent_and_fills_every_registry():
     from sglang.srt.arg_groups.choices import (
         ATTENTION_BACKEND_CHOICES,
@@ -24,14 +28,17 @@ def test_register_is_idempotent_and_fills_every_registry():
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     plugin.register()
+    targets = [hook.target for hook in plugin.HOOKS]
+    counts = {t: len(HookRegistry._hooks[t]) for t in targets}
     plugin.register()
     assert ATTENTION_BACKENDS["kvrag"] is plugin.create_backend
     assert ATTENTION_BACKEND_CHOICES.count("kvrag") == 1
     assert RADIX_EVICTION_POLICY_CHOICES.count("kvrag-cost") == 1
-    targets = [hook.target for hook in plugin.HOOKS]
     assert "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_extend" in targets
     assert all(t in HookRegistry._patched for t in targets)
-    assert all(len(HookRegistry._hooks[t]) == 1 for t in targets)
+    # once each: the tree's eviction methods also carry the eviction policy's own hooks
+    assert {t: len(HookRegistry._hooks[t]) for t in targets} == counts
+    assert all(counts[h.target] == 1 + (h.target in _POLICY_TARGETS) for h in plugin.HOOKS)
 
 
 def test_vllm_stand_in_only_without_cuda_and_vllm():
