@@ -212,6 +212,8 @@ def render_markdown(summary: dict) -> str:
 
 def _recall_cells(s: dict) -> str:
     host = s.get("host_kv_bytes_mean")
+    if not host:
+        return " – | – | – |"
     return (f" {_fmt(s.get('recalled_tokens_mean'), False)} "
             f"| {_fmt(s.get('recall_s_mean'), False)} "
             f"| {_fmt(host / 2**20 if host else None, False)} |")
