@@ -62,8 +62,9 @@ def kvrag_attention(module, query, key, value, attention_mask, **kwargs):
             attention_mask = _mask_padding(hooks.head_valid[module.layer_idx], query, key,
                                            attention_mask)
         if hooks.captured is not None:
-            last = query.shape[2] if hooks.capture_last is None else hooks.capture_last
-            hooks.captured[module.layer_idx] = query[0, :, query.shape[2] - last:]
+            q_len = query.shape[2]
+            last = q_len if hooks.capture_last is None else min(hooks.capture_last, q_len)
+            hooks.captured[module.layer_idx] = query[0, :, q_len - last:]
         elif hooks.retrieval is not None and query.shape[2] == 1:
             span, k = hooks.retrieval
             mask = RetrievalAttention.decode_mask(query[0, :, 0], key[0], span, k)

@@ -230,3 +230,17 @@ def test_recall_holds_its_tokens_on_the_device_and_the_rest_on_the_host(engine, 
             start = engine._start_once(enc, compression)
             assert start.cache.layers[0].keys.shape[2] == kept + 64 + question
             assert cost.kv_bytes == start.cache.layers[0].keys.nbytes * 2 * engine.n_layers
+
+
+def test_a_short_extend_captures_every_query_it_has(engine, prompt) -> None:
+    """A question shorter than the capture window keeps all its queries (recall scores
+    with them), not the window's last few."""
+    from kvrag.engines.hf import copy_cache
+
+    enc = engine.encode(prompt)
+    question = enc.input_ids[enc.context_end:]
+    pre = engine.prefill(enc.input_ids[:enc.context_end])
+    with torch.inference_mode():
+        _, _, captured = engine._extend(copy_cache(pre.cache), question[:10], enc.context_end,
+                                        None, True)
+    assert captured[0].shape[1] == 10
