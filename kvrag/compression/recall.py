@@ -5,8 +5,8 @@ definition both engines serve.
   all its KV heads (``heads=shared``); the keys (after RoPE, so they keep their positions)
   and values of every layer's evicted document tokens go to a ``HostStore`` in host
   memory, which lives and dies with the compressed corpus.
-- **Scoring.** A question is first prefilled over the kept corpus. Its last ``WINDOW``
-  queries (the question and the chat-template tail) each attend, in float32, over every
+- **Scoring.** A question is first prefilled over the kept corpus. Its last ``window``
+  (default 64) queries (the question and the chat-template tail) each attend, in float32, over every
   key of the logical prompt: the kept corpus, the evicted tokens, and the question's own
   keys up to its position. An evicted token's score in a layer is the largest weight any
   of those queries gives it, averaged over every query head of the layer (all
@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import torch
 
 from kvrag.compression.base import WHOLE, HeadShard
-from kvrag.compression.spec import CompressionSpec
+from kvrag.compression.spec import RECALL_WINDOW, CompressionSpec
 
-#: the question's last queries that score the evicted tokens (SnapKV's window)
-WINDOW = 64
+#: the most of the question's last queries that score the evicted tokens
+WINDOW = RECALL_WINDOW
 _BLOCK = 8192  # keys per attention block, so no [heads, queries, corpus] tensor is built
 
 
@@ -165,8 +165,9 @@ def recall_indices(spec: CompressionSpec, queries: list[torch.Tensor],
                    ) -> list[torch.Tensor]:
     """Per layer, the store indices a question recalls (ascending), by ``spec.recall``.
 
-    queries[layer]: [q_heads, >= 1, d] the question's last queries (the last ``WINDOW``
-    are used); kept_keys[layer]: [kv_heads, k, d]; own_keys[layer]: [kv_heads, q, d].
+    queries[layer]: [q_heads, >= 1, d] the question's last queries (the last
+    ``spec.recall.window`` are used); kept_keys[layer]: [kv_heads, k, d];
+    own_keys[layer]: [kv_heads, q, d].
     """
     assert spec.recall is not None
     n_doc = span[1] - span[0]
@@ -176,7 +177,8 @@ def recall_indices(spec: CompressionSpec, queries: list[torch.Tensor],
         for layer, (qs, kept, own) in enumerate(zip(queries, kept_keys, own_keys,
                                                     strict=True)):
             evicted = store.keys[layer].to(kept.device, non_blocking=True).transpose(0, 1)
-            scores.append(recall_scores(qs[:, -WINDOW:], kept, evicted, own, shard))
+            window = spec.recall.window
+            scores.append(recall_scores(qs[:, -window:], kept, evicted, own, shard))
         return choose(scores, store.positions, span, spec.recall.chunk, budget)
 
 

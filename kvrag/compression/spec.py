@@ -27,7 +27,8 @@ bring back up to TOKENS of them per layer, chosen by its own queries (``recall.p
 The corpus must keep one set for all heads (``heads=shared``). Its options:
 ``chunk=C`` recalls whole chunks of C document tokens (default 16); ``reprefill=0``
 answers from the question's first prefill instead of prefilling it again over what it
-recalled (the default, ``reprefill=1``).
+recalled (the default, ``reprefill=1``); ``window=W`` scores with the question's last W
+queries (default 64).
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ ONCE = "once:"
 RECALL = "+recall"
 RECALL_CHUNK = 16
 #: the options ``+recall`` takes, and what each allows
-RECALL_OPTIONS = {"chunk": "a whole number of tokens >= 1", "reprefill": "0 or 1"}
+RECALL_OPTIONS = {"chunk": "a whole number of tokens >= 1", "reprefill": "0 or 1",
+                  "window": "1 to 64 of the question's last queries"}
+RECALL_WINDOW = 64  # SnapKV's observation window, and what the plugin keeps by default
 SENTENCE = "sentence"
 HEADS = ("per-head", "shared", "ranked")
 #: Options every method takes, and what each allows.
@@ -217,6 +220,7 @@ class Recall:
     share: float | None = None
     chunk: int = RECALL_CHUNK
     reprefill: bool = True  # prefill the question again over what it recalled
+    window: int = RECALL_WINDOW  # the question's last queries that score
 
     def __post_init__(self) -> None:
         usage = (f"write {RECALL}@TOKENS (TOKENS >= 1) or {RECALL}:SHARE (0 < SHARE <= 1 of "
@@ -225,7 +229,7 @@ class Recall:
         if (self.tokens is None) == (self.share is None):
             raise SpecError(f"give exactly one recall budget; {usage}")
         if self.tokens is not None and self.tokens < 1 or self.share is not None and not (
-                0 < self.share <= 1) or self.chunk < 1:
+                0 < self.share <= 1) or self.chunk < 1 or not 1 <= self.window <= RECALL_WINDOW:
             raise SpecError(f"recall budget or chunk out of range; {usage}")
 
     @classmethod
@@ -244,6 +248,8 @@ class Recall:
                 settings["chunk"] = int(value)
             elif key == "reprefill" and value in ("0", "1"):
                 settings["reprefill"] = value == "1"
+            elif key == "window" and value.isdigit() and 1 <= int(value) <= RECALL_WINDOW:
+                settings["window"] = int(value)
             else:
                 raise SpecError(f"{RECALL} option {key}={value!r} is not allowed; {key} is "
                                 f"{RECALL_OPTIONS[key]}")
@@ -262,6 +268,7 @@ class Recall:
     def name(self) -> str:
         options = [f"chunk={self.chunk}"] if self.chunk != RECALL_CHUNK else []
         options += [] if self.reprefill else ["reprefill=0"]
+        options += [] if self.window == RECALL_WINDOW else [f"window={self.window}"]
         head = RECALL + (f"[{';'.join(options)}]" if options else "")
         return head + (f"@{self.tokens}" if self.tokens is not None else f":{self.share!r}")
 

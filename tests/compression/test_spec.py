@@ -99,6 +99,8 @@ def test_recall_specs_name_their_budget_and_read_back() -> None:
     assert not share.recall.reprefill and parse_spec(share.name) == share
     assert share.recall.budget(n_doc=1000, n_evicted=936) == 250
     assert spec.recall.budget(n_doc=1000, n_evicted=100) == 100  # no more than was evicted
+    narrow = parse_spec("once:snapkv[heads=shared]:0.5+recall[window=24]@8")
+    assert narrow.recall.window == 24 and parse_spec(narrow.name) == narrow
 
 
 @pytest.mark.parametrize(
@@ -109,7 +111,8 @@ def test_recall_specs_name_their_budget_and_read_back() -> None:
      ("once:snapkv[heads=shared]:0.5+recall", "give exactly one recall budget"),
      ("once:snapkv[heads=shared]:0.5+recall:1.5", "out of range"),
      ("once:snapkv[heads=shared]:0.5+recall[depth=2]@8", "unknown +recall option 'depth'"),
-     ("once:snapkv[heads=shared]:0.5+recall[reprefill=2]@8", "reprefill is 0 or 1")],
+     ("once:snapkv[heads=shared]:0.5+recall[reprefill=2]@8", "reprefill is 0 or 1"),
+     ("once:snapkv[heads=shared]:0.5+recall[window=80]@8", "window is 1 to 64")],
 )
 def test_impossible_recall_specs_say_what_is_allowed(text: str, message: str) -> None:
     with pytest.raises(SpecError, match=message.replace("[", r"\[").replace("+", r"\+")):
