@@ -80,42 +80,79 @@ def compression_cmd(
 
 @app.command("rag")
 def rag_cmd(
-    dataset: Annotated[str, typer.Option(help="A .jsonl dataset, or 'demo'.")] = "demo",
-    limit: Annotated[int, typer.Option(min=2, help="Corpora (instances) to use.")] = 40,
+    corpus_chunks: Annotated[str, typer.Option(
+        help="Corpus sizes in chunks, increasing; one collection grows through them.")
+    ] = "1000,10000,100000",
+    source: Annotated[Path | None, typer.Option(
+        help="Documents to vary into the corpus: a folder of .txt/.md files or a JSONL of "
+             "{id, title, text} (default: the demo's documents).")] = None,
+    questions: Annotated[int, typer.Option(
+        min=2, help="Questions timed at each size (the demo's questions).")] = 50,
+    stores: Annotated[str, typer.Option(
+        help="Chroma stores to measure: embedded, server (a `chroma run` on a free port), "
+             "or both.")] = "embedded,server",
+    retriever: Annotated[str, typer.Option(
+        help="dense, bm25 or hybrid (BM25 builds its index at the first question of a "
+             "size).")] = "dense",
     budget: Annotated[int, typer.Option(min=1, help="Retrieval budget in tokens.")] = 1024,
     chunk_tokens: Annotated[int, typer.Option(min=16, help="Chunk size in tokens.")] = 128,
+    embed_batch: Annotated[int, typer.Option(min=1, help="Chunks embedded per batch.")] = 64,
     model: Annotated[str, typer.Option(help="Model whose tokenizer counts tokens.")] = "smollm2",
     out: Annotated[Path | None, typer.Option(help="Also write the rows as JSON here.")] = None,
 ) -> None:
-    """Ingest chunks/s and query latency, embedded Chroma vs a `chroma run` server.
+    """Ingest chunks/s and per-question retrieval latency as the corpus grows.
 
-    Each backend ingests the same LIMIT corpora into an empty store, then answers each
-    corpus's question once; a server is started on a free loopback port for the run.
+    For each store, one empty collection grows through --corpus-chunks: each step ingests
+    the chunks it adds (embedding included) and times --questions retrievals to --budget
+    tokens (after one untimed warm-up). Latency ratios are against the smallest size of
+    the same store; retrieval that reads the whole corpus would grow with it.
     """
     from transformers import AutoTokenizer
 
-    from kvrag.bench.rag import bench_rag
-    from kvrag.data.loaders import load_dataset
+    from kvrag.bench.rag import STORES, bench_rag
+    from kvrag.data.demo import make_demo
     from kvrag.data.schema import DatasetError
+    from kvrag.data.sources import read_docs
     from kvrag.rag_stack.embeddings import load_embedding
+    from kvrag.rag_stack.retrievers import RETRIEVERS
 
     try:
-        instances = load_dataset(dataset)[:limit]
+        sizes = [int(s) for s in corpus_chunks.split(",")]
+    except ValueError:
+        fail(f"--corpus-chunks takes comma-separated whole numbers, got {corpus_chunks!r}")
+    chosen = [s.strip() for s in stores.split(",") if s.strip()]
+    if not chosen or any(s not in STORES for s in chosen):
+        fail(f"--stores takes {', '.join(STORES)} (comma-separated), got {stores!r}")
+    if retriever not in RETRIEVERS:
+        fail(f"--retriever takes one of {', '.join(RETRIEVERS)}, got {retriever!r}")
+    demo = make_demo()
+    try:
+        docs = read_docs(source) if source is not None else list(
+            {d.id: d for inst in demo for d in inst.docs}.values())
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(model, console))
     except (DatasetError, ModelNotFoundError) as e:
         fail(str(e))
+    if not docs:
+        fail(f"{source} holds no documents")
+    asked = [inst.question for inst in demo[:questions]]
     tokenize = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    with console.status("benchmarking embedded and server Chroma"):
-        rows = bench_rag(instances, tokenize, load_embedding(), budget, chunk_tokens)
-    console.print(f"{len(instances)} corpora from {dataset}, {chunk_tokens}-token chunks, "
-                  f"budget {budget}", markup=False)
-    base = rows[0]
+    try:
+        with console.status("benchmarking") as status:
+            rows = bench_rag(docs, asked, sizes, tokenize, load_embedding(), chosen, budget,
+                             chunk_tokens, retriever, embed_batch, on_step=status.update)
+    except ValueError as e:
+        fail(str(e))
+    console.print(f"{len(docs)} source documents varied, {chunk_tokens}-token chunks, "
+                  f"budget {budget}, {retriever} retriever, {len(asked)} questions per size",
+                  markup=False)
+    cells = []
     for r in rows:
-        console.print(
-            f"{r.backend:<32} {r.chunks:>6} chunks  ingest {r.ingest_chunks_per_s:8.1f} "
-            f"chunks/s ({r.ingest_chunks_per_s / base.ingest_chunks_per_s:.2f}x)  query "
-            f"median {r.query_median_ms:7.1f} ms ({r.query_median_ms / base.query_median_ms:.2f}x)"
-            f"  p90 {r.query_p90_ms:7.1f} ms", markup=False, highlight=False)
+        base = next(b for b in rows if b.store == r.store)
+        cells.append((r.store, f"{r.chunks:,}", f"{r.ingest_chunks_per_s:,.0f}",
+                      f"{r.retrieval_median_ms:.1f}", f"{r.retrieval_p95_ms:.1f}",
+                      f"{r.retrieval_median_ms / base.retrieval_median_ms:.2f}x"))
+    _print_table(("store", "chunks", "ingest chunks/s", "retrieval median ms", "p95 ms",
+                  "median vs smallest"), cells)
     if out is not None:
         out.write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
 

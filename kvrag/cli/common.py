@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, NoReturn
 
 import typer
@@ -63,3 +64,18 @@ class StepProgress:
             task = self._bar.tasks[0]
             console.print(f"{task.description} {completed}/{self.total} {self.metric} "
                           f"{escape(value)}", highlight=False)
+
+
+class IngestProgress(StepProgress):
+    """Documents ingested of ``total``, with the chunks written and their rate; its
+    ``on_batch`` is what ``RagPipeline.ingest`` calls after each written batch."""
+
+    def __init__(self, total: int, description: str = "ingesting documents") -> None:
+        super().__init__(description, total, "chunks")
+        self.chunks = 0
+        self.start = time.perf_counter()
+
+    def on_batch(self, chunks: int, docs: int) -> None:
+        self.chunks += chunks
+        rate = self.chunks / max(time.perf_counter() - self.start, 1e-9)
+        self.update(self.done + docs, f"{self.chunks:,} ({rate:,.0f}/s)")

@@ -18,6 +18,7 @@ from kvrag.data.needles import NeedleConfig
 from kvrag.data.schema import DatasetError, Instance, write_docs, write_jsonl
 from kvrag.engines.models import ModelNotFoundError, kvrag_home, resolve_model
 from kvrag.rag_stack.chroma import ChromaUnavailableError
+from kvrag.rag_stack.collection import RagIndexError
 from kvrag.rag_stack.embeddings import EmbeddingModelNotFoundError
 
 app = typer.Typer(help="Make and check datasets.", no_args_is_help=True)
@@ -86,6 +87,34 @@ def make_needles_cmd(
     console.print(f"Wrote {len(instances)} questions over {corpora_made} corpora to {out}")
 
 
+@app.command("make-loft")
+def make_loft_cmd(
+    out: Annotated[Path, typer.Option(help="The folder to write corpus.jsonl and "
+                                           "dev_queries.jsonl to.")],
+    passages: Annotated[int, typer.Option(min=1, help="Passages in the corpus.")] = 20000,
+    queries: Annotated[int, typer.Option(min=1, help="Questions (at most 500).")] = 40,
+    text_dir: Annotated[Path | None, typer.Option(help=(
+        "A folder of .txt/.md files to vary into passages (default: the bundled demo's "
+        "documents)."))] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a LOFT-layout RAG set at scale: PASSAGES distinct passages (the source text
+    varied), one special magic number hidden per question in one passage (its qrel).
+    Run it with `kvrag compare --dataset OUT`."""
+    from kvrag.data.needles import demo_passages, folder_passages
+    from kvrag.data.scale import make_loft
+    from kvrag.data.schema import Doc
+
+    try:
+        pairs = folder_passages(text_dir, 200) if text_dir is not None else demo_passages()
+        source = [Doc(f"s{i}", title, text) for i, (title, text) in enumerate(pairs)]
+        make_loft(out, source, passages, queries, seed)
+    except (ValueError, DatasetError) as e:
+        fail(str(e))
+    console.print(f"Wrote {passages:,} passages and {queries} questions to {out} "
+                  "(corpus.jsonl, dev_queries.jsonl)")
+
+
 @app.command("check")
 def check_cmd(
     dataset: Annotated[str, typer.Argument(help="A .jsonl path, 'demo' or 'demo-shared'.")],
@@ -151,7 +180,7 @@ def build_cmd(
     """
     from transformers import AutoTokenizer
 
-    from kvrag.cli.common import StepProgress
+    from kvrag.cli.common import IngestProgress, StepProgress
     from kvrag.data.loaders import CORPUS_SUFFIX
     from kvrag.data.schema import docs_digest
     from kvrag.data.sources import read_docs
@@ -186,21 +215,18 @@ def build_cmd(
             chunk_tokens=8 * passage_words + 64, embed_model=embed_model))
         output = PartialOutput(out, config)
     except (DatasetError, ValueError, ModelNotFoundError, ChromaUnavailableError,
-            EmbeddingModelNotFoundError, JudgeUnavailableError) as e:
+            EmbeddingModelNotFoundError, JudgeUnavailableError, RagIndexError) as e:
         fail(str(e))
     key = config.corpus_digest
 
     def tokenize(text: str) -> list:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    with StepProgress("embedding passages", len(docs), "new") as progress:
-        embedded: list[int] = []
-
-        def on_batch(n: int) -> None:
-            embedded.append(n)
-            progress.update(sum(embedded), str(sum(embedded)))
-
-        pipeline.ingest(key, docs, tokenize, on_batch=on_batch)
+    try:
+        with IngestProgress(len(docs), "embedding passages") as progress:
+            pipeline.ingest(key, docs, tokenize, on_batch=progress.on_batch)
+    except RagIndexError as e:
+        fail(str(e))
     builder = Builder(docs, source, pipeline, key, config, tokenizer, judge)
     todo = [q for q in qs if q.id not in output.done]
     console.print(f"{len(qs) - len(todo)}/{len(qs)} questions already in {output.partial}; "

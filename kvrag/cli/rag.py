@@ -6,16 +6,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from kvrag.cli.common import console, fail
+from kvrag.cli.common import IngestProgress, console, fail
 from kvrag.data.schema import DatasetError
 from kvrag.data.sources import read_docs
 from kvrag.engines.models import ModelNotFoundError, kvrag_home, resolve_model
 from kvrag.rag_stack.chroma import ChromaUnavailableError
+from kvrag.rag_stack.collection import RagIndexError
 from kvrag.rag_stack.embeddings import EmbeddingModelNotFoundError
+from kvrag.rag_stack.ingest import EMBED_BATCH
 from kvrag.rag_stack.pipeline import RagConfig, RagPipeline
 from kvrag.rag_stack.retrieve import ORDERS
+from kvrag.rag_stack.retrievers import RETRIEVERS
 
 app = typer.Typer(help="Ingest documents into Chroma and query them.", no_args_is_help=True)
 
@@ -39,9 +41,9 @@ def _tokenizer(model: str):
 
 
 def _pipeline(index_dir: Path | None, chroma_url: str | None, chunk_tokens: int,
-              order: str = "score") -> RagPipeline:
+              order: str = "score", embed_batch: int = EMBED_BATCH) -> RagPipeline:
     config = RagConfig(index_dir=index_dir or default_index_dir(), chroma_url=chroma_url,
-                       chunk_tokens=chunk_tokens, order=order)
+                       chunk_tokens=chunk_tokens, order=order, embed_batch=embed_batch)
     return RagPipeline.from_config(config)
 
 
@@ -52,20 +54,21 @@ def ingest_cmd(
     corpus: Annotated[str, typer.Option(help="Name of the corpus (one collection each).")],
     index_dir: IndexDir = None, chroma_url: ChromaUrl = None, chunk_tokens: ChunkTokens = 128,
     model: Model = "smollm2",
+    embed_batch: Annotated[int, typer.Option(
+        min=1, help="Chunks embedded and written per batch; a killed ingest keeps every "
+                    "written batch and a rerun goes on after them.")] = EMBED_BATCH,
 ) -> None:
-    """Chunk, embed and store documents; re-ingesting unchanged documents adds nothing."""
+    """Chunk, embed and store documents, streaming; re-ingesting unchanged documents adds
+    nothing, and an interrupted ingest resumes where it stopped."""
     try:
         docs = read_docs(source)
         tokenize = _tokenizer(model)
-        pipeline = _pipeline(index_dir, chroma_url, chunk_tokens)
+        pipeline = _pipeline(index_dir, chroma_url, chunk_tokens, embed_batch=embed_batch)
+        with IngestProgress(len(docs)) as progress:
+            stats = pipeline.ingest(corpus, docs, tokenize, on_batch=progress.on_batch)
     except (DatasetError, ModelNotFoundError, ChromaUnavailableError,
-            EmbeddingModelNotFoundError) as e:
+            EmbeddingModelNotFoundError, RagIndexError) as e:
         fail(str(e))
-    columns = (TextColumn("embedding chunks"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("ingest", total=None)
-        stats = pipeline.ingest(corpus, docs, tokenize,
-                                on_batch=lambda n: progress.advance(task, n))
     console.print(f"{corpus}: {len(docs)} documents; {stats.added} chunks added, "
                   f"{stats.removed} removed, {stats.unchanged} unchanged")
 
@@ -76,6 +79,9 @@ def query_cmd(
     corpus: Annotated[str, typer.Option(help="The corpus name given at ingest.")],
     budget: Annotated[int, typer.Option(min=1, help="Prompt tokens for retrieved chunks.")] = 1024,
     order: Annotated[str, typer.Option(help=f"Chunk order: {', '.join(ORDERS)}.")] = "score",
+    retriever: Annotated[str, typer.Option(
+        help=f"How chunks are ranked: {', '.join(RETRIEVERS)} (BM25 and dense fused by "
+             "reciprocal rank).")] = "dense",
     index_dir: IndexDir = None, chroma_url: ChromaUrl = None, chunk_tokens: ChunkTokens = 128,
     model: Model = "smollm2",
 ) -> None:
@@ -83,15 +89,10 @@ def query_cmd(
     try:
         tokenize = _tokenizer(model)
         pipeline = _pipeline(index_dir, chroma_url, chunk_tokens, order)
-        chunks = pipeline.query(corpus, question, budget, lambda t: len(tokenize(t)))
+        chunks = pipeline.query(corpus, question, budget, tokenize, retriever)
     except (ModelNotFoundError, ChromaUnavailableError, EmbeddingModelNotFoundError,
-            ValueError) as e:
+            RagIndexError, ValueError) as e:
         fail(str(e))
-    except Exception as e:  # chromadb raises its own NotFoundError for a missing collection
-        if "does not exist" not in str(e):
-            raise
-        fail(f"no corpus {corpus!r} with {chunk_tokens}-token chunks here; run `kvrag rag "
-             "ingest` first (same --chunk-tokens and index)")
     for c in chunks:
         console.print(f"[bold]{c.doc_id}[/] (score {c.score:.3f})", highlight=False)
         console.print(c.block().rstrip(), markup=False, highlight=False)

@@ -240,7 +240,7 @@ class Recall:
         settings: dict = {}
         if match["method"].strip():
             raise SpecError(f"cannot read {text!r} after {RECALL} in {spec!r}")
-        for key, value in _parse_options(match["options"], spec) if match["options"] else ():
+        for key, value in parse_options(match["options"], spec) if match["options"] else ():
             if key not in RECALL_OPTIONS:
                 raise SpecError(f"unknown {RECALL} option {key!r}; it takes "
                                 + ", ".join(f"{k} ({v})" for k, v in RECALL_OPTIONS.items()))
@@ -294,7 +294,8 @@ def queries_needed(specs: Iterable[CompressionSpec]) -> int | None:
     return None if None in needed else max(needed, default=0)
 
 
-def _parse_options(text: str, spec: str) -> tuple[tuple[str, str], ...]:
+def parse_options(text: str, spec: str) -> tuple[tuple[str, str], ...]:
+    """``key=value;key=value`` (inside a spec's brackets) as pairs, in order."""
     options = []
     for item in text.split(";"):
         key, eq, value = (part.strip() for part in item.partition("="))
@@ -318,7 +319,7 @@ def parse_spec(text: str) -> CompressionSpec:
     match = _SPEC.fullmatch(text)
     assert match is not None  # every part of the pattern may be empty
     method, rest = match["method"].strip(), match["rest"].strip()
-    options = _parse_options(match["options"], text) if match["options"] is not None else ()
+    options = parse_options(match["options"], text) if match["options"] is not None else ()
     if rest.startswith("["):
         raise SpecError(f"unclosed '[' in {text!r}; {_usage()}")
     if not rest:

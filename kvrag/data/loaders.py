@@ -156,7 +156,7 @@ def corpus_path(spec: str) -> Path | None:
     return sidecar if sidecar.is_file() else None
 
 
-def load_corpus(spec: str) -> list[Doc] | None:
+def load_corpus(spec: str) -> tuple[Doc, ...] | None:
     """The dataset's shared corpus (passages as docs) that RAG retrieves from, or None
     where it has none: a built set's ``X.corpus.jsonl``, or a LOFT set's corpus, which its
     instances hold too until --fit-context trims them."""
@@ -164,7 +164,7 @@ def load_corpus(spec: str) -> list[Doc] | None:
     if sniff_format(path) == "loft":
         return public_formats.loft_corpus(path)
     sidecar = corpus_path(spec)
-    return None if sidecar is None else read_docs(sidecar)
+    return None if sidecar is None else tuple(read_docs(sidecar))
 
 
 def fingerprint(spec: str) -> str:

@@ -107,12 +107,16 @@ def folder_passages(folder: Path, doc_tokens: int) -> list[tuple[str, str]]:
     return passages
 
 
-def _value(kind: str, rng: random.Random) -> str:
+def value_of(kind: str, rng: random.Random) -> str:
     if kind == "number":
         return str(rng.randrange(1_000_000, 10_000_000))
     if kind == "word":
         return rng.choice(_WORDS)
     return rng.choice(_NAME_ONSETS) + rng.choice(_NAME_ENDS)
+
+
+def key_name(rng: random.Random) -> str:
+    return f"{rng.choice(_KEY_A)}-{rng.choice(_KEY_B)}"
 
 
 def _distinct(make, count: int, rng: random.Random) -> list[str]:
@@ -136,7 +140,7 @@ def _haystack(passages: list[tuple[str, str]], start: int, tokens: int) -> list[
     return docs
 
 
-def _insert(doc: Doc, sentence: str, rng: random.Random) -> Doc:
+def insert_sentence(doc: Doc, sentence: str, rng: random.Random) -> Doc:
     """``doc`` with ``sentence`` placed at a random sentence boundary."""
     parts = _SENTENCE_END.split(doc.text)
     at = rng.randrange(len(parts) + 1)
@@ -150,16 +154,16 @@ def _corpus(task: str, kind: str, c: int, passages: list[tuple[str, str]],
     if len(docs) < count:
         raise ValueError(f"a {cfg.context_tokens}-token haystack holds {len(docs)} documents, "
                          f"too few for {count} needles; raise --context-tokens")
-    keys = _distinct(lambda r: f"{r.choice(_KEY_A)}-{r.choice(_KEY_B)}",
+    keys = _distinct(key_name,
                      1 if task == "multivalue" else count, rng)
-    values = _distinct(lambda r: _value(kind, r), count, rng)
+    values = _distinct(lambda r: value_of(kind, r), count, rng)
     # needle i at depth (i + 0.5) / count of the haystack
     at = [int((i + 0.5) * len(docs) / count) for i in range(count)]
     for i, value in enumerate(values):
         key = keys[0 if task == "multivalue" else i]
         sentence = (f"One of the special magic {kind}s for {key} is {value}."
                     if task == "multivalue" else f"The special magic {kind} for {key} is {value}.")
-        docs[at[i]] = _insert(docs[at[i]], sentence, rng)
+        docs[at[i]] = insert_sentence(docs[at[i]], sentence, rng)
     provenance = {"generator": "kvrag data make-needles", "seed": cfg.seed,
                   "context_tokens": cfg.context_tokens, "depths": [a / len(docs) for a in at]}
     base = f"needle-{task}-{kind}-{c:03d}"

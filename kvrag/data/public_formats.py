@@ -299,9 +299,9 @@ def loft_files(path: Path) -> tuple[Path, Path]:
     return path, corpus
 
 
-def loft_corpus(path: Path) -> list[Doc]:
-    """A LOFT set's passages (``corpus.jsonl``), in file order."""
-    return read_records(loft_files(path)[1], _loft_passage)
+def loft_corpus(path: Path) -> tuple[Doc, ...]:
+    """A LOFT set's passages (``corpus.jsonl``), in file order, as one shared tuple."""
+    return tuple(read_records(loft_files(path)[1], _loft_passage))
 
 
 def _loft_passage(record: object, lineno: int) -> Doc:
@@ -350,8 +350,10 @@ def _loft_name(queries: Path) -> str:
     return folder.parent.name if _LOFT_LENGTH.match(folder.name) else folder.name
 
 
-def _loft_record(record: object, docs: list[dict], titles: dict[str, str],
+def _loft_record(record: object, by_pid: dict[str, dict], titles: dict[str, str],
                  name: str) -> Instance:
+    """The query as an instance over its gold passages (checked as any instance is); the
+    caller gives it the whole corpus, which is checked once, not per query."""
     _require(isinstance(record, dict), "each line must be a JSON object")
     assert isinstance(record, dict)
     missing = [k for k in ("qid", "query_text", "answers") if k not in record]
@@ -361,9 +363,11 @@ def _loft_record(record: object, docs: list[dict], titles: dict[str, str],
     _require(isinstance(record["query_text"], str),
              "'query_text' must be a string (some LOFT sets need LOFT's preprocess.py)")
     kind, answers = _loft_answers(record, titles)
+    gold = _loft_gold(record)
+    docs = [by_pid[pid] for pid in gold if pid in by_pid] or [next(iter(by_pid.values()))]
     return parse_instance({
         "id": str(record["qid"]), "question": record["query_text"].strip(),
-        "answers": answers, "docs": docs, "gold_doc_ids": _loft_gold(record),
+        "answers": answers, "docs": docs, "gold_doc_ids": gold,
         "task": "qa", "subset": f"{kind}.{name}",
     })
 
@@ -386,9 +390,11 @@ def load_loft(path: Path) -> list[Instance]:
     """
     queries, _ = loft_files(path)
     passages = loft_corpus(path)
-    docs = [{"id": d.id, "title": d.title, "text": d.text} for d in passages]
+    by_pid = {d.id: {"id": d.id, "title": d.title, "text": d.text} for d in passages}
+    if len(by_pid) != len(passages):
+        raise DatasetError(f"{loft_files(path)[1]}: pids must be unique")
     titles = {d.id: d.title for d in passages}
     name = _loft_name(queries)
     instances = read_records(queries, lambda record, lineno: _loft_record(
-        record, docs, titles, name))
+        record, by_pid, titles, name))
     return [replace(inst, docs=passages) for inst in instances]

@@ -69,10 +69,21 @@ class Instance:
         return record
 
 
+# Digests of shared corpora, held as tuples (which cannot change) by the loaders that share
+# one corpus among many questions; keyed by identity, holding the tuple so its id stays.
+_SHARED_DIGESTS: dict[int, tuple[tuple[Doc, ...], str]] = {}
+
+
 def docs_digest(docs: Iterable[Doc]) -> str:
-    """A short content hash of a document list (ids, titles, texts, in order)."""
+    """A short content hash of a document list (ids, titles, texts, in order); computed
+    once for a shared corpus (a tuple)."""
+    if isinstance(docs, tuple) and id(docs) in _SHARED_DIGESTS:
+        return _SHARED_DIGESTS[id(docs)][1]
     text = json.dumps([[d.id, d.title, d.text] for d in docs], ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    if isinstance(docs, tuple):
+        _SHARED_DIGESTS[id(docs)] = (docs, digest)
+    return digest
 
 
 def _require(cond: bool, message: str) -> None:
@@ -115,7 +126,8 @@ def parse_instance(record: object) -> Instance:
     doc_ids = [d.id for d in docs]
     _require(len(set(doc_ids)) == len(doc_ids), "doc ids must be unique within an instance")
     gold = _str_list(record, "gold_doc_ids") if "gold_doc_ids" in record else []
-    missing = [g for g in gold if g not in set(doc_ids)]
+    known = set(doc_ids)
+    missing = [g for g in gold if g not in known]
     _require(not missing, f"gold_doc_ids {missing} are not ids of any doc")
     task = record.get("task", "qa")
     _require(task in TASKS, f"'task' must be one of {list(TASKS)}, got {task!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -31,7 +32,13 @@ from kvrag.evaluation.engine_loading import (
 )
 from kvrag.evaluation.judge import ChatClient, Judge, JudgeUnavailableError
 from kvrag.evaluation.metrics import SCORING_VERSION, task_score
-from kvrag.evaluation.prompt_fit import Fitted, PromptTooLongError, fit_instances, prompt_limit
+from kvrag.evaluation.prompt_fit import (
+    Fitted,
+    PromptTooLongError,
+    fit_instances,
+    fit_retrieved,
+    prompt_limit,
+)
 from kvrag.evaluation.report import summarize, write_reports
 from kvrag.evaluation.run_lock import RunLock, RunLockedError
 from kvrag.evaluation.runner import pending, run_comparison
@@ -45,6 +52,7 @@ from kvrag.evaluation.systems import (
     parse_systems,
 )
 from kvrag.rag_stack.chroma import ChromaUnavailableError
+from kvrag.rag_stack.collection import RagIndexError
 from kvrag.rag_stack.embeddings import EmbeddingModelNotFoundError, embedding_model_id
 from kvrag.rag_stack.pipeline import RagConfig
 
@@ -153,14 +161,18 @@ def run_compare(s: CompareSettings, console: Console, progress: ProgressBar) -> 
                     check_servable(s.url, info, system.spec)
     except (SystemSpecError, DatasetError, ModelNotFoundError, ChromaUnavailableError,
             EmbeddingModelNotFoundError, DeviceError, ServerUnavailableError, ValueError,
-            JudgeUnavailableError) as e:
+            JudgeUnavailableError, RagIndexError) as e:
         raise ComparisonError(str(e)) from e
     instances = instances[:s.limit] if s.limit else instances
     try:
-        fits = {n: _fit(instances, s.model, model_path, s.max_new_tokens, n, True, console)
+        retrieving = [system for system in system_list if isinstance(system, RagSystem)]
+        rag_only = (max(system.budget for system in retrieving)
+                    if len(retrieving) == len(system_list) else None)
+        fits = {n: _fit(instances, s.model, model_path, s.max_new_tokens, n, True, console,
+                        rag_only)
                 for n in lengths} or {None: _fit(instances, s.model, model_path,
                                                  s.max_new_tokens, s.max_prompt_tokens,
-                                                 s.fit_context, console)}
+                                                 s.fit_context, console, rag_only)}
     except PromptTooLongError as e:
         raise ComparisonError(str(e)) from e
     run_config = {
@@ -235,15 +247,21 @@ def _demo_sha(context_tokens: int) -> str:
 
 
 def _fit(instances: list[Instance], model: str, model_path: Path, max_new_tokens: int,
-         max_prompt_tokens: int | None, trim: bool, console: Console) -> Fitted:
-    """Every prompt measured against the model's context and ``max_prompt_tokens``."""
+         max_prompt_tokens: int | None, trim: bool, console: Console,
+         rag_only: int | None = None) -> Fitted:
+    """Every prompt measured against the model's context and ``max_prompt_tokens``; with
+    ``rag_only`` (the largest budget, when every system retrieves) only the retrieval
+    prompts, whose documents are at most that budget."""
     from transformers import AutoTokenizer
 
     limit = prompt_limit(model_path, model, max_new_tokens, max_prompt_tokens)
     if limit is None:
         return Fitted(list(instances), {})
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     with console.status(f"Measuring {len(instances)} prompts..."):
-        return fit_instances(instances, AutoTokenizer.from_pretrained(model_path), limit, trim)
+        if rag_only is not None:
+            return fit_retrieved(instances, tokenizer, limit, rag_only)
+        return fit_instances(instances, tokenizer, limit, trim)
 
 
 @dataclass(frozen=True)
@@ -289,6 +307,31 @@ class _SharedEngine:
         self.engine = None
 
 
+def _ingest_shared_corpus(systems: list[System], tokenize: Callable[[str], list],
+                          progress: ProgressBar) -> None:
+    """Store a dataset's shared corpus before the first question, with a progress bar, so
+    a large one is ingested once and no question's time holds it."""
+    retrieving = [system for system in systems if isinstance(system, RagSystem)]
+    if not retrieving or retrieving[0].options.corpus is None:
+        return
+    options = retrieving[0].options
+    corpus = options.corpus
+    with progress("ingesting the corpus", len(corpus), "chunks") as bar:
+        done = [0, 0]
+        start = time.perf_counter()
+
+        def on_batch(chunks: int, docs: int) -> None:
+            done[0] += chunks
+            done[1] += docs
+            rate = done[0] / max(time.perf_counter() - start, 1e-9)
+            bar.update(done[1], f"{done[0]:,} ({rate:,.0f}/s)")
+
+        try:
+            options.rag_pipeline().ensure(corpus, tokenize, on_batch)
+        except RagIndexError as e:
+            raise ComparisonError(str(e)) from e
+
+
 def _run(plan: _Plan, shared: _SharedEngine, console: Console, progress: ProgressBar) -> None:
     """Answer what ``out`` does not hold yet and write the summaries (under the run lock)."""
     out, instances, system_list = plan.out, plan.fitted.instances, plan.systems
@@ -303,6 +346,7 @@ def _run(plan: _Plan, shared: _SharedEngine, console: Console, progress: Progres
         console.print(f"{total - len(work)}/{total} answers already in {store.path}; "
                       f"running {len(work)} more with {model} on {engine}.")
         eng = shared.get(plan)
+        _ingest_shared_corpus(system_list, eng.tokenize, progress)
         retried, resent = eng.retried_alone, getattr(eng, "resent", 0)
         with progress("answering", len(work), "score") as bar:
             answered: list[float | None] = []

@@ -132,6 +132,9 @@ class Builder:
         self.tokenizer = tokenizer
         self.judge = judge
 
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def gold(self, q: Question) -> list[str]:
         gold: list[str] = []
         for g in q.gold_ids:
@@ -161,7 +164,8 @@ class Builder:
     def build(self, q: Question) -> Instance:
         gold = self.gold(q)
         k = self.config.negatives
-        hits = self.pipeline.top(self.corpus_key, q.question, k + len(gold)) if k else []
+        hits = (self.pipeline.top(self.corpus_key, q.question, k + len(gold), self._tokenize)
+                if k else [])
         negatives = [c.doc_id for c in hits if c.doc_id not in gold][:k]
         promoted, rejected = [], []
         for pid in negatives:

@@ -97,6 +97,25 @@ def fit_instances(instances: Sequence[Instance], tokenizer, limit: PromptLimit,
     return Fitted(out, dropped)
 
 
+def fit_retrieved(instances: Sequence[Instance], tokenizer, limit: PromptLimit,
+                  budget: int) -> Fitted:
+    """``instances`` unchanged when only retrieval systems run: each prompt is its question
+    and template plus at most ``budget`` tokens of chunks, so the question's documents
+    (a whole shared corpus, for LOFT) are never measured."""
+    over = []
+    for instance in instances:
+        n = prompt_tokens(tokenizer, replace(instance, docs=[])) + budget
+        if n > limit.tokens:
+            over.append((instance.id, n))
+    if over:
+        listed = ", ".join(f"{qid} ({n:,} tokens)" for qid, n in over[:10])
+        raise PromptTooLongError(
+            f"{len(over)} of {len(instances)} retrieval prompts (question, template and "
+            f"{budget:,} tokens of chunks) do not fit in {limit.tokens:,} tokens "
+            f"({limit.reason}): {listed}; lower the rag budget")
+    return Fitted(list(instances), {})
+
+
 def _trim(instance: Instance, n: int, tokenizer, limit: int) -> tuple[Instance, int]:
     """Drop non-gold documents from the end until the prompt fits: (instance, its length).
 

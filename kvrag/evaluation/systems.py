@@ -11,15 +11,17 @@ engine and the same prompt builder, so only what the system changes differs.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvrag.compression import METHODS, CompressionSpec, SpecError, parse_spec, split_specs
+from kvrag.compression.spec import parse_options
 from kvrag.data.prompt import Prompt, build_prompt
 from kvrag.data.schema import Doc, Instance
 from kvrag.engines.base import Engine
 from kvrag.rag_stack.pipeline import RagConfig, RagPipeline
+from kvrag.rag_stack.retrievers import RETRIEVERS
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class SystemOptions:
     """Settings some systems need, shared by all systems of a run."""
 
     rag: RagConfig = field(default_factory=RagConfig)
-    corpus: list[Doc] | None = None  # the dataset's shared corpus, which rag retrieves from
+    corpus: Sequence[Doc] | None = None  # the dataset's shared corpus, which rag retrieves from
     _pipeline: RagPipeline | None = None
 
     def rag_pipeline(self) -> RagPipeline:
@@ -121,30 +123,44 @@ register_system("once", "once:METHOD:RATIO|@TOKENS")(_compressed)
 class RagSystem:
     """Retrieve the best chunks for this question up to ``budget`` tokens, from the
     dataset's shared corpus where it has one, else from the question's own documents; same
-    prompt and engine."""
+    prompt and engine. ``retriever``: one of ``RETRIEVERS`` (dense by default)."""
 
     budget: int
     options: SystemOptions
+    retriever: str = "dense"
 
     @property
     def name(self) -> str:
-        return f"rag:{self.budget}"
+        options = "" if self.retriever == "dense" else f"[retriever={self.retriever}]"
+        return f"rag{options}:{self.budget}"
 
     def request(self, instance: Instance, engine: Engine) -> Request:
         ctx = self.options.rag_pipeline().context(instance, self.budget, engine.tokenize,
-                                                  self.options.corpus)
+                                                  self.options.corpus, self.retriever)
         extra = {"doc_recall": ctx.doc_recall, "ingest_s": ctx.ingest_s,
                  "retrieval_s": ctx.retrieval_s}
         return Request(build_prompt(instance, docs=ctx.docs), extra=extra)
 
 
-@register_system("rag", "rag:BUDGET")
+_RAG_SPEC = re.compile(r"rag(?:\[(?P<options>[^\]]*)\])?:(?P<budget>.*)")
+
+
+@register_system("rag", f"rag[retriever={'|'.join(RETRIEVERS)}]:BUDGET")
 def _rag(spec: str, options: SystemOptions) -> System:
-    value = spec.partition(":")[2]
-    if not value.isdigit() or int(value) < 1:
-        raise SystemSpecError(f"{spec!r}: use rag:BUDGET with BUDGET a number of prompt tokens "
-                              ">= 1 for the retrieved chunks, e.g. rag:1024")
-    return RagSystem(int(value), options)
+    usage = (f"use rag:BUDGET or rag[retriever=R]:BUDGET with R one of {', '.join(RETRIEVERS)} "
+             "and BUDGET a number of prompt tokens >= 1 for the retrieved chunks, e.g. "
+             "rag[retriever=hybrid]:1024")
+    match = _RAG_SPEC.fullmatch(spec)
+    if match is None or not match["budget"].isdigit() or int(match["budget"]) < 1:
+        raise SystemSpecError(f"{spec!r}: {usage}")
+    try:
+        given = dict(parse_options(match["options"], spec)) if match["options"] else {}
+    except SpecError as e:
+        raise SystemSpecError(str(e)) from None
+    retriever = given.pop("retriever", "dense")
+    if given or retriever not in RETRIEVERS:
+        raise SystemSpecError(f"{spec!r}: {usage}")
+    return RagSystem(int(match["budget"]), options, retriever)
 
 
 def parse_system(spec: str, options: SystemOptions | None = None) -> System:

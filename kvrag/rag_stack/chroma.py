@@ -1,14 +1,8 @@
-"""Chroma clients: embedded ``PersistentClient`` by default, a ``chroma run`` server by URL.
-
-One collection per corpus, chunk size and embedding model. A compare run names a corpus by
-its content (a hash of the documents), so two variants of a question (two context lengths)
-never share a collection; ``kvrag rag ingest`` by the name it is given. The collection
-name hashes all three, so it is always a valid Chroma name.
-"""
+"""Chroma clients: embedded ``PersistentClient`` by default, a ``chroma run`` server by URL
+(which collections they hold: ``collection.py``)."""
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import subprocess
 import sys
@@ -20,6 +14,8 @@ from urllib.parse import urlparse
 
 import chromadb
 from chromadb.api import ClientAPI
+
+from kvrag.rag_stack.collection import RagIndexError
 
 
 class ChromaUnavailableError(ConnectionError):
@@ -43,7 +39,12 @@ def open_client(index_dir: str | Path | None = None, url: str | None = None) -> 
         return client
     path = Path(index_dir) if index_dir is not None else Path(".kvrag-index")
     path.mkdir(parents=True, exist_ok=True)
-    return chromadb.PersistentClient(path=str(path))
+    try:
+        return chromadb.PersistentClient(path=str(path))
+    except Exception as e:  # chromadb raises its own errors for a damaged store
+        raise RagIndexError(f"the Chroma index at {path} cannot be read ({type(e).__name__}: "
+                            f"{e}); move it away or delete it and run again: ingest "
+                            "rebuilds it") from None
 
 
 def free_port() -> int:
@@ -77,7 +78,3 @@ def chroma_server(path: str | Path, timeout_s: float = 60.0) -> Iterator[str]:
         proc.terminate()
         proc.wait(timeout=30)
 
-
-def collection_name(corpus: str, chunk_tokens: int, embedding: str) -> str:
-    digest = hashlib.sha256(f"{corpus}\0{chunk_tokens}\0{embedding}".encode()).hexdigest()[:40]
-    return f"kvrag-{digest}"

@@ -1,25 +1,42 @@
-"""The RAG pipeline a ``rag:BUDGET`` system runs: ingest, retrieve, recall.
+"""The RAG pipeline a ``rag`` system runs: ingest, retrieve, recall.
 
 It retrieves from the dataset's shared corpus where it has one (a built set's passages,
 LOFT's corpus), else from the question's own documents. Collections are keyed by content,
-so a corpus is embedded once however many questions (or context lengths) use it.
+so a corpus is embedded once however many questions (or context lengths) use it, and one
+whose ingest finished is not checked again. Per-corpus work (its digest, its collection,
+its BM25 index) is done the first time a corpus is seen, not once per question.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from chromadb.api import ClientAPI
+from chromadb.api.models.Collection import Collection
 from llama_index.core.base.embeddings.base import BaseEmbedding
+from llama_index.core.schema import TextNode
 
 from kvrag.data.schema import Doc, Instance, docs_digest
-from kvrag.rag_stack.chroma import collection_name, open_client
+from kvrag.rag_stack.chroma import open_client
+from kvrag.rag_stack.chunk import Chunk
+from kvrag.rag_stack.collection import (
+    RagIndexError,
+    collection_name,
+    create_collection,
+    is_complete,
+    min_block_tokens,
+    open_collection,
+    tokenizer_fingerprint,
+)
 from kvrag.rag_stack.embeddings import embedding_model_id, load_embedding
-from kvrag.rag_stack.ingest import IngestStats, chunk_docs, ingest
-from kvrag.rag_stack.retrieve import ORDERS, Chunk, ranked, retrieve
+from kvrag.rag_stack.ingest import EMBED_BATCH, IngestStats, ingest, iter_chunks
+from kvrag.rag_stack.retrieve import ORDERS, retrieve
+from kvrag.rag_stack.retrievers import RETRIEVERS, DenseRanker, Ranker
+
+DEFAULT_INDEX = Path(".kvrag-index")
 
 
 @dataclass(frozen=True)
@@ -29,12 +46,20 @@ class RagConfig:
     chunk_tokens: int = 128
     order: str = "score"  # or "document"
     embed_model: Path | None = None  # a sentence-transformers directory (default: MiniLM)
+    embed_batch: int = EMBED_BATCH
 
     def __post_init__(self) -> None:
         if self.chunk_tokens < 16:
             raise ValueError(f"chunk size must be at least 16 tokens, got {self.chunk_tokens}")
         if self.order not in ORDERS:
             raise ValueError(f"retrieval order must be one of {ORDERS}, got {self.order!r}")
+        if self.embed_batch < 1:
+            raise ValueError(f"the embedding batch must be at least 1, got {self.embed_batch}")
+
+    @property
+    def bm25_dir(self) -> Path:
+        """Where BM25 indexes are persisted, per collection (also for a server store)."""
+        return (self.index_dir or DEFAULT_INDEX) / "bm25"
 
 
 @dataclass(frozen=True)
@@ -45,54 +70,110 @@ class RagContext:
     retrieval_s: float
 
 
+OnBatch = Callable[[int, int], None]
+
+
 class RagPipeline:
     def __init__(self, client: ClientAPI, embed: BaseEmbedding, config: RagConfig) -> None:
         self.client = client
         self.embed = embed
         self.config = config
         self.embedding = embedding_model_id(config.embed_model)
-        self._ingested: set[str] = set()
+        self._ready: dict[str, Collection] = {}  # collection name -> ingested collection
+        self._rankers: dict[tuple[str, str], Ranker] = {}
 
     @classmethod
     def from_config(cls, config: RagConfig) -> RagPipeline:
         return cls(open_client(config.index_dir, config.chroma_url),
-                   load_embedding(config.embed_model), config)
+                   load_embedding(config.embed_model, config.embed_batch), config)
 
-    def _collection_name(self, corpus: str) -> str:
-        return collection_name(corpus, self.config.chunk_tokens, self.embedding)
+    def _name(self, corpus: str, tokenize: Callable[[str], list]) -> str:
+        return collection_name(corpus, self.config.chunk_tokens, self.embedding,
+                               tokenizer_fingerprint(tokenize))
 
-    def ingest(
-        self, corpus: str, docs: list[Doc], tokenize: Callable[[str], list],
-        on_batch: Callable[[int], None] = lambda n: None,
-    ) -> IngestStats:
-        collection = self.client.get_or_create_collection(
-            self._collection_name(corpus), metadata={"corpus": corpus})
-        nodes = chunk_docs(docs, self.config.chunk_tokens, tokenize)
-        return ingest(collection, nodes, self.embed, on_batch=on_batch)
+    def ingest(self, corpus: str, docs: Iterable[Doc], tokenize: Callable[[str], list],
+               on_batch: OnBatch = lambda chunks, docs: None,
+               complete: str | None = None) -> IngestStats:
+        """Chunk, embed and store ``docs`` as ``corpus``, streaming (``ingest.py``)."""
+        return self.ingest_chunks(corpus, iter_chunks(docs, self.config.chunk_tokens, tokenize),
+                                  tokenize, on_batch, complete)
 
-    def query(self, corpus: str, question: str, budget: int,
-              count_tokens: Callable[[str], int]) -> list[Chunk]:
-        collection = self.client.get_collection(self._collection_name(corpus))
-        return retrieve(collection, self.embed, question, budget, count_tokens,
-                        self.config.order)
+    def ingest_chunks(self, corpus: str, chunks: Iterable[list[TextNode]],
+                      tokenize: Callable[[str], list],
+                      on_batch: OnBatch = lambda chunks, docs: None,
+                      complete: str | None = None) -> IngestStats:
+        """Store chunks made by ``iter_chunks`` (a list per doc) as ``corpus``."""
+        name = self._name(corpus, tokenize)
+        collection = create_collection(self.client, name, corpus)
+        stats = ingest(collection, chunks, self.embed, self.config.embed_batch, on_batch,
+                       complete)
+        self._ready[name] = collection
+        for key in [key for key in self._rankers if key[0] == name]:
+            del self._rankers[key]  # rebuilt over what was written
+        return stats
 
-    def top(self, corpus: str, question: str, k: int) -> list[Chunk]:
-        """The ``k`` best chunks of an ingested corpus, best first."""
-        return ranked(self.client.get_collection(self._collection_name(corpus)), self.embed,
-                      question, k)
+    def _collection(self, corpus: str, tokenize: Callable[[str], list]) -> Collection:
+        name = self._name(corpus, tokenize)
+        if name not in self._ready:
+            collection = open_collection(self.client, name, corpus)
+            if collection is None:
+                raise RagIndexError(
+                    f"no corpus {corpus!r} with {self.config.chunk_tokens}-token chunks of "
+                    "this model's tokenizer here; run `kvrag rag ingest` first (same "
+                    "--chunk-tokens, --model and index)")
+            self._ready[name] = collection
+        return self._ready[name]
+
+    def ranker(self, corpus: str, tokenize: Callable[[str], list],
+               retriever: str = "dense") -> Ranker:
+        if retriever not in RETRIEVERS:
+            raise ValueError(f"unknown retriever {retriever!r}; use one of "
+                             f"{', '.join(RETRIEVERS)}")
+        collection = self._collection(corpus, tokenize)
+        key = (collection.name, retriever)
+        if key not in self._rankers:
+            self._rankers[key] = RETRIEVERS[retriever](collection, self.embed,
+                                                       self.config.bm25_dir)
+        return self._rankers[key]
+
+    def query(self, corpus: str, question: str, budget: int, tokenize: Callable[[str], list],
+              retriever: str = "dense") -> list[Chunk]:
+        """The best chunks of an ingested corpus that fill ``budget`` tokens."""
+        ranker = self.ranker(corpus, tokenize, retriever)
+        return retrieve(ranker, question, budget, lambda text: len(tokenize(text)),
+                        self.config.order, self.config.chunk_tokens,
+                        min_block_tokens(self._collection(corpus, tokenize)))
+
+    def top(self, corpus: str, question: str, k: int,
+            tokenize: Callable[[str], list]) -> list[Chunk]:
+        """The ``k`` best chunks of an ingested corpus by the dense retriever, best first."""
+        ranker = self.ranker(corpus, tokenize)
+        assert isinstance(ranker, DenseRanker)
+        return ranker.top(question, k)
+
+    def ensure(self, docs: Sequence[Doc], tokenize: Callable[[str], list],
+               on_batch: OnBatch = lambda chunks, docs: None) -> str:
+        """Ingest ``docs`` under their content digest unless a finished ingest holds them;
+        returns the digest, the corpus's name."""
+        key = docs_digest(docs)
+        name = self._name(key, tokenize)
+        if name in self._ready:
+            return key
+        collection = open_collection(self.client, name, key)
+        if collection is not None and is_complete(collection, key):
+            self._ready[name] = collection
+        else:
+            self.ingest(key, docs, tokenize, on_batch, complete=key)
+        return key
 
     def context(self, instance: Instance, budget: int, tokenize: Callable[[str], list],
-                corpus: list[Doc] | None = None) -> RagContext:
+                corpus: Sequence[Doc] | None = None, retriever: str = "dense") -> RagContext:
         """Retrieve from ``corpus`` (a dataset's shared corpus), else from the instance's
         own documents; each is ingested the first time it is seen."""
-        docs = corpus if corpus is not None else instance.docs
-        key = docs_digest(docs)
         t0 = time.perf_counter()
-        if key not in self._ingested:
-            self.ingest(key, docs, tokenize)
-            self._ingested.add(key)
+        key = self.ensure(corpus if corpus is not None else instance.docs, tokenize)
         t1 = time.perf_counter()
-        chunks = self.query(key, instance.question, budget, lambda text: len(tokenize(text)))
+        chunks = self.query(key, instance.question, budget, tokenize, retriever)
         t2 = time.perf_counter()
         found = {c.doc_id for c in chunks}
         recall = (len(found & set(instance.gold_doc_ids)) / len(instance.gold_doc_ids)

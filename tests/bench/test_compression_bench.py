@@ -38,14 +38,3 @@ def test_cli_refuses_bad_ratio(tiny_model_dir) -> None:
     result = CliRunner().invoke(app, ["bench", "compression", "--model", str(tiny_model_dir),
                                       "--ratios", "1.2"])
     assert result.exit_code == 2 and "ratio 1.2 is out of range" in result.output
-
-
-def test_rag_bench_runs_both_backends(tiny_model_dir, tmp_path) -> None:
-    out = tmp_path / "rag.json"
-    result = CliRunner().invoke(app, ["bench", "rag", "--limit", "2", "--budget", "200",
-                                      "--model", str(tiny_model_dir), "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    rows = json.loads(out.read_text())
-    assert [r["backend"].split()[0] for r in rows] == ["embedded", "server"]
-    assert rows[0]["chunks"] == rows[1]["chunks"] > 10
-    assert all(r["ingest_chunks_per_s"] > 0 and r["query_median_ms"] > 0 for r in rows)

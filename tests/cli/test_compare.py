@@ -474,6 +474,40 @@ def test_public_formats_run_with_their_tasks_metric(tmp_path, tiny_model_dir, fi
                    for r in records)
 
 
+def test_a_loft_corpus_at_scale_is_ingested_once_and_never_measured_per_question(
+        tmp_path, tiny_model_dir, monkeypatch) -> None:
+    from kvrag.data import schema
+    from kvrag.data.needles import demo_passages
+    from kvrag.data.scale import make_loft
+    from kvrag.data.schema import Doc
+    from kvrag.evaluation import prompt_fit
+    from kvrag.rag_stack.pipeline import RagPipeline
+
+    source = [Doc(f"s{i}", title, text) for i, (title, text) in enumerate(demo_passages())]
+    make_loft(tmp_path / "loft", source, passages=600, queries=4)
+    ingests, corpus_digests, measured = [], [], []
+    real_ingest, real_dumps = RagPipeline.ingest_chunks, schema.json.dumps
+    real_tokens = prompt_fit.prompt_tokens
+    monkeypatch.setattr(RagPipeline, "ingest_chunks", lambda self, *a, **k: (
+        ingests.append(a[0]), real_ingest(self, *a, **k))[1])
+    monkeypatch.setattr(schema.json, "dumps", lambda obj, **k: (
+        corpus_digests.append(len(obj)) if isinstance(obj, list) and len(obj) >= 600 else None,
+        real_dumps(obj, **k))[1])
+    monkeypatch.setattr(prompt_fit, "prompt_tokens", lambda tok, inst: (
+        measured.append(len(inst.docs)), real_tokens(tok, inst))[1])
+    out = tmp_path / "run"
+    result = compare(out, tiny_model_dir, "--dataset", str(tmp_path / "loft"), "--systems",
+                     "rag:128,rag[retriever=bm25]:128", "--index-dir", str(tmp_path / "index"))
+    assert result.exit_code == 0, result.output
+    assert len(ingests) == 1  # the corpus, before the first question
+    # digests of the corpus: the instances' shared tuple and the loaded corpus, once each;
+    # never one per question
+    assert len(corpus_digests) <= 2
+    assert measured == [0] * 4  # retrieval prompts are measured without the corpus
+    records = [json.loads(line) for line in (out / "results.jsonl").open()]
+    assert len(records) == 8 and all(r["doc_recall"] is not None for r in records)
+
+
 def test_loft_rag_retrieves_from_the_untrimmed_corpus_under_fit_context(
         tmp_path, tiny_model_dir, monkeypatch) -> None:
     loft = FIXTURES / "loft/rag/nq/128k"

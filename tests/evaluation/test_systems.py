@@ -39,3 +39,19 @@ def test_method_options_are_part_of_the_system_and_its_name() -> None:
         parse_systems("snapkv[chunk=16;window=32]:0.5,snapkv[window=32;chunk=16]:0.5")
     with pytest.raises(SystemSpecError, match="unknown option 'size' for snapkv"):
         parse_systems("snapkv[size=3]:0.5")
+
+
+def test_rag_systems_name_their_retriever() -> None:
+    systems = parse_systems("rag:1024,rag[retriever=bm25]:1024,rag[retriever=hybrid]:512")
+    assert [s.name for s in systems] == ["rag:1024", "rag[retriever=bm25]:1024",
+                                         "rag[retriever=hybrid]:512"]
+    assert [s.retriever for s in systems] == ["dense", "bm25", "hybrid"]
+    with pytest.raises(SystemSpecError, match="listed twice: rag:64"):
+        parse_systems("rag:64,rag[retriever=dense]:64")
+
+
+@pytest.mark.parametrize("spec", ["rag[retriever=colbert]:64", "rag[k=3]:64", "rag:0",
+                                  "rag[retriever=bm25]", "rag[retriever]:64"])
+def test_bad_rag_specs_say_what_is_allowed(spec: str) -> None:
+    with pytest.raises(SystemSpecError, match="R one of dense, bm25, hybrid|key=value"):
+        parse_systems(spec)
