@@ -40,6 +40,7 @@ from kvrag.evaluation.prompt_fit import (
     prompt_limit,
 )
 from kvrag.evaluation.report import summarize, write_reports
+from kvrag.evaluation.report_terminal import WIDTH, systems_table, tasks_table
 from kvrag.evaluation.run_lock import RunLock, RunLockedError
 from kvrag.evaluation.runner import pending, run_comparison
 from kvrag.evaluation.store import ResultStore, StoreMismatchError
@@ -308,7 +309,7 @@ class _SharedEngine:
 
 
 def _ingest_shared_corpus(systems: list[System], tokenize: Callable[[str], list],
-                          progress: ProgressBar) -> None:
+                          progress: ProgressBar, console: Console) -> None:
     """Store a dataset's shared corpus before the first question, with a progress bar, so
     a large one is ingested once and no question's time holds it."""
     retrieving = [system for system in systems if isinstance(system, RagSystem)]
@@ -316,7 +317,8 @@ def _ingest_shared_corpus(systems: list[System], tokenize: Callable[[str], list]
         return
     options = retrieving[0].options
     corpus = options.corpus
-    with progress("ingesting the corpus", len(corpus), "chunks") as bar:
+    t0 = time.perf_counter()
+    with progress("ingesting corpus documents", len(corpus), "chunks") as bar:
         done = [0, 0]
         start = time.perf_counter()
 
@@ -330,6 +332,9 @@ def _ingest_shared_corpus(systems: list[System], tokenize: Callable[[str], list]
             options.rag_pipeline().ensure(corpus, tokenize, on_batch)
         except RagIndexError as e:
             raise ComparisonError(str(e)) from e
+    if done[1]:
+        console.print(f"Ingested the shared corpus ({len(corpus):,} documents, {done[0]:,} "
+                      f"chunks) in {time.perf_counter() - t0:.1f} s, once for every question.")
 
 
 def _run(plan: _Plan, shared: _SharedEngine, console: Console, progress: ProgressBar) -> None:
@@ -346,7 +351,7 @@ def _run(plan: _Plan, shared: _SharedEngine, console: Console, progress: Progres
         console.print(f"{total - len(work)}/{total} answers already in {store.path}; "
                       f"running {len(work)} more with {model} on {engine}.")
         eng = shared.get(plan)
-        _ingest_shared_corpus(system_list, eng.tokenize, progress)
+        _ingest_shared_corpus(system_list, eng.tokenize, progress, console)
         retried, resent = eng.retried_alone, getattr(eng, "resent", 0)
         with progress("answering", len(work), "score") as bar:
             answered: list[float | None] = []
@@ -384,6 +389,10 @@ def _run(plan: _Plan, shared: _SharedEngine, console: Console, progress: Progres
                          "max_new_tokens": max_new_tokens, **plan.placement.to_json()},
                         seed=plan.seed)
     write_reports(summary, out)
-    console.print((out / "summary.md").read_text(), markup=False, highlight=False)
+    console.print(systems_table(summary), width=min(console.width, WIDTH))
+    if (tasks := tasks_table(summary)) is not None:
+        console.print(tasks, width=min(console.width, WIDTH))
+    console.print(f"Every column (SubEM, EM, F1, doc recall, KV per corpus...) is in "
+                  f"{out / 'summary.md'}.", highlight=False)
     console.print(f"Results in {out}/ (results.jsonl, summary.json, summary.md, "
                   "accuracy_vs_kv.png)")

@@ -81,6 +81,12 @@ def _system_summary(records: list[dict], full: dict[str, dict] | None, seed: int
                 diffs = [a - b for a, b in pairs]
                 out["vs_full"][metric] = {"delta": float(np.mean(diffs)),
                                           "ci95": bootstrap_ci(diffs, seed)}
+        diffs = [a - b for r in records if r["id"] in full
+                 and (a := task_score(r)) is not None
+                 and (b := task_score(full[r["id"]])) is not None]
+        if diffs:  # each answer under its task's metric, paired with full's
+            out["vs_full"]["score"] = {"delta": float(np.mean(diffs)),
+                                       "ci95": bootstrap_ci(diffs, seed)}
     groups: dict[str, list[dict]] = {}
     for r in records:
         groups.setdefault(r["group"], []).append(r)

@@ -77,7 +77,7 @@ class BM25Ranker:
         stamp = {"revision": revision(collection), "count": collection.count()}
         stamp_file = path / "kvrag.json"
         if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
-            self.retriever = BM25Retriever.from_persist_dir(str(path))
+            self.retriever = BM25Retriever.from_persist_dir(str(path), show_progress=False)
             return
         if stamp["count"] == 0:
             self.retriever = None

@@ -1,0 +1,68 @@
+"""The compact tables ``kvrag compare`` prints at its end, made to fit a 100-column
+terminal: one line per system, then each system's score per task. ``summary.md`` keeps
+every column."""
+
+from __future__ import annotations
+
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+
+from kvrag.evaluation.report import format_ci
+
+WIDTH = 100
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _number(x: float | None) -> str:
+    return "–" if x is None else f"{x:,.0f}" if abs(x) >= 100 else f"{x:.2f}"
+
+
+def _delta(s: dict) -> str:
+    delta = s.get("vs_full", {}).get("score")
+    if delta is None:
+        return "–"
+    return f"{100 * delta['delta']:+.1f}\n{format_ci(delta['ci95'])}"
+
+
+def _kv(s: dict) -> str:
+    if s.get("kv_bytes_mean"):
+        return f"{s['kv_bytes_mean'] / 2**20:,.1f} MiB"
+    return f"{_number(s.get('kv_tokens_mean'))} tok"
+
+
+def systems_table(summary: dict) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
+                  caption="score: each task's metric, % with 95% CI; Δ: paired, against full; "
+                          "KV: held at decode start, measured; same: answers equal to full's",
+                  caption_justify="left")
+    table.add_column("system", overflow="fold", ratio=1, min_width=12)
+    for name in ("n", "score", "Δ vs full", "KV", "same", "prefilled", "s/answer"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for name, s in summary["systems"].items():
+        score = f"{_pct(s.get('score'))}\n{format_ci(s['ci95'].get('score'))}"
+        table.add_row(escape(name), str(s["n"]), score, _delta(s), _kv(s),
+                      _pct(s.get("same_as_full")), _number(s.get("prefill_tokens_mean")),
+                      _number(s.get("latency_s_mean")))
+    return table
+
+
+def tasks_table(summary: dict) -> Table | None:
+    """Each system's score per task (its metric, %), n in the header."""
+    systems = summary["systems"]
+    groups = sorted({g for s in systems.values() for g in s["by_group"]})
+    if len(groups) < 2:
+        return None
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
+                  caption="score by task, %", caption_justify="left")
+    table.add_column("system", overflow="fold", ratio=1, min_width=12)
+    for g in groups:
+        n = max(s["by_group"][g]["n"] for s in systems.values() if g in s["by_group"])
+        table.add_column(f"{g}\n(n={n})", justify="right", overflow="fold")
+    for name, s in systems.items():
+        table.add_row(escape(name), *(_pct(s["by_group"][g]["score"]) if g in s["by_group"] else "–"
+                              for g in groups))
+    return table
