@@ -33,9 +33,11 @@ SYSTEMS_HELP = (f"Comma-separated systems; known: {', '.join(SYSTEM_HELP.values(
 def compare(
     out: Annotated[Path, typer.Option(help="Output directory (results.jsonl, summaries, plot).")],
     dataset: Annotated[
-        str, typer.Option(help=("A .jsonl dataset path, 'demo' for the bundled suite, or "
-                                "'demo-shared' for its shared-corpus version (10 corpora, "
-                                "8 questions each)."))
+        str, typer.Option(help=("A .jsonl dataset path or LOFT directory; 'demo' for the "
+                                "bundled suite, 'demo-shared' for its shared-corpus version "
+                                "(10 corpora, 8 questions each), or 'needles' for the first "
+                                "run's needle suite (24 questions over 6 corpora of about "
+                                "1,500 tokens, which the packaged model can answer)."))
     ] = "demo",
     systems: Annotated[
         str, typer.Option(help=SYSTEMS_HELP)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kvrag.data import public_formats
 from kvrag.data.demo import DEMO_PATH, DEMO_SHARED_PATH
+from kvrag.data.needles import NEEDLES_PATH
 from kvrag.data.registry import LOADERS, register_loader
 from kvrag.data.schema import DatasetError, Doc, Instance, parse_instance, read_jsonl, read_records
 from kvrag.data.sources import read_docs
@@ -130,12 +131,12 @@ def sniff_format(path: Path) -> str:
     return "kvrag"
 
 
-BUNDLED = {"demo": DEMO_PATH, "demo-shared": DEMO_SHARED_PATH}
+BUNDLED = {"demo": DEMO_PATH, "demo-shared": DEMO_SHARED_PATH, "needles": NEEDLES_PATH}
 
 
 def dataset_path(spec: str) -> Path:
-    """The file behind a bundled suite's name (``demo``, ``demo-shared``) or a path: a
-    file, or a directory (a LOFT set)."""
+    """The file behind a bundled suite's name (``demo``, ``demo-shared``, ``needles``) or a
+    path: a file, or a directory (a LOFT set)."""
     path = BUNDLED.get(spec) or Path(spec).expanduser()
     if not (path.is_file() or path.is_dir()):
         raise DatasetError(f"{spec}: no such dataset file or directory (use a .jsonl path, "

@@ -39,7 +39,7 @@ def systems_table(summary: dict) -> Table:
                   caption="score: each task's metric, % with 95% CI; Δ: paired, against full; "
                           "KV: held at decode start, measured; same: answers equal to full's",
                   caption_justify="left")
-    table.add_column("system", overflow="fold", ratio=1, min_width=12)
+    table.add_column("system", overflow="fold", ratio=1, min_width=18)
     for name in ("n", "score", "Δ vs full", "KV", "same", "prefilled", "s/answer"):
         table.add_column(name, justify="right", no_wrap=True)
     for name, s in summary["systems"].items():

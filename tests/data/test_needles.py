@@ -79,3 +79,12 @@ def test_bad_input_is_refused_clearly(tmp_path: Path) -> None:
         NeedleConfig(tasks=("multikeys",))
     with pytest.raises(ValueError, match="raise --context-tokens"):
         list(make_needles(NeedleConfig(context_tokens=100, needles=40)))
+
+
+def test_the_bundled_first_run_suite_is_reproducible() -> None:
+    from kvrag.data.loaders import load_dataset
+    from kvrag.data.needles import FIRST_RUN, make_needles
+
+    shipped = load_dataset("needles")
+    assert list(make_needles(FIRST_RUN)) == shipped
+    assert len(shipped) == 24 and len({i.corpus_id for i in shipped}) == 6
