@@ -7,6 +7,7 @@ paired per-question differences against ``full`` on the questions both answered.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -254,23 +255,43 @@ def _task_table(summary: dict) -> list[str]:
     return lines
 
 
+def _family(name: str) -> str:
+    """A system's name without its ratio, budget or token count: what joins its points."""
+    return re.sub(r"[:@][0-9.]+$", "", name)
+
+
 def plot_accuracy_vs_kv(summary: dict, path: Path) -> None:
+    """Task score (95% CI) against KV held, ``full`` marked by a dashed line, the points
+    of one method at several ratios (or one RAG at several budgets) joined."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    points: dict[str, list[tuple[float, float]]] = {}
+    colours: dict[str, str] = {}
     for name, s in summary["systems"].items():
         if s.get("score") is None or s["kv_tokens_mean"] is None:
             continue
         lo, hi = s["ci95"].get("score", [s["score"], s["score"]])
         y = 100 * s["score"]
-        ax.errorbar(s["kv_tokens_mean"], y, yerr=[[y - 100 * lo], [100 * hi - y]],
-                    fmt="o", capsize=3, label=f"{name} (n={s['n']})")
+        family = _family(name)
+        bar = ax.errorbar(s["kv_tokens_mean"], y, yerr=[[y - 100 * lo], [100 * hi - y]],
+                          fmt="*" if name == "full" else "o", markersize=10 if name == "full"
+                          else 6, capsize=3, label=f"{name} (n={s['n']})",
+                          color=colours.get(family))
+        colours.setdefault(family, bar.lines[0].get_color())
+        points.setdefault(family, []).append((s["kv_tokens_mean"], y))
+        if name == "full":
+            ax.axhline(y, color=colours[family], linestyle="--", linewidth=0.8)
+    for family, xy in points.items():
+        if len(xy) > 1:
+            xs, ys = zip(*sorted(xy), strict=True)
+            ax.plot(xs, ys, color=colours[family], linewidth=1)
     ax.set_xlabel("KV-cache tokens at decode start (mean)")
     ax.set_ylabel("task score (%): SubEM, MC accuracy, ROUGE-L")
-    ax.set_title(f"{summary['model']} on {summary['dataset']}")
+    ax.set_title(f"{summary['model']} on {summary['dataset']} (dashed: full)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -163,3 +163,38 @@ def test_recall_columns_show_what_each_question_recalled_and_the_host_held() -> 
     assert "| 64.00 | 0.25 | 3.00 |" in text
     full_line = next(line for line in text.splitlines() if line.startswith("| full |"))
     assert full_line.endswith("| – | – | – |")
+
+
+def test_plot_joins_a_methods_ratios_and_marks_full(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from kvrag.evaluation import report
+
+    records = [rec(f"q{i}", s, float(i % 2), kv) for i in range(6)
+               for s, kv in (("full", 100), ("snapkv:0.5", 50), ("snapkv:0.75", 25),
+                             ("rag:64", 30))]
+    summary = summarize(records, ["full", "snapkv:0.5", "snapkv:0.75", "rag:64"],
+                        [f"q{i}" for i in range(6)], {"model": "m", "engine": "hf",
+                                                      "dataset": "d"})
+    saved = []
+    real = plt.Figure.savefig
+    lines = []
+
+    def keep(fig, path, *a, **k):
+        ax = fig.axes[0]
+        lines.extend((tuple(line.get_xdata()), tuple(line.get_ydata())) for line in ax.lines)
+        saved.append(path)
+        return real(fig, path, *a, **k)
+
+    plt.Figure.savefig = keep
+    try:
+        report.plot_accuracy_vs_kv(summary, tmp_path / "plot.png")
+    finally:
+        plt.Figure.savefig = real
+    assert saved and (tmp_path / "plot.png").stat().st_size > 0
+    assert ((25.0, 50.0), (50.0, 50.0)) in lines  # snapkv's two ratios joined
+    assert any(len(set(ys)) == 1 and ys[0] == 50.0 and xs == (0, 1) for xs, ys in lines)
+    assert report._family("once:snapkv[chunk=16]:0.5") == "once:snapkv[chunk=16]"
