@@ -40,7 +40,7 @@ from kvrag.evaluation.prompt_fit import (
     prompt_limit,
 )
 from kvrag.evaluation.report import summarize, write_reports
-from kvrag.evaluation.report_terminal import WIDTH, systems_table, tasks_table
+from kvrag.evaluation.report_terminal import print_tables
 from kvrag.evaluation.run_lock import RunLock, RunLockedError
 from kvrag.evaluation.runner import pending, run_comparison
 from kvrag.evaluation.store import ResultStore, StoreMismatchError
@@ -389,9 +389,7 @@ def _run(plan: _Plan, shared: _SharedEngine, console: Console, progress: Progres
                          "max_new_tokens": max_new_tokens, **plan.placement.to_json()},
                         seed=plan.seed)
     write_reports(summary, out)
-    console.print(systems_table(summary), width=min(console.width, WIDTH))
-    if (tasks := tasks_table(summary)) is not None:
-        console.print(tasks, width=min(console.width, WIDTH))
+    print_tables(console, summary)
     console.print(f"Every column (SubEM, EM, F1, doc recall, KV per corpus...) is in "
                   f"{out / 'summary.md'}.", highlight=False)
     console.print(f"Results in {out}/ (results.jsonl, summary.json, summary.md, "

@@ -5,6 +5,7 @@ every column."""
 from __future__ import annotations
 
 from rich import box
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -66,3 +67,12 @@ def tasks_table(summary: dict) -> Table | None:
         table.add_row(escape(name), *(_pct(s["by_group"][g]["score"]) if g in s["by_group"] else "–"
                               for g in groups))
     return table
+
+
+def print_tables(console: Console, summary: dict) -> None:
+    """Both tables, wrapped to at most ``WIDTH`` columns even on a console that does not
+    wrap (kvrag's, which keeps long paths on one line)."""
+    width = min(console.width, WIDTH)
+    console.print(systems_table(summary), width=width, soft_wrap=False)
+    if (tasks := tasks_table(summary)) is not None:
+        console.print(tasks, width=width, soft_wrap=False)

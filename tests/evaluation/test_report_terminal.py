@@ -4,7 +4,7 @@ from rich import box
 from rich.console import Console
 
 from kvrag.evaluation.report import summarize
-from kvrag.evaluation.report_terminal import WIDTH, systems_table, tasks_table
+from kvrag.evaluation.report_terminal import WIDTH, print_tables, systems_table, tasks_table
 
 SYSTEMS = ["full", "snapkv:0.5", "snapkv[chunk=16;heads=shared]:0.5",
            "once:snapkv[chunk=16;heads=shared]:0.95+recall[chunk=16;window=64]@256",
@@ -54,3 +54,14 @@ def test_the_printed_tables_fit_100_columns_and_cut_nothing() -> None:
     tasks = _render(tasks_table(summary))
     assert max(len(line) for line in tasks) <= WIDTH and "…" not in "\n".join(tasks)
     assert all(g[:8] in "\n".join(tasks) for g in GROUPS)
+
+
+def test_printed_on_a_console_that_does_not_wrap_they_still_fit() -> None:
+    records = [_record(q, s, k) for k, s in enumerate(SYSTEMS) for q in range(40)]
+    summary = summarize(records, SYSTEMS, [f"q{q}" for q in range(40)],
+                        {"model": "m", "engine": "hf", "dataset": "d"})
+    console = Console(width=160, record=True, soft_wrap=True, file=io.StringIO())
+    print_tables(console, summary)
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= WIDTH
+    assert any(line.startswith("score: each task's metric") for line in lines)
