@@ -152,7 +152,8 @@ def summarize(
     return {"systems": systems, **meta}
 
 
-def _fmt(x: float | None, pct: bool = True) -> str:
+def format_value(x: float | None, pct: bool = True) -> str:
+    """A share as a percentage with one decimal (``pct``), else a count or seconds."""
     if x is None:
         return "–"
     return f"{100 * x:.1f}" if pct else f"{x:,.0f}" if abs(x) >= 100 else f"{x:.2f}"
@@ -199,18 +200,20 @@ def render_markdown(summary: dict) -> str:
     ]
     for name, s in summary["systems"].items():
         mib = s["peak_bytes_max"] / 2**20 if s.get("peak_bytes_max") else None
-        peak = f" {_fmt(mib, False)} |" if peaks else ""
+        peak = f" {format_value(mib, False)} |" if peaks else ""
         lines.append(
-            f"| {name} | {s['n']} | {_fmt(s['subem'])} | {format_ci(s['ci95'].get('subem'))} "
-            f"| {_delta(s, 'subem')} | {_fmt(s.get('same_as_full'))} "
-            f"| {_fmt(s['subem_output'])} | {_delta(s, 'subem_output')} "
-            f"| {_fmt(s['em'])} | {_fmt(s['f1'])} | {_fmt(s['accuracy'])} "
-            f"| {_fmt(s['truncated'])} "
-            f"| {_fmt(s['doc_recall'])} | {_fmt(s['kv_tokens_mean'], False)} "
-            f"| {_fmt(s['attended_tokens_mean'], False)} "
-            f"| {_fmt(s.get('kv_tokens_per_corpus'), False)} "
-            f"| {_fmt(s['prompt_tokens_mean'], False)} "
-            f"| {_fmt(s.get('prefill_tokens_mean'), False)} | {_fmt(s['latency_s_mean'], False)} |"
+            f"| {name} | {s['n']} | {format_value(s['subem'])} "
+            f"| {format_ci(s['ci95'].get('subem'))} "
+            f"| {_delta(s, 'subem')} | {format_value(s.get('same_as_full'))} "
+            f"| {format_value(s['subem_output'])} | {_delta(s, 'subem_output')} "
+            f"| {format_value(s['em'])} | {format_value(s['f1'])} | {format_value(s['accuracy'])} "
+            f"| {format_value(s['truncated'])} "
+            f"| {format_value(s['doc_recall'])} | {format_value(s['kv_tokens_mean'], False)} "
+            f"| {format_value(s['attended_tokens_mean'], False)} "
+            f"| {format_value(s.get('kv_tokens_per_corpus'), False)} "
+            f"| {format_value(s['prompt_tokens_mean'], False)} "
+            f"| {format_value(s.get('prefill_tokens_mean'), False)} "
+            f"| {format_value(s['latency_s_mean'], False)} |"
             + peak + (_recall_cells(s) if recalls else "")
         )
     lines += _task_table(summary)
@@ -221,9 +224,9 @@ def _recall_cells(s: dict) -> str:
     host = s.get("host_kv_bytes_mean")
     if not host:
         return " – | – | – |"
-    return (f" {_fmt(s.get('recalled_tokens_mean'), False)} "
-            f"| {_fmt(s.get('recall_s_mean'), False)} "
-            f"| {_fmt(host / 2**20 if host else None, False)} |")
+    return (f" {format_value(s.get('recalled_tokens_mean'), False)} "
+            f"| {format_value(s.get('recall_s_mean'), False)} "
+            f"| {format_value(host / 2**20 if host else None, False)} |")
 
 
 def _task_table(summary: dict) -> list[str]:
@@ -247,9 +250,9 @@ def _task_table(summary: dict) -> list[str]:
             if gs is None:
                 cells.append("–")
                 continue
-            cell = f"{_fmt(gs['score'])} {format_ci(gs['score_ci95'])} ({gs['n']})"
+            cell = f"{format_value(gs['score'])} {format_ci(gs['score_ci95'])} ({gs['n']})"
             if "judge_ci95" in gs:
-                cell += f"; judge {_fmt(gs['judge'])} {format_ci(gs['judge_ci95'])}"
+                cell += f"; judge {format_value(gs['judge'])} {format_ci(gs['judge_ci95'])}"
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines

@@ -9,17 +9,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kvrag.evaluation.report import format_ci
+from kvrag.evaluation.report import format_ci, format_value
 
 WIDTH = 100
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
-def _number(x: float | None) -> str:
-    return "–" if x is None else f"{x:,.0f}" if abs(x) >= 100 else f"{x:.2f}"
 
 
 def _delta(s: dict) -> str:
@@ -32,7 +24,7 @@ def _delta(s: dict) -> str:
 def _kv(s: dict) -> str:
     if s.get("kv_bytes_mean"):
         return f"{s['kv_bytes_mean'] / 2**20:,.1f} MiB"
-    return f"{_number(s.get('kv_tokens_mean'))} tok"
+    return f"{format_value(s.get('kv_tokens_mean'), False)} tok"
 
 
 def systems_table(summary: dict) -> Table:
@@ -44,10 +36,11 @@ def systems_table(summary: dict) -> Table:
     for name in ("n", "score", "Δ vs full", "KV", "same", "prefilled", "s/answer"):
         table.add_column(name, justify="right", no_wrap=True)
     for name, s in summary["systems"].items():
-        score = f"{_pct(s.get('score'))}\n{format_ci(s['ci95'].get('score'))}"
+        score = f"{format_value(s.get('score'))}\n{format_ci(s['ci95'].get('score'))}"
         table.add_row(escape(name), str(s["n"]), score, _delta(s), _kv(s),
-                      _pct(s.get("same_as_full")), _number(s.get("prefill_tokens_mean")),
-                      _number(s.get("latency_s_mean")))
+                      format_value(s.get("same_as_full")),
+                      format_value(s.get("prefill_tokens_mean"), False),
+                      format_value(s.get("latency_s_mean"), False))
     return table
 
 
@@ -64,8 +57,8 @@ def tasks_table(summary: dict) -> Table | None:
         n = max(s["by_group"][g]["n"] for s in systems.values() if g in s["by_group"])
         table.add_column(f"{g}\n(n={n})", justify="right", overflow="fold")
     for name, s in systems.items():
-        table.add_row(escape(name), *(_pct(s["by_group"][g]["score"]) if g in s["by_group"] else "–"
-                              for g in groups))
+        table.add_row(escape(name), *(format_value(s["by_group"][g]["score"])
+                                      if g in s["by_group"] else "–" for g in groups))
     return table
 
 

@@ -45,6 +45,7 @@ def _chunks(hits: list[NodeWithScore]) -> list[Chunk]:
 class DenseRanker:
     def __init__(self, collection: Collection, embed: BaseEmbedding) -> None:
         self.collection = collection
+        self.count = collection.count()  # the pipeline builds a new ranker after an ingest
         self.index = VectorStoreIndex.from_vector_store(
             ChromaVectorStore(chroma_collection=collection), embed_model=embed)
 
@@ -52,7 +53,7 @@ class DenseRanker:
         return self.index.as_retriever(similarity_top_k=k)
 
     def top(self, question: str, k: int) -> list[Chunk]:
-        k = min(k, self.collection.count())
+        k = min(k, self.count)
         return _chunks(self.retriever(k).retrieve(question)) if k else []
 
 
@@ -103,8 +104,7 @@ class HybridRanker:
         self.bm25 = bm25
 
     def top(self, question: str, k: int) -> list[Chunk]:
-        total = self.dense.collection.count()
-        k = min(k, total)
+        k = min(k, self.dense.count)
         if k == 0:
             return []
         self.bm25.retriever.similarity_top_k = k
