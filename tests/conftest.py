@@ -11,11 +11,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# TRL looks for vllm when it is imported. Once SGLang has loaded in this process (tests
-# that start an in-process engine), the plugin's CPU stand-in for vllm._custom_ops sits in
-# sys.modules without a module spec, which that look-up cannot read; in the product, TRL
-# and SGLang never share a process. Importing TRL's GRPO first keeps the two apart here.
-import trl.trainer.grpo_trainer  # noqa: E402, F401
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Import TRL's GRPO before any test runs, where a selected test trains with it.
+
+    TRL looks for vllm when it is imported. Once SGLang has loaded in this process (tests
+    that start an in-process engine), the plugin's CPU stand-in for vllm._custom_ops sits
+    in sys.modules without a module spec, which that look-up cannot read; in the product,
+    TRL and SGLang never share a process. Other runs never load TRL.
+    """
+    if any("grpo" in item.nodeid for item in session.items):
+        import trl.trainer.grpo_trainer  # noqa: F401
 
 
 @pytest.fixture(scope="session")

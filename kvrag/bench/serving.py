@@ -1,14 +1,16 @@
 """Serving benchmark: SGLang's own backend vs the kvrag backend over it, on one long prompt.
 
-The baseline is the backend the plugin wraps on that device: torch_native on a CPU,
-triton on CUDA (CUDA graphs off for both, as the plugin runs without them). Phase 1 runs
-a baseline engine; phase 2 one kvrag engine, where each repeat sends the prompt
+The baseline is what an operator runs on that device: triton with CUDA graphs on CUDA,
+torch_native on a CPU. On CUDA the backend the plugin wraps, triton, also runs without
+CUDA graphs, as the plugin does. Phase 1 runs the baseline engines; phase 2 one kvrag
+engine, where each repeat sends the prompt
 uncompressed (the plugin's own baseline) and at every ratio, interleaved so a noisy
 machine's drift hits them alike. Each request streams NEW_TOKENS tokens (EOS
 ignored): prefill is the time to the first token, decode speed is the rest. KV slots
 held after prefill come from the plugin's stats (the prompt's slots minus those freed).
 The radix cache is flushed before every request, so no run reuses another's prefix.
-``same_tokens_as_base`` says whether a system's greedy tokens equal the baseline's (at
+``same_tokens_as_base`` says whether a system's greedy tokens equal the baseline's;
+``same_tokens_as_inner`` whether they equal the wrapped backend's without CUDA graphs (at
 ratio 0 they must; a compressed cache may change them).
 """
 
@@ -34,11 +36,12 @@ CPU = Placement(torch.device("cpu"), torch.float32)
 class ServingRow:
     system: str
     same_tokens_as_base: bool
+    same_tokens_as_inner: bool  # as the backend kvrag wraps, without CUDA graphs
     kv_slots: float  # held after prefill (and compression)
     prefill_s: float  # medians over repeats
     decode_tok_s: float
     compress_s: float
-    kv_vs_base: float  # ratios to torch_native measured in the same run
+    kv_vs_base: float  # ratios to the baseline (the first row) measured in the same run
     prefill_vs_base: float
     decode_speed_vs_base: float
 
@@ -56,8 +59,15 @@ class _Run:
 
 
 def base_backend(placement: Placement) -> str:
-    """The SGLang backend kvrag wraps on this device, and so the fair baseline."""
+    """The SGLang backend kvrag wraps on this device."""
     return "torch_native" if placement.device.type == "cpu" else "triton"
+
+
+def baselines(placement: Placement) -> list[tuple[str, bool]]:
+    """(row name, CUDA graphs on) of the baseline engines, what operators run first."""
+    inner = base_backend(placement)
+    graphs = [(f"{inner}+cuda-graphs", True)] if placement.device.type == "cuda" else []
+    return [*graphs, (inner, False)]
 
 
 def plugin_environ(stats: Path, decode_path: str) -> dict[str, str]:
@@ -70,7 +80,9 @@ def plugin_environ(stats: Path, decode_path: str) -> dict[str, str]:
 
 
 def start_engine(model_path: Path, backend: str, max_total_tokens: int, placement: Placement,
-            load_format: str | None):
+                 load_format: str | None, cuda_graph: bool = False):
+    """An in-process SGLang engine; ``cuda_graph`` only for a baseline (the kvrag backend
+    refuses them)."""
     import sglang
 
     where = {"device": placement.device.type, "dtype": placement.dtype_name}
@@ -81,7 +93,8 @@ def start_engine(model_path: Path, backend: str, max_total_tokens: int, placemen
     if load_format is not None:
         where["load_format"] = load_format
     return sglang.Engine(
-        model_path=str(model_path), attention_backend=backend, disable_cuda_graph=True,
+        model_path=str(model_path), attention_backend=backend,
+        disable_cuda_graph=not cuda_graph,
         disable_overlap_schedule=True, max_total_tokens=max_total_tokens,
         skip_tokenizer_init=True, random_seed=0, **where)
 
@@ -124,7 +137,7 @@ def bench_serving(
     on_step: Callable[[str], None] = lambda label: None,
     placement: Placement = CPU, load_format: str | None = None, decode_path: str = "auto",
 ) -> tuple[int, list[ServingRow]]:
-    """(prompt tokens, rows: the baseline first, then kvrag none and each ratio).
+    """(prompt tokens, rows: the baselines first, then kvrag none and each ratio).
 
     ``load_format="dummy"`` lets SGLang fill the weights with seeded random values: a
     checkpoint directory then needs only its config and tokenizer.
@@ -142,17 +155,18 @@ def bench_serving(
         make_demo(seed=1, context_tokens=context_tokens, per_task=1)[0]))
     ids = enc.input_ids
     pool = len(ids) + new_tokens + 1024
-    base_name = base_backend(placement)
-    runs: dict[str, list[_Run]] = {base_name: []}
-
-    on_step(f"starting {base_name} engine")
-    engine = start_engine(model_path, base_name, pool, placement, load_format)
-    try:
-        for r in range(repeats):
-            on_step(f"{base_name} (repeat {r + 1}/{repeats})")
-            runs[base_name].append(_run(engine, ids, new_tokens, None, None))
-    finally:
-        engine.shutdown()
+    inner = base_backend(placement)
+    runs: dict[str, list[_Run]] = {}
+    for name, graphs in baselines(placement):
+        runs[name] = []
+        on_step(f"starting {name} engine")
+        engine = start_engine(model_path, inner, pool, placement, load_format, graphs)
+        try:
+            for r in range(repeats):
+                on_step(f"{name} (repeat {r + 1}/{repeats})")
+                runs[name].append(_run(engine, ids, new_tokens, None, None))
+        finally:
+            engine.shutdown()
 
     stats = Path(tempfile.mkstemp(prefix="kvrag-serving-", suffix=".jsonl")[1])
     systems = [("kvrag none", {plugin_config.PARAM_SPEC: "none"})] + [
@@ -176,9 +190,11 @@ def bench_serving(
     medians = {name: _Run(*(statistics.median(getattr(r, f) for r in rs)
                             for f in ("kv_slots", "prefill_s", "decode_tok_s", "compress_s")))
                for name, rs in runs.items()}
+    base_name = baselines(placement)[0][0]
     base = medians[base_name]
-    base_tokens = runs[base_name][0].tokens
-    rows = [ServingRow(name, all(r.tokens == base_tokens for r in runs[name]), m.kv_slots,
+    base_tokens, inner_tokens = runs[base_name][0].tokens, runs[inner][0].tokens
+    rows = [ServingRow(name, all(r.tokens == base_tokens for r in runs[name]),
+                       all(r.tokens == inner_tokens for r in runs[name]), m.kv_slots,
                        m.prefill_s, m.decode_tok_s, m.compress_s,
                        m.kv_slots / base.kv_slots, m.prefill_s / base.prefill_s,
                        m.decode_tok_s / base.decode_tok_s) for name, m in medians.items()]

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from kvrag.cli.common import DeviceOption, DtypeOption, console, fail
+from kvrag.cli.common import DeviceOption, DtypeOption, console, fail, need
 from kvrag.compression import METHODS, SpecError, queries_needed, split_specs
 from kvrag.engines.models import ModelNotFoundError, resolve_model
 
@@ -109,12 +109,14 @@ def rag_cmd(
     """
     from transformers import AutoTokenizer
 
-    from kvrag.bench.rag import STORES, bench_rag
     from kvrag.data.demo import make_demo
     from kvrag.data.schema import DatasetError
     from kvrag.data.sources import read_docs
+    from kvrag.rag_stack.config import RETRIEVER_NAMES
+
+    need("rag", "kvrag bench rag")
+    from kvrag.bench.rag import STORES, bench_rag
     from kvrag.rag_stack.embeddings import load_embedding
-    from kvrag.rag_stack.retrievers import RETRIEVERS
 
     try:
         sizes = [int(s) for s in corpus_chunks.split(",")]
@@ -123,8 +125,8 @@ def rag_cmd(
     chosen = [s.strip() for s in stores.split(",") if s.strip()]
     if not chosen or any(s not in STORES for s in chosen):
         fail(f"--stores takes {', '.join(STORES)} (comma-separated), got {stores!r}")
-    if retriever not in RETRIEVERS:
-        fail(f"--retriever takes one of {', '.join(RETRIEVERS)}, got {retriever!r}")
+    if retriever not in RETRIEVER_NAMES:
+        fail(f"--retriever takes one of {', '.join(RETRIEVER_NAMES)}, got {retriever!r}")
     demo = make_demo()
     try:
         docs = read_docs(source) if source is not None else list(
@@ -206,6 +208,8 @@ def serving_cmd(
     """
     from kvrag.compression import parse_spec
     from kvrag.engines.device import resolve
+
+    need("sglang", "kvrag bench serving")
 
     try:
         placement = resolve(device, dtype)
@@ -318,9 +322,10 @@ def _print_load(rows) -> None:
 
 def _print_serving(rows) -> None:
     _print_table(
-        ("system", "same tokens", "KV slots", "KV/base", "prefill s", "prefill/base",
+        ("system", "= base", "= inner", "KV slots", "KV/base", "prefill s", "prefill/base",
          "decode tok/s", "speed/base", "compress s"),
-        [(r.system, "yes" if r.same_tokens_as_base else "no", f"{r.kv_slots:,.0f}",
+        [(r.system, "yes" if r.same_tokens_as_base else "no",
+          "yes" if r.same_tokens_as_inner else "no", f"{r.kv_slots:,.0f}",
           f"{r.kv_vs_base:.2f}", f"{r.prefill_s:.1f}", f"{r.prefill_vs_base:.2f}",
           f"{r.decode_tok_s:.2f}", f"{r.decode_speed_vs_base:.2f}", f"{r.compress_s:.3f}")
          for r in rows])
@@ -365,6 +370,8 @@ def fleet_cmd(
     """
     import secrets
 
+    need("sglang", "kvrag bench fleet")
+    need("router", "kvrag bench fleet")
     from kvrag.bench.fleet import bench_fleet, fleet_logs, shared_questions
     from kvrag.bench.fleet_processes import POLICIES, Fleet, FleetError
     from kvrag.compression import parse_spec
@@ -432,24 +439,54 @@ def gpu_cmd(
                          ] = 8,
     load_requests: Annotated[int, typer.Option(
         min=2, help="Requests sent at once in the load step.")] = 12,
+    engine: Annotated[str, typer.Option(help=(
+        "sglang: the plugin in SGLang (needs kvrag[sglang]). hf: the HF engine and LoRA "
+        "training, with nothing but PyTorch, transformers and PEFT."))] = "sglang",
+    train_tokens: Annotated[int | None, typer.Option(min=200, help=(
+        "--engine hf: prompt tokens of the SFT step with gradient checkpointing, where the "
+        "compression-aware step starts halving (default: --prompt-tokens)."))] = None,
+    memory_cap_gib: Annotated[float, typer.Option(min=1, help=(
+        "--engine hf: the memory the compression-aware SFT step must fit in (the allocator "
+        "is held to it on a larger card)."))] = 80.0,
 ) -> None:
-    """The plugin at scale on one CUDA device: a random-weight Llama-3.1-8B-shaped model.
+    """Each engine at scale on one device: a random-weight Llama-3.1-8B-shaped model.
 
-    Nothing is downloaded: the checkpoint is a config plus tokenizer, and SGLang fills
-    seeded random weights (load format 'dummy'). On a PROMPT_TOKENS prompt it checks that
-    the kvrag backend over triton at ratio 0 gives triton's greedy tokens, and measures
-    KV slots freed and decode tokens/s at snapkv 0.5 and 0.9 against triton; sends
+    Nothing is downloaded. --engine sglang: the checkpoint is a config plus tokenizer, and
+    SGLang fills seeded random weights (load format 'dummy'). On a PROMPT_TOKENS prompt it
+    measures triton with CUDA graphs (what an operator runs, the baseline), triton without
+    them, and the kvrag backend over triton (which runs without): greedy tokens at ratio 0
+    equal to triton's, KV slots freed and decode tokens/s at snapkv 0.5 and 0.9; sends
     LOAD_REQUESTS such prompts at once against a pool of 4 full ones (requests running at
     once, tokens/s, TTFT, TPOT against triton); then runs `kvrag compare --engine sglang`
     (full, snapkv:0.5) on QUESTIONS demo questions there.
+
+    --engine hf: the model is built on the device (never in host memory first); a
+    PROMPT_TOKENS prompt of random ids is answered by full, snapkv:0.0 (through the
+    compressed path: it must give full's tokens), snapkv:0.5, snapkv:0.9 and
+    snapkv[chunk=16;heads=shared]:0.5: KV bytes held, peak memory (CUDA allocator; on a CPU
+    the process's resident high-water mark), prefill s, decode tok/s, as ratios to full;
+    then one LoRA SFT step with gradient checkpointing at TRAIN_TOKENS and one
+    compression-aware step at the longest length that fits in MEMORY_CAP_GIB. Writes
+    gpu_hf.json and gpu_hf.md. Exits 1 if ratio 0 changes the tokens.
     """
     from kvrag.bench.gpu_check import SHAPES, GpuCheckSettings, run_gpu_check
     from kvrag.engines.device import resolve
 
+    if engine not in ("sglang", "hf"):
+        fail(f"--engine takes sglang or hf, got {engine!r}")
+    if engine == "sglang":
+        need("sglang", "kvrag bench gpu --engine sglang")
     try:
         placement = resolve(device, dtype)
         if shape not in SHAPES:
             raise ValueError(f"unknown --shape {shape!r}; use one of {', '.join(SHAPES)}")
+    except ValueError as e:
+        fail(str(e))
+    if engine == "hf":
+        _gpu_hf(placement, out, shape, prompt_tokens, new_tokens, repeats,
+                train_tokens or prompt_tokens, memory_cap_gib)
+        return
+    try:
         resolve_model(compare_model, console)
         tokenizer_dir = resolve_model("smollm2", console)
     except (ModelNotFoundError, ValueError) as e:
@@ -478,10 +515,28 @@ def gpu_cmd(
     console.print(f"compare ({compare['wall_s']:.0f} s): " + "; ".join(
         f"{name} SubEM {s['subem']:.2f}, KV tokens {s['kv_tokens_mean']:,.0f}"
         for name, s in compare["systems"].items()), markup=False)
-    ok = report["checks"]["ratio0_same_tokens_as_base"]
-    console.print(f"ratio 0 gives the baseline's tokens: {'yes' if ok else 'NO'}; report in "
-                  f"{out / 'gpu_check.json'}", markup=False)
+    ok = report["checks"]["ratio0_same_tokens_as_inner"]
+    console.print(f"ratio 0 gives the wrapped backend's tokens: {'yes' if ok else 'NO'}; "
+                  f"report in {out / 'gpu_check.json'}", markup=False)
     if not ok:
+        raise typer.Exit(1)
+
+
+def _gpu_hf(placement, out: Path, shape: str, prompt_tokens: int, new_tokens: int,
+            repeats: int, train_tokens: int, memory_cap_gib: float) -> None:
+    from kvrag.bench.gpu_hf import HFCheckSettings, markdown, run_hf_check
+
+    settings = HFCheckSettings(placement, shape, prompt_tokens, new_tokens, repeats,
+                               train_tokens, memory_cap_gib)
+    with console.status("GPU check (hf)") as status:
+        try:
+            report = run_hf_check(settings, out, on_step=lambda label: status.update(
+                f"GPU check (hf): {label}"))
+        except (RuntimeError, ValueError) as e:
+            fail(str(e))
+    console.print(markdown(report), markup=False, soft_wrap=True)
+    console.print(f"report in {out / 'gpu_hf.json'} and {out / 'gpu_hf.md'}", markup=False)
+    if not report["ratio0_same_tokens_as_full"]:
         raise typer.Exit(1)
 
 
@@ -509,6 +564,7 @@ def eviction_cmd(
     (Belady's MIN over tokens; exact when a node's tail may be evicted alone, a lower
     bound for SGLang's whole-node eviction), and every row's ratio to it and to lru.
     """
+    need("sglang", "kvrag bench eviction")
     from kvrag.bench.eviction import parse_policy, run_eviction_benchmark, split_policies
     from kvrag.bench.eviction_traces import WORKLOADS
 

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from kvrag.extras import MissingExtraError, require
+
 # The names are listed here, not imported from kvrag.engines.device, so that `--help`
 # does not import torch.
 DeviceOption = Annotated[str, typer.Option(help=(
@@ -28,8 +30,20 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print one clear error line and exit non-zero."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    report_error(message)
     raise typer.Exit(code)
+
+
+def report_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+
+
+def need(part: str, feature: str) -> None:
+    """Exit with the pip command to run when ``feature`` needs an extra not installed."""
+    try:
+        require(part, feature)
+    except MissingExtraError as e:
+        fail(str(e))
 
 
 class StepProgress:

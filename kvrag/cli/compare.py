@@ -18,7 +18,7 @@ from kvrag.cli.common import (
 from kvrag.data.loaders import LOADERS
 from kvrag.evaluation.comparison import CompareSettings, ComparisonError, run_compare
 from kvrag.evaluation.systems import SYSTEM_HELP
-from kvrag.rag_stack.retrieve import ORDERS
+from kvrag.rag_stack.config import ORDERS
 
 # Measured on the 200 demo questions with SmolLM2 (README): its full-context answers end
 # within 43 tokens or loop until any limit (4%).

@@ -17,9 +17,12 @@ from kvrag.data.needles import TASKS as NEEDLE_TASKS
 from kvrag.data.needles import NeedleConfig
 from kvrag.data.schema import DatasetError, Instance, write_docs, write_jsonl
 from kvrag.engines.models import ModelNotFoundError, kvrag_home, resolve_model
-from kvrag.rag_stack.chroma import ChromaUnavailableError
-from kvrag.rag_stack.collection import RagIndexError
-from kvrag.rag_stack.embeddings import EmbeddingModelNotFoundError
+from kvrag.extras import require
+from kvrag.rag_stack.errors import (
+    ChromaUnavailableError,
+    EmbeddingModelNotFoundError,
+    RagIndexError,
+)
 
 app = typer.Typer(help="Make and check datasets.", no_args_is_help=True)
 
@@ -193,8 +196,11 @@ def build_cmd(
         read_questions,
     )
     from kvrag.evaluation.judge import ChatClient, JudgeUnavailableError
+    from kvrag.rag_stack.config import RagConfig
     from kvrag.rag_stack.embeddings import embedding_model_id
-    from kvrag.rag_stack.pipeline import RagConfig, RagPipeline
+
+    require("rag", "kvrag data build")
+    from kvrag.rag_stack.pipeline import RagPipeline
 
     if out.suffix != ".jsonl":
         fail(f"--out must be a .jsonl path, got {out}")

@@ -11,9 +11,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import typer  # noqa: E402
 
 from kvrag.cli import analyze, bench, data, rag, train  # noqa: E402
+from kvrag.cli.common import report_error  # noqa: E402
 from kvrag.cli.compare import compare  # noqa: E402
 from kvrag.cli.report import report  # noqa: E402
 from kvrag.cli.serve import serve  # noqa: E402
+from kvrag.extras import MissingExtraError  # noqa: E402
 
 app = typer.Typer(
     help="Long-context LM vs compressed KV cache vs RAG, on identical questions.",
@@ -32,3 +34,13 @@ app.add_typer(bench.app, name="bench")
 app.add_typer(rag.app, name="rag")
 app.add_typer(train.app, name="train")
 app.add_typer(analyze.app, name="analyze")
+
+
+def main() -> None:
+    """The ``kvrag`` command: a missing optional part ends with the pip line to run,
+    wherever in a command it is found."""
+    try:
+        app()
+    except MissingExtraError as e:
+        report_error(str(e))
+        raise SystemExit(2) from None

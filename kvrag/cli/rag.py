@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -11,13 +11,16 @@ from kvrag.cli.common import IngestProgress, console, fail
 from kvrag.data.schema import DatasetError
 from kvrag.data.sources import read_docs
 from kvrag.engines.models import ModelNotFoundError, kvrag_home, resolve_model
-from kvrag.rag_stack.chroma import ChromaUnavailableError
-from kvrag.rag_stack.collection import RagIndexError
-from kvrag.rag_stack.embeddings import EmbeddingModelNotFoundError
-from kvrag.rag_stack.ingest import EMBED_BATCH
-from kvrag.rag_stack.pipeline import RagConfig, RagPipeline
-from kvrag.rag_stack.retrieve import ORDERS
-from kvrag.rag_stack.retrievers import RETRIEVERS
+from kvrag.extras import require
+from kvrag.rag_stack.config import EMBED_BATCH, ORDERS, RETRIEVER_NAMES, RagConfig
+from kvrag.rag_stack.errors import (
+    ChromaUnavailableError,
+    EmbeddingModelNotFoundError,
+    RagIndexError,
+)
+
+if TYPE_CHECKING:
+    from kvrag.rag_stack.pipeline import RagPipeline
 
 app = typer.Typer(help="Ingest documents into Chroma and query them.", no_args_is_help=True)
 
@@ -42,6 +45,9 @@ def _tokenizer(model: str):
 
 def _pipeline(index_dir: Path | None, chroma_url: str | None, chunk_tokens: int,
               order: str = "score", embed_batch: int = EMBED_BATCH) -> RagPipeline:
+    require("rag", "kvrag rag")
+    from kvrag.rag_stack.pipeline import RagPipeline
+
     config = RagConfig(index_dir=index_dir or default_index_dir(), chroma_url=chroma_url,
                        chunk_tokens=chunk_tokens, order=order, embed_batch=embed_batch)
     return RagPipeline.from_config(config)
@@ -80,7 +86,7 @@ def query_cmd(
     budget: Annotated[int, typer.Option(min=1, help="Prompt tokens for retrieved chunks.")] = 1024,
     order: Annotated[str, typer.Option(help=f"Chunk order: {', '.join(ORDERS)}.")] = "score",
     retriever: Annotated[str, typer.Option(
-        help=f"How chunks are ranked: {', '.join(RETRIEVERS)} (BM25 and dense fused by "
+        help=f"How chunks are ranked: {', '.join(RETRIEVER_NAMES)} (BM25 and dense fused by "
              "reciprocal rank).")] = "dense",
     index_dir: IndexDir = None, chroma_url: ChromaUrl = None, chunk_tokens: ChunkTokens = 128,
     model: Model = "smollm2",

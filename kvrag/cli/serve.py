@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from kvrag.cli.common import DeviceOption, DtypeOption, console, fail
+from kvrag.cli.common import DeviceOption, DtypeOption, console, fail, need
 from kvrag.compression import SpecError, parse_spec, split_specs
 from kvrag.compression.capabilities import Target, check
 from kvrag.engine_plugin import config
@@ -101,6 +101,7 @@ def serve(
     python -m sglang_router.launch_router --worker-urls ... --api-key KEY in front.
     SIGTERM or Ctrl-C stops the SGLang server and its worker processes.
     """
+    need("sglang", "kvrag serve")
     if eviction_policy not in EVICTION_POLICIES:
         fail(f"unknown eviction policy {eviction_policy!r}; use one of "
              f"{', '.join(EVICTION_POLICIES)}")

@@ -14,6 +14,7 @@ from kvrag.cli.common import (
     StepProgress,
     console,
     fail,
+    need,
 )
 
 app = typer.Typer(help="Fine-tune LoRA adapters (PEFT) for in-context retrieval.",
@@ -251,6 +252,7 @@ def grpo_cmd(
         fail(f"unknown reward {reward!r}; use one of {', '.join(REWARDS)}, judge")
     if (reward == "judge") != (judge_url is not None):
         fail("--reward judge needs --judge-url, and --judge-url is only for --reward judge")
+    need("train", "kvrag train grpo")
     try:
         placement = resolve(device, dtype)
         if compress:

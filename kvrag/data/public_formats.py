@@ -18,8 +18,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from llama_index.core.node_parser import SentenceSplitter
-
 from kvrag.data.registry import register_loader
 from kvrag.data.schema import (
     LETTERS,
@@ -29,6 +27,7 @@ from kvrag.data.schema import (
     parse_instance,
     read_records,
 )
+from kvrag.extras import require
 
 # Passage size, in words, for contexts given as one string. InfiniteBench books run to
 # 100k-200k words, so this makes a few hundred passages per book: small enough for RAG
@@ -64,6 +63,9 @@ def split_context(context: str, passage_words: int = PASSAGE_WORDS) -> list[Doc]
     Ids are ``p1``, ``p2``, ... and titles are empty. No text is dropped except the
     whitespace at passage boundaries; passages do not overlap.
     """
+    require("rag", "splitting a long context into passages (InfiniteBench, LongBench v2)")
+    from llama_index.core.node_parser import SentenceSplitter
+
     splitter = SentenceSplitter(
         chunk_size=passage_words, chunk_overlap=0, tokenizer=count_words,
         paragraph_separator="\n\n", chunking_tokenizer_fn=_sentences,

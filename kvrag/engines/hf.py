@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -166,24 +166,41 @@ class HFEngine(TokenizerMethods):
         ``adapter``: a PEFT LoRA directory, merged into the weights for decoding speed.
         ``device``, ``dtype``: where the weights, the cache and every input live.
         """
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.model_path = Path(model_path)
-        self.model_name = self.model_path.name
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.model_path, dtype=dtype, attn_implementation=hf_attention.NAME
-        ).to(self.device)
+        model_path = Path(model_path)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, attn_implementation=hf_attention.NAME
+        ).to(torch.device(device))
+        name = model_path.name
         if adapter is not None:
             from peft import PeftModel
 
-            self.model = PeftModel.from_pretrained(self.model, adapter).merge_and_unload()
-            self.model_name = f"{self.model_name}+{Path(adapter).name}"
-        self.model.eval()
-        self.stop_ids = stop_ids(self.tokenizer, self.model.generation_config.eos_token_id)
-        kv = KVGeometry.of(self.model.config)
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+            name = f"{name}+{Path(adapter).name}"
+        self._setup(model, AutoTokenizer.from_pretrained(model_path), name, capture_queries)
+        self.model_path = model_path
+
+    @classmethod
+    def of_model(cls, model, name: str, tokenizer=None,
+                 capture_queries: int | None = 64) -> HFEngine:
+        """An engine over a model already built where it runs (with
+        ``attn_implementation="kvrag"``): a random-weight one for benchmarks, say. Without
+        a tokenizer it answers token ids only (``generate_ids``)."""
+        engine = cls.__new__(cls)
+        engine._setup(model, tokenizer, name, capture_queries)
+        return engine
+
+    def _setup(self, model, tokenizer, name: str, capture_queries: int | None) -> None:
+        self.model = model.eval()
+        self.device = model.device
+        self.dtype = model.dtype
+        self.model_path = None
+        self.model_name = name
+        self.tokenizer = tokenizer
+        self.stop_ids = (stop_ids(tokenizer, model.generation_config.eos_token_id)
+                         if tokenizer is not None else set())
+        kv = KVGeometry.of(model.config)
         self.n_layers = kv.layers
-        self.kv_bytes_per_token_layer = kv.bytes_per_token_layer(dtype)
+        self.kv_bytes_per_token_layer = kv.bytes_per_token_layer(self.dtype)
         self.capture_queries = capture_queries
         self._last: Prefill | None = None
         self.retried_alone = 0
@@ -223,6 +240,8 @@ class HFEngine(TokenizerMethods):
         with hf_attention.attention_hooks(hooks):
             out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True,
                              logits_to_keep=1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
         assert hooks.captured is not None
         return Prefill(tuple(ids), out.past_key_values, hooks.captured, out.logits[0, -1],
@@ -262,17 +281,29 @@ class HFEngine(TokenizerMethods):
                                 [layer.values[0] for layer in pre.cache.layers], kept, n)
         return CompressedCache(cache, kept, time.perf_counter() - t0, valid, host)
 
-    @torch.inference_mode()
     def generate(
         self, prompt: Prompt, max_new_tokens: int, compression: CompressionSpec | None = None,
         ignore_eos: bool = False,
     ) -> Generation:
         """Greedy answer; ``ignore_eos`` decodes all ``max_new_tokens`` (for benchmarks)."""
         enc = self.encode(prompt)
-        n_doc = enc.context_end - enc.context_start
         asked = compression
-        if compression is not None and compression.keeps_all(n_doc):
+        if compression is not None and compression.keeps_all(enc.context_end
+                                                             - enc.context_start):
             compression = None  # nothing to evict: the full cache answers, as on SGLang
+        new, cost = self.generate_ids(enc, max_new_tokens, compression, ignore_eos)
+        cost = replace(cost, served_uncompressed=asked is not None and compression is None)
+        return Generation(self.tokenizer.decode(new, skip_special_tokens=True), cost,
+                          truncated=len(new) == max_new_tokens)
+
+    @torch.inference_mode()
+    def generate_ids(
+        self, enc: EncodedPrompt, max_new_tokens: int,
+        compression: CompressionSpec | None = None, ignore_eos: bool = False,
+    ) -> tuple[list[int], Cost]:
+        """The greedy tokens and their cost, with ``compression`` applied as given (also
+        where it keeps every document token: the compressed path then copies the cache)."""
+        n_doc = enc.context_end - enc.context_start
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -293,6 +324,8 @@ class HFEngine(TokenizerMethods):
         finally:
             if start.in_place:
                 crop_cache(cache, len(enc.input_ids))
+        if cuda:
+            torch.cuda.synchronize(self.device)
         t2 = time.perf_counter()
         cost = Cost(
             prompt_tokens=len(enc.input_ids), kv_tokens=kv_tokens, kv_bytes=held,
@@ -301,13 +334,11 @@ class HFEngine(TokenizerMethods):
             prefill_tokens=start.prefill_tokens, shared_kv_tokens=start.shared_kv_tokens,
             layer_mean_kv_tokens=kv_tokens,
             peak_bytes=int(torch.cuda.max_memory_allocated(self.device)) if cuda else None,
-            served_uncompressed=asked is not None and compression is None,
             **({} if start.recall is None else {
                 "recalled_tokens": float(start.recall.tokens),
                 "recall_s": start.recall.seconds, "host_kv_bytes": start.recall.host.nbytes}),
         )
-        return Generation(self.tokenizer.decode(new, skip_special_tokens=True), cost,
-                          truncated=len(new) == max_new_tokens)
+        return new, cost
 
     def _decode(self, cache: DynamicCache, logits: torch.Tensor, position: int,
                 max_new_tokens: int, stop_ids: set[int],

@@ -28,6 +28,7 @@ from kvrag.engines.base import Generation
 from kvrag.engines.chat import TokenizerMethods
 from kvrag.engines.checkpoint import CheckpointSide
 from kvrag.engines.served import Timing, UncompressedError, request_spec, served_cost
+from kvrag.extras import require
 
 K = TypeVar("K")
 
@@ -43,6 +44,7 @@ class SGLangEngine(TokenizerMethods):
         model's; the KV cache has the model's dtype. ``engine_args`` go to
         ``sglang.Engine`` over kvrag's defaults (on a CPU a 16,384-token pool in 30% of
         memory; on a GPU SGLang's own sizing)."""
+        require("sglang", "the SGLang engine")
         import sglang
 
         self.model_path = Path(model_path)

@@ -52,10 +52,14 @@ from kvrag.evaluation.systems import (
     SystemSpecError,
     parse_systems,
 )
-from kvrag.rag_stack.chroma import ChromaUnavailableError
-from kvrag.rag_stack.collection import RagIndexError
-from kvrag.rag_stack.embeddings import EmbeddingModelNotFoundError, embedding_model_id
-from kvrag.rag_stack.pipeline import RagConfig
+from kvrag.extras import MissingExtraError, require
+from kvrag.rag_stack.config import RagConfig
+from kvrag.rag_stack.embeddings import embedding_model_id
+from kvrag.rag_stack.errors import (
+    ChromaUnavailableError,
+    EmbeddingModelNotFoundError,
+    RagIndexError,
+)
 
 
 class ComparisonError(Exception):
@@ -121,6 +125,7 @@ def run_compare(s: CompareSettings, console: Console, progress: ProgressBar) -> 
         sglang = SGLangOptions(s.context_length, s.max_total_tokens, s.mem_fraction_static,
                                s.tp_size, parse_sglang_args(s.sglang_args))
         if s.engine == "sglang":
+            require("sglang", "--engine sglang")
             sglang.engine_kwargs()  # an unknown --sglang-arg fails now
         elif s.engine == "sglang-url" and sglang != SGLangOptions():
             raise ValueError("SGLang options are the server's: set them where it starts")
@@ -162,7 +167,7 @@ def run_compare(s: CompareSettings, console: Console, progress: ProgressBar) -> 
                     check_servable(s.url, info, system.spec)
     except (SystemSpecError, DatasetError, ModelNotFoundError, ChromaUnavailableError,
             EmbeddingModelNotFoundError, DeviceError, ServerUnavailableError, ValueError,
-            JudgeUnavailableError, RagIndexError) as e:
+            JudgeUnavailableError, RagIndexError, MissingExtraError) as e:
         raise ComparisonError(str(e)) from e
     instances = instances[:s.limit] if s.limit else instances
     try:

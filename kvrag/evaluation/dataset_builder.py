@@ -15,13 +15,16 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvrag.data.public_formats import split_context
 from kvrag.data.schema import DatasetError, Doc, Instance, read_records
 from kvrag.evaluation.judge import ChatClient
 from kvrag.evaluation.metrics import normalize, substring_exact_match
 from kvrag.evaluation.prompt_fit import prompt_tokens
-from kvrag.rag_stack.pipeline import RagPipeline
+
+if TYPE_CHECKING:
+    from kvrag.rag_stack.pipeline import RagPipeline
 
 PASSAGE_WORDS = 100  # the study's passage size
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kvrag.compression import METHODS, CompressionSpec, SpecError, parse_spec, split_specs
 from kvrag.compression.spec import parse_options
 from kvrag.data.prompt import Prompt, build_prompt
 from kvrag.data.schema import Doc, Instance
 from kvrag.engines.base import Engine
-from kvrag.rag_stack.pipeline import RagConfig, RagPipeline
-from kvrag.rag_stack.retrievers import RETRIEVERS
+from kvrag.extras import require
+from kvrag.rag_stack.config import RETRIEVER_NAMES, RagConfig
+
+if TYPE_CHECKING:
+    from kvrag.rag_stack.pipeline import RagPipeline
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class SystemOptions:
     def rag_pipeline(self) -> RagPipeline:
         """One pipeline (Chroma client, embedding model) for every rag system of the run."""
         if self._pipeline is None:
+            require("rag", "a rag system")
+            from kvrag.rag_stack.pipeline import RagPipeline
+
             self._pipeline = RagPipeline.from_config(self.rag)
         return self._pipeline
 
@@ -123,7 +129,7 @@ register_system("once", "once:METHOD:RATIO|@TOKENS")(_compressed)
 class RagSystem:
     """Retrieve the best chunks for this question up to ``budget`` tokens, from the
     dataset's shared corpus where it has one, else from the question's own documents; same
-    prompt and engine. ``retriever``: one of ``RETRIEVERS`` (dense by default)."""
+    prompt and engine. ``retriever``: one of ``RETRIEVER_NAMES`` (dense by default)."""
 
     budget: int
     options: SystemOptions
@@ -145,10 +151,11 @@ class RagSystem:
 _RAG_SPEC = re.compile(r"rag(?:\[(?P<options>[^\]]*)\])?:(?P<budget>.*)")
 
 
-@register_system("rag", f"rag[retriever={'|'.join(RETRIEVERS)}]:BUDGET")
+@register_system("rag", f"rag[retriever={'|'.join(RETRIEVER_NAMES)}]:BUDGET")
 def _rag(spec: str, options: SystemOptions) -> System:
-    usage = (f"use rag:BUDGET or rag[retriever=R]:BUDGET with R one of {', '.join(RETRIEVERS)} "
-             "and BUDGET a number of prompt tokens >= 1 for the retrieved chunks, e.g. "
+    usage = ("use rag:BUDGET or rag[retriever=R]:BUDGET with R one of "
+             f"{', '.join(RETRIEVER_NAMES)} and BUDGET a number of prompt tokens >= 1 for "
+             "the retrieved chunks, e.g. "
              "rag[retriever=hybrid]:1024")
     match = _RAG_SPEC.fullmatch(spec)
     if match is None or not match["budget"].isdigit() or int(match["budget"]) < 1:
@@ -158,8 +165,9 @@ def _rag(spec: str, options: SystemOptions) -> System:
     except SpecError as e:
         raise SystemSpecError(str(e)) from None
     retriever = given.pop("retriever", "dense")
-    if given or retriever not in RETRIEVERS:
+    if given or retriever not in RETRIEVER_NAMES:
         raise SystemSpecError(f"{spec!r}: {usage}")
+    require("rag", f"the system {spec!r}")
     return RagSystem(int(match["budget"]), options, retriever)
 
 

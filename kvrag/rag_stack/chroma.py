@@ -15,11 +15,7 @@ from urllib.parse import urlparse
 import chromadb
 from chromadb.api import ClientAPI
 
-from kvrag.rag_stack.collection import RagIndexError
-
-
-class ChromaUnavailableError(ConnectionError):
-    """A Chroma server that cannot be reached; the message names the URL."""
+from kvrag.rag_stack.errors import ChromaUnavailableError, RagIndexError
 
 
 def open_client(index_dir: str | Path | None = None, url: str | None = None) -> ClientAPI:

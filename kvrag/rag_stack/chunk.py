@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from llama_index.core.schema import BaseNode
+from typing import TYPE_CHECKING
 
 from kvrag.data.prompt import format_doc
 from kvrag.data.schema import Doc
+
+if TYPE_CHECKING:
+    from llama_index.core.schema import BaseNode
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,10 @@ from collections.abc import Callable
 from chromadb.api import ClientAPI
 from chromadb.api.models.Collection import Collection
 
+from kvrag.rag_stack.errors import RagIndexError
+
 LAYOUT = 2  # chunk metadata with block_tokens; bump when stored chunks change shape
 TOKENIZER_PROBE = "[DOC 12] Zoë's café\nThe 1,024 ships sailed at 07:45, didn't they?\n\n"
-
-
-class RagIndexError(RuntimeError):
-    """A collection kvrag cannot use; the message names it and says what to do."""
 
 
 def tokenizer_fingerprint(tokenize: Callable[[str], list]) -> str:

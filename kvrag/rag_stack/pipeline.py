@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from chromadb.api import ClientAPI
 from chromadb.api.models.Collection import Collection
@@ -31,35 +30,11 @@ from kvrag.rag_stack.collection import (
     open_collection,
     tokenizer_fingerprint,
 )
+from kvrag.rag_stack.config import RagConfig
 from kvrag.rag_stack.embeddings import embedding_model_id, load_embedding
-from kvrag.rag_stack.ingest import EMBED_BATCH, IngestStats, ingest, iter_chunks
-from kvrag.rag_stack.retrieve import ORDERS, retrieve
+from kvrag.rag_stack.ingest import IngestStats, ingest, iter_chunks
+from kvrag.rag_stack.retrieve import retrieve
 from kvrag.rag_stack.retrievers import RETRIEVERS, DenseRanker, Ranker
-
-DEFAULT_INDEX = Path(".kvrag-index")
-
-
-@dataclass(frozen=True)
-class RagConfig:
-    index_dir: Path | None = None  # embedded Chroma folder (default .kvrag-index)
-    chroma_url: str | None = None  # a `chroma run` server instead
-    chunk_tokens: int = 128
-    order: str = "score"  # or "document"
-    embed_model: Path | None = None  # a sentence-transformers directory (default: MiniLM)
-    embed_batch: int = EMBED_BATCH
-
-    def __post_init__(self) -> None:
-        if self.chunk_tokens < 16:
-            raise ValueError(f"chunk size must be at least 16 tokens, got {self.chunk_tokens}")
-        if self.order not in ORDERS:
-            raise ValueError(f"retrieval order must be one of {ORDERS}, got {self.order!r}")
-        if self.embed_batch < 1:
-            raise ValueError(f"the embedding batch must be at least 1, got {self.embed_batch}")
-
-    @property
-    def bm25_dir(self) -> Path:
-        """Where BM25 indexes are persisted, per collection (also for a server store)."""
-        return (self.index_dir or DEFAULT_INDEX) / "bm25"
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from kvrag.rag_stack.chunk import Chunk
-from kvrag.rag_stack.retrievers import Ranker
+from kvrag.rag_stack.config import ORDERS
 
-ORDERS = ("score", "document")
+if TYPE_CHECKING:
+    from kvrag.rag_stack.retrievers import Ranker
+
 
 
 def first_page(budget: int, chunk_tokens: int) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from kvrag.engines.device import DTYPES
+from kvrag.extras import require
 from kvrag.train.examples import Example
 from kvrag.train.formats import CountTokens, count_words
 from kvrag.train.rewards import JudgeFn, get_reward
@@ -82,6 +83,7 @@ def train_grpo(
     device: str | torch.device = "cpu",
 ) -> TrainResult:
     """Train a LoRA adapter with GRPO into ``out``; ``on_step(step, mean reward)``."""
+    require("train", "GRPO training")
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback

@@ -49,7 +49,7 @@ def test_every_step_runs_on_the_cpu(tmp_path, tiny_model_dir):
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["base_backend"] == "torch_native" and report["prompt_tokens"] > 1500
     checks = report["checks"]
-    assert checks["ratio0_same_tokens_as_base"] and checks["none_same_tokens_as_base"]
+    assert checks["ratio0_same_tokens_as_inner"] and checks["none_same_tokens_as_inner"]
     assert 0.4 < checks["slots_freed_at_0.5"] < checks["slots_freed_at_0.9"] < 1
     assert [r["system"] for r in report["serving_rows"]] == [
         "torch_native", "kvrag none", "kvrag snapkv:0.0", "kvrag snapkv:0.5",
