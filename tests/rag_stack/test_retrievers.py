@@ -4,6 +4,7 @@ import pytest
 
 from kvrag.data.schema import Doc
 from kvrag.rag_stack.collection import create_collection
+from kvrag.rag_stack.config import RETRIEVER_NAMES
 from kvrag.rag_stack.ingest import ingest, iter_chunks
 from kvrag.rag_stack.retrievers import RETRIEVERS, BM25Ranker
 
@@ -55,3 +56,7 @@ def test_bm25_index_is_persisted_and_rebuilt_when_the_collection_changes(
     ingest(collection, iter_chunks(DOCS + extra, 32, tokenize), embed)
     rebuilt = BM25Ranker(collection, tmp_path)
     assert rebuilt.top("albino peacocks", 1)[0].doc_id == "new"
+
+
+def test_the_light_retriever_names_are_the_registry():
+    assert tuple(RETRIEVERS) == RETRIEVER_NAMES
