@@ -233,13 +233,14 @@ def bench_training(base, settings: HFCheckSettings,
                 break
             except torch.cuda.OutOfMemoryError:
                 failed.append(tokens)
-                _free(device)
-                if tokens // 2 < SHORTEST_TRY:
-                    raise RuntimeError(
-                        f"the compression-aware step did not fit in {settings.memory_cap_gib} "
-                        f"GiB at any length from {settings.train_tokens:,} down to "
-                        f"{tokens:,} tokens") from None
-                tokens //= 2
+            # outside the except block: its traceback holds the failed step's tensors
+            model.zero_grad(set_to_none=True)
+            _free(device)
+            if tokens // 2 < SHORTEST_TRY:
+                raise RuntimeError(
+                    f"the compression-aware step did not fit in {settings.memory_cap_gib} GiB "
+                    f"at any length from {settings.train_tokens:,} down to {tokens:,} tokens")
+            tokens //= 2
     finally:
         cap.restore()
     rows.append(TrainRow(f"sft, compression-aware ({TRAIN_SPEC})", tokens, peak, seconds,

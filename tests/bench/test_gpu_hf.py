@@ -66,3 +66,29 @@ def test_the_check_measures_every_system_and_both_training_steps(tmp_path):
     page = (tmp_path / "gpu_hf.md").read_text()
     assert "snapkv[chunk=16;heads=shared]:0.5" in page and "compression-aware" in page
     assert (tmp_path / "gpu_hf.json").is_file()
+
+
+def test_the_compression_aware_step_halves_its_length_until_it_fits(monkeypatch):
+    """An out-of-memory error (raised here for prompts over 600 tokens, as a GPU would)
+    sends the step to half the length; the rows say which lengths did not fit."""
+    import kvrag.bench.gpu_hf as gpu_hf
+
+    real_step = gpu_hf._train_step
+
+    def step(model, enc, spec_name, device):
+        if spec_name and len(enc.input_ids) - gpu_hf.TARGET_TOKENS > 600:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_step(model, enc, spec_name, device)
+
+    monkeypatch.setattr(gpu_hf, "_train_step", step)
+    placement = resolve("cpu", "float32")
+    model = build_random_model("tiny", placement, seed=0)
+    rows = gpu_hf.bench_training(model, HFCheckSettings(placement, "tiny", train_tokens=2048),
+                                 on_step=lambda label: None)
+    assert [(r.prompt_tokens, r.out_of_memory_at) for r in rows] == [(2048, []),
+                                                                     (512, [2048, 1024])]
+    monkeypatch.setattr(gpu_hf, "SHORTEST_TRY", 1024)
+    with pytest.raises(RuntimeError, match="did not fit in 80.0 GiB"):
+        gpu_hf.bench_training(build_random_model("tiny", placement, seed=0),
+                              HFCheckSettings(placement, "tiny", train_tokens=2048),
+                              on_step=lambda label: None)

@@ -7,11 +7,22 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from kvrag.bench.serving import baselines
 from kvrag.bench.serving_load import max_overlap, memory_bound
 from kvrag.cli.main import app
 
 LOAD_KEYS = {"system", "max_running_requests", "bound_running_requests",
              "decode_tokens_per_s", "ttft_s_median", "tpot_s_median"}
+
+
+def test_on_cuda_the_baseline_is_triton_with_cuda_graphs_beside_triton_without():
+    import torch
+
+    from kvrag.engines.device import Placement
+
+    cuda = Placement(torch.device("cuda", 0), torch.bfloat16)
+    assert baselines(cuda) == [("triton+cuda-graphs", True), ("triton", False)]
+    assert baselines(Placement(torch.device("cpu"), torch.float32)) == [("torch_native", False)]
 
 
 def test_memory_bound_counts_the_prefilling_request_at_its_whole_prompt():
