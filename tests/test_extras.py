@@ -21,4 +21,6 @@ def test_the_router_comes_with_the_sglang_extra(monkeypatch):
 
 
 def test_installed_parts_are_available():
-    assert available("rag") and available("train") and available("sglang")
+    # not "train": TRL imported after an in-process SGLang engine trips on the plugin's
+    # vllm stand-in (conftest.py); the GRPO tests import it
+    assert available("rag") and available("sglang") and available("router")

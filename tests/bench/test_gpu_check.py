@@ -64,5 +64,5 @@ def test_every_step_runs_on_the_cpu(tmp_path, tiny_model_dir):
     assert systems["full"]["n"] == systems["snapkv:0.5"]["n"] == 1
     assert systems["snapkv:0.5"]["kv_tokens_mean"] < systems["full"]["kv_tokens_mean"]
     assert "under load: 5 requests at once" in result.output
-    assert "torch_native" in result.output and "ratio 0 gives the baseline's tokens: yes" \
+    assert "torch_native" in result.output and "ratio 0 gives the wrapped backend's tokens: yes" \
         in result.output
