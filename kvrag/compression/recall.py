@@ -17,6 +17,9 @@ definition both engines serve.
   evicted tokens there, scaled so the layer's chunk scores sum to 1; chunks are ranked
   once, for all layers, by the sum of their layers' scores (ties to the earlier chunk),
   because an answer needs its span in most layers, not only in the layers that find it.
+  With ``after=A`` the A chunks that follow each ranked chunk come right after it (unless
+  they rank higher on their own): a question's queries find the key they name, and the
+  answer is often the text that follows it.
   Each layer then takes its evicted tokens of the best chunks, best first, until its
   budget is met, the last chunk by its best tokens; every layer recalls the same count.
 - **Answer.** The recalled entries are copied into device memory the question owns. With
@@ -140,8 +143,18 @@ def chunk_scores(scores: list[torch.Tensor], positions: torch.Tensor, span: tupl
     return pooled
 
 
+def with_followers(rank: torch.Tensor, after: int) -> torch.Tensor:
+    """Chunk sort keys where each chunk's ``after`` followers come right after it: chunk
+    c's key is the smallest ``rank[c - j] * (after + 1) + j`` over j = 0..after (all
+    distinct, so the order is strict)."""
+    key = rank * (after + 1)
+    for j in range(1, min(after, len(rank) - 1) + 1):
+        key[j:] = torch.minimum(key[j:], rank[:-j] * (after + 1) + j)
+    return key
+
+
 def choose(scores: list[torch.Tensor], positions: torch.Tensor, span: tuple[int, int],
-           chunk: int, budget: int) -> list[torch.Tensor]:
+           chunk: int, budget: int, after: int = 0) -> list[torch.Tensor]:
     """Per layer, ascending indices (into its row of ``positions``) of the ``budget``
     evicted tokens it recalls, from every layer's ``scores`` [n_evicted] (see the module
     docstring)."""
@@ -151,6 +164,8 @@ def choose(scores: list[torch.Tensor], positions: torch.Tensor, span: tuple[int,
     order = torch.sort(pooled, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(0, order,
                                             torch.arange(len(order), device=device))
+    if after:
+        rank = with_followers(rank, after)
     out = []
     for layer_scores, chunks in zip(scores, chunk_of, strict=True):
         by_score = torch.sort(layer_scores, descending=True, stable=True).indices
@@ -179,7 +194,8 @@ def recall_indices(spec: CompressionSpec, queries: list[torch.Tensor],
             evicted = store.keys[layer].to(kept.device, non_blocking=True).transpose(0, 1)
             window = spec.recall.window
             scores.append(recall_scores(qs[:, -window:], kept, evicted, own, shard))
-        return choose(scores, store.positions, span, spec.recall.chunk, budget)
+        return choose(scores, store.positions, span, spec.recall.chunk, budget,
+                      spec.recall.after)
 
 
 def recalled_positions(store: HostStore, indices: list[torch.Tensor]) -> list[list[int]]:

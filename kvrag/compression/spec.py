@@ -28,7 +28,8 @@ The corpus must keep one set for all heads (``heads=shared``). Its options:
 ``chunk=C`` recalls whole chunks of C document tokens (default 16); ``reprefill=0``
 answers from the question's first prefill instead of prefilling it again over what it
 recalled (the default, ``reprefill=1``); ``window=W`` scores with the question's last W
-queries (default 64).
+queries (default 64); ``after=A`` ranks the A chunks that follow each chosen chunk right
+after it, so a key the question finds brings the text that follows it (default 0).
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ RECALL = "+recall"
 RECALL_CHUNK = 16
 #: the options ``+recall`` takes, and what each allows
 RECALL_OPTIONS = {"chunk": "a whole number of tokens >= 1", "reprefill": "0 or 1",
-                  "window": "1 to 64 of the question's last queries"}
+                  "window": "1 to 64 of the question's last queries",
+                  "after": "0 to 4 chunks recalled after each chosen one"}
+RECALL_AFTER_MAX = 4
 RECALL_WINDOW = 64  # SnapKV's observation window, and what the plugin keeps by default
 SENTENCE = "sentence"
 HEADS = ("per-head", "shared", "ranked")
@@ -221,6 +224,7 @@ class Recall:
     chunk: int = RECALL_CHUNK
     reprefill: bool = True  # prefill the question again over what it recalled
     window: int = RECALL_WINDOW  # the question's last queries that score
+    after: int = 0  # chunks that follow each chosen chunk, ranked right after it
 
     def __post_init__(self) -> None:
         usage = (f"write {RECALL}@TOKENS (TOKENS >= 1) or {RECALL}:SHARE (0 < SHARE <= 1 of "
@@ -229,7 +233,8 @@ class Recall:
         if (self.tokens is None) == (self.share is None):
             raise SpecError(f"give exactly one recall budget; {usage}")
         if self.tokens is not None and self.tokens < 1 or self.share is not None and not (
-                0 < self.share <= 1) or self.chunk < 1 or not 1 <= self.window <= RECALL_WINDOW:
+                0 < self.share <= 1) or self.chunk < 1 or not 1 <= self.window <= RECALL_WINDOW \
+                or not 0 <= self.after <= RECALL_AFTER_MAX:
             raise SpecError(f"recall budget or chunk out of range; {usage}")
 
     @classmethod
@@ -250,6 +255,8 @@ class Recall:
                 settings["reprefill"] = value == "1"
             elif key == "window" and value.isdigit() and 1 <= int(value) <= RECALL_WINDOW:
                 settings["window"] = int(value)
+            elif key == "after" and value.isdigit() and int(value) <= RECALL_AFTER_MAX:
+                settings["after"] = int(value)
             else:
                 raise SpecError(f"{RECALL} option {key}={value!r} is not allowed; {key} is "
                                 f"{RECALL_OPTIONS[key]}")
@@ -269,6 +276,7 @@ class Recall:
         options = [f"chunk={self.chunk}"] if self.chunk != RECALL_CHUNK else []
         options += [] if self.reprefill else ["reprefill=0"]
         options += [] if self.window == RECALL_WINDOW else [f"window={self.window}"]
+        options += [f"after={self.after}"] if self.after else []
         head = RECALL + (f"[{';'.join(options)}]" if options else "")
         return head + (f"@{self.tokens}" if self.tokens is not None else f":{self.share!r}")
 

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from kvrag.compression import parse_spec
-from kvrag.compression.recall import HostStore, choose, recall_indices, recall_scores
+from kvrag.compression.recall import (
+    HostStore,
+    choose,
+    recall_indices,
+    recall_scores,
+    with_followers,
+)
 
 
 def test_scores_are_attention_weights_over_the_whole_logical_prompt() -> None:
@@ -39,6 +45,23 @@ def test_choice_ranks_chunks_once_for_all_layers_and_fills_each_layers_budget() 
     # (none evicted there), then chunk 3's best two (ties to the earlier token)
     assert [p.tolist() for p in four] == [[2, 3, 4, 5], [2, 3, 4, 5]]
     assert [p.tolist() for p in choose(scores, positions, (10, 30), 4, 0)] == [[], []]
+
+
+def test_followers_come_right_after_the_chunk_they_follow() -> None:
+    rank = torch.tensor([3, 0, 4, 1, 2])  # chunk 1 best, then 3, 4, 0, 2
+    assert torch.sort(with_followers(rank, 1)).indices.tolist() == [1, 2, 3, 4, 0]
+    assert torch.sort(with_followers(rank, 2)).indices.tolist() == [1, 2, 3, 4, 0]
+    assert torch.equal(with_followers(rank, 0), rank)
+    assert torch.sort(with_followers(torch.tensor([0]), 3)).indices.tolist() == [0]
+
+
+def test_after_recalls_the_text_that_follows_the_chunk_the_question_finds() -> None:
+    # one layer, chunks of 4 from 10: the question looks at chunk 1 (14-17) only; the
+    # answer sits in chunk 2 (18-21), which it does not look at
+    positions = torch.tensor([[10, 11, 14, 15, 18, 19, 22, 23]])
+    scores = [torch.tensor([0.2, 0.2, 0.9, 0.9, 0.0, 0.0, 0.1, 0.1])]
+    assert choose(scores, positions, (10, 26), 4, 4)[0].tolist() == [0, 1, 2, 3]
+    assert choose(scores, positions, (10, 26), 4, 4, after=1)[0].tolist() == [2, 3, 4, 5]
 
 
 def test_host_store_keeps_exactly_the_evicted_entries_off_the_device() -> None:

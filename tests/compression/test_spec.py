@@ -89,6 +89,15 @@ def test_lists_split_on_commas_outside_brackets() -> None:
         "full", "snapkv[window=32;chunk=16]:0.5", "rag:1024"]
 
 
+def test_recall_after_names_itself_and_is_bounded() -> None:
+    spec = parse_spec("once:snapkv[heads=shared]:0.9+recall[after=1]@128")
+    assert spec.recall.after == 1 and parse_spec(spec.name) == spec
+    assert "after=1" in spec.name
+    assert parse_spec("once:snapkv[heads=shared]:0.9+recall@128").recall.after == 0
+    with pytest.raises(SpecError, match="after is 0 to 4 chunks"):
+        parse_spec("once:snapkv[heads=shared]:0.9+recall[after=5]@128")
+
+
 def test_recall_specs_name_their_budget_and_read_back() -> None:
     spec = parse_spec("once:snapkv[heads=shared;chunk=16]:0.75+recall@256")
     assert spec.recall is not None and spec.recall.tokens == 256 and spec.recall.reprefill
