@@ -29,7 +29,7 @@ The corpus must keep one set for all heads (``heads=shared``). Its options:
 answers from the question's first prefill instead of prefilling it again over what it
 recalled (the default, ``reprefill=1``); ``window=W`` scores with the question's last W
 queries (default 64); ``after=A`` ranks the A chunks that follow each chosen chunk right
-after it, so a key the question finds brings the text that follows it (default 0).
+after it, so a key the question finds brings the text that follows it (default 1).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ RECALL_CHUNK = 16
 RECALL_OPTIONS = {"chunk": "a whole number of tokens >= 1", "reprefill": "0 or 1",
                   "window": "1 to 64 of the question's last queries",
                   "after": "0 to 4 chunks recalled after each chosen one"}
+RECALL_AFTER = 1  # a found chunk brings the one after it: an answer tends to follow its key
 RECALL_AFTER_MAX = 4
 RECALL_WINDOW = 64  # SnapKV's observation window, and what the plugin keeps by default
 SENTENCE = "sentence"
@@ -224,7 +225,7 @@ class Recall:
     chunk: int = RECALL_CHUNK
     reprefill: bool = True  # prefill the question again over what it recalled
     window: int = RECALL_WINDOW  # the question's last queries that score
-    after: int = 0  # chunks that follow each chosen chunk, ranked right after it
+    after: int = RECALL_AFTER  # chunks that follow each chosen chunk, ranked right after it
 
     def __post_init__(self) -> None:
         usage = (f"write {RECALL}@TOKENS (TOKENS >= 1) or {RECALL}:SHARE (0 < SHARE <= 1 of "
@@ -276,7 +277,7 @@ class Recall:
         options = [f"chunk={self.chunk}"] if self.chunk != RECALL_CHUNK else []
         options += [] if self.reprefill else ["reprefill=0"]
         options += [] if self.window == RECALL_WINDOW else [f"window={self.window}"]
-        options += [f"after={self.after}"] if self.after else []
+        options += [] if self.after == RECALL_AFTER else [f"after={self.after}"]
         head = RECALL + (f"[{';'.join(options)}]" if options else "")
         return head + (f"@{self.tokens}" if self.tokens is not None else f":{self.share!r}")
 

@@ -90,10 +90,12 @@ def test_lists_split_on_commas_outside_brackets() -> None:
 
 
 def test_recall_after_names_itself_and_is_bounded() -> None:
-    spec = parse_spec("once:snapkv[heads=shared]:0.9+recall[after=1]@128")
-    assert spec.recall.after == 1 and parse_spec(spec.name) == spec
-    assert "after=1" in spec.name
-    assert parse_spec("once:snapkv[heads=shared]:0.9+recall@128").recall.after == 0
+    spec = parse_spec("once:snapkv[heads=shared]:0.9+recall[after=0]@128")
+    assert spec.recall.after == 0 and parse_spec(spec.name) == spec
+    assert "after=0" in spec.name
+    default = parse_spec("once:snapkv[heads=shared]:0.9+recall@128")
+    assert default.recall.after == 1 and default == parse_spec(
+        "once:snapkv[heads=shared]:0.9+recall[after=1]@128")
     with pytest.raises(SpecError, match="after is 0 to 4 chunks"):
         parse_spec("once:snapkv[heads=shared]:0.9+recall[after=5]@128")
 

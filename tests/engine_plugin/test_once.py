@@ -300,6 +300,9 @@ def _assert_same_recall(hf, prompt, spec, start, served_positions) -> None:
                             cache.layers[layer].keys[0, :, k:])
               for layer in range(hf.n_layers)]
     pooled = chunk_scores(scores, corpus.host.positions, enc.span, spec.recall.chunk)
+    # a chunk ranks as the best of itself and the chunks it follows (recall's ``after``)
+    for j in range(1, spec.recall.after + 1):
+        pooled[j:] = torch.maximum(pooled[j:], pooled[:-j].clone())
     chunk = spec.recall.chunk
     for mine, theirs in zip(ours, served_positions, strict=True):
         assert len(mine) == len(theirs)
