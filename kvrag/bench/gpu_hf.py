@@ -51,10 +51,10 @@ GIB = 1024 ** 3
 class HFCheckSettings:
     placement: Placement
     shape: str = "llama3.1-8b"
-    prompt_tokens: int = 32768
+    prompt_tokens: int = 32000
     new_tokens: int = 64
     repeats: int = 3
-    train_tokens: int = 32768
+    train_tokens: int = 32000
     memory_cap_gib: float = 80.0  # the compression-aware step's budget (an 80 GB card)
     seed: int = 0
 

@@ -429,7 +429,8 @@ def gpu_cmd(
         "Architecture of the random-weight model: llama3.1-8b, or tiny (same family, 2 "
         "layers, for a CPU)."))] = "llama3.1-8b",
     prompt_tokens: Annotated[int, typer.Option(
-        min=200, help="Approximate document tokens of the long prompt.")] = 32000,
+        min=200, help=("Approximate document tokens of the long prompt (--engine hf: its "
+                       "exact length)."))] = 32000,
     new_tokens: Annotated[int, typer.Option(min=2, help="Tokens decoded per request.")] = 64,
     repeats: Annotated[int, typer.Option(min=1, help="Requests per system; medians.")] = 3,
     compare_model: Annotated[str, typer.Option(
