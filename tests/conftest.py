@@ -14,14 +14,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Import TRL's GRPO before any test runs, where a selected test trains with it.
+    """Import TRL's GRPO before any test runs, where a selected test is marked ``trl``.
 
     TRL looks for vllm when it is imported. Once SGLang has loaded in this process (tests
     that start an in-process engine), the plugin's CPU stand-in for vllm._custom_ops sits
     in sys.modules without a module spec, which that look-up cannot read; in the product,
     TRL and SGLang never share a process. Other runs never load TRL.
     """
-    if any("grpo" in item.nodeid for item in session.items):
+    if any(item.get_closest_marker("trl") for item in session.items):
         import trl.trainer.grpo_trainer  # noqa: F401
 
 

@@ -13,7 +13,7 @@ PACKAGE = ROOT / "kvrag"
 
 # Bottom to top; kvrag/__init__.py is below them all.
 LAYERS = {
-    "extras": 0, "compression": 0,
+    "extras": 0, "loopback": 0, "compression": 0,
     "data": 1,
     "engines": 2, "engine_plugin": 2,
     "rag_stack": 3,

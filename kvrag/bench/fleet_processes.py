@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,18 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvrag.engine_plugin import config as plugin_config
+from kvrag.loopback import NotHealthyError, free_port, wait_healthy
 
 POLICIES = ("cache_aware", "round_robin", "manual")
 
 
 class FleetError(RuntimeError):
     """A worker or the router did not start."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(url: str, api_key: str | None, body: dict | None = None,
@@ -195,20 +189,10 @@ class Fleet:
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, timeout_s: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise FleetError(f"the worker for {url} exited with {process.returncode}; "
-                             f"its log: {log}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(2)
-    raise FleetError(f"the worker for {url} did not answer /health in {timeout_s:.0f} s; "
-                     f"its log: {log}")
+    try:
+        wait_healthy(url, process, timeout_s)
+    except NotHealthyError as e:
+        raise FleetError(f"{e}; its log: {log}") from None
 
 
 def _wait_router(url: str, process: subprocess.Popen, workers: int, log: Path,

@@ -47,12 +47,19 @@ RATIOS = (0.0, 0.5, 0.9)
 
 
 @dataclass(frozen=True)
-class GpuCheckSettings:
+class CheckSettings:
+    """What both GPU checks (SGLang's and the HF engine's) run: a random model of
+    ``shape`` on ``placement``, answering a ``prompt_tokens`` prompt ``repeats`` times."""
+
     placement: Placement
     shape: str = "llama3.1-8b"
     prompt_tokens: int = 32000
     new_tokens: int = 64
     repeats: int = 3
+
+
+@dataclass(frozen=True)
+class GpuCheckSettings(CheckSettings):
     compare_model: str = "smollm2"  # real weights, so the compare table means something
     questions: int = 8
     load_requests: int = 12

@@ -20,17 +20,18 @@ high-water mark (reset before each measurement), which includes the weights.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from kvrag.bench.gpu_check import SHAPES
+from kvrag.bench.gpu_check import SHAPES, CheckSettings
 from kvrag.compression import parse_spec
 from kvrag.engines.chat import EncodedPrompt
 from kvrag.engines.device import Placement
@@ -48,12 +49,7 @@ GIB = 1024 ** 3
 
 
 @dataclass(frozen=True)
-class HFCheckSettings:
-    placement: Placement
-    shape: str = "llama3.1-8b"
-    prompt_tokens: int = 32000
-    new_tokens: int = 64
-    repeats: int = 3
+class HFCheckSettings(CheckSettings):
     train_tokens: int = 32000
     memory_cap_gib: float = 80.0  # the compression-aware step's budget (an 80 GB card)
     seed: int = 0
@@ -204,14 +200,11 @@ def bench_training(base, settings: HFCheckSettings,
                    on_step: Callable[[str], None]) -> list[TrainRow]:
     """LoRA SFT steps on ``base``: with gradient checkpointing at the training length, and
     compression-aware at the longest length that fits under the memory cap."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     device, vocab = base.device, base.config.vocab_size
-    lora = LoraSettings()
     torch.manual_seed(settings.seed)
-    model = get_peft_model(base, LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    model = get_peft_model(base, LoraSettings().peft_config())
     model.train()
     rows = []
     on_step(f"SFT step, gradient checkpointing, {settings.train_tokens:,} tokens")
@@ -222,9 +215,8 @@ def bench_training(base, settings: HFCheckSettings,
                          loss))
     base.gradient_checkpointing_disable()
     _free(device)
-    cap = _cap_memory(device, settings.memory_cap_gib)
     tokens, failed = settings.train_tokens, []
-    try:
+    with capped_memory(device, settings.memory_cap_gib):
         while True:
             on_step(f"compression-aware SFT step ({TRAIN_SPEC}), {tokens:,} tokens")
             try:
@@ -241,35 +233,26 @@ def bench_training(base, settings: HFCheckSettings,
                     f"the compression-aware step did not fit in {settings.memory_cap_gib} GiB "
                     f"at any length from {settings.train_tokens:,} down to {tokens:,} tokens")
             tokens //= 2
-    finally:
-        cap.restore()
     rows.append(TrainRow(f"sft, compression-aware ({TRAIN_SPEC})", tokens, peak, seconds,
                          loss, failed))
     model.unload()  # the base model without its LoRA layers again
     return rows
 
 
-@dataclass
-class _Cap:
-    device: torch.device
-    fraction: float | None = None
-
-    def restore(self) -> None:
-        if self.fraction is not None:
-            torch.cuda.set_per_process_memory_fraction(1.0, self.device)
-
-
-def _cap_memory(device: torch.device, cap_gib: float) -> _Cap:
-    """Hold the CUDA allocator to ``cap_gib`` on a larger card (an OOM then means what it
-    would on the 80 GB card the figure is for)."""
-    if device.type != "cuda":
-        return _Cap(device)
-    total = torch.cuda.get_device_properties(device).total_memory
+@contextlib.contextmanager
+def capped_memory(device: torch.device, cap_gib: float) -> Iterator[None]:
+    """Hold the CUDA allocator to ``cap_gib`` on a larger card, so that an OOM means what
+    it would on the card the figure is for; nothing to hold on a smaller card or a CPU."""
+    total = (torch.cuda.get_device_properties(device).total_memory
+             if device.type == "cuda" else 0)
     if total <= cap_gib * GIB:
-        return _Cap(device)
-    fraction = cap_gib * GIB / total
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
-    return _Cap(device, fraction)
+        yield
+        return
+    torch.cuda.set_per_process_memory_fraction(cap_gib * GIB / total, device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
 
 
 def run_hf_check(settings: HFCheckSettings, out: Path,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, NoReturn
 
 import typer
@@ -11,6 +10,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kvrag.extras import MissingExtraError, require
+from kvrag.rag_stack.ingest_rate import IngestCounter
 
 # The names are listed here, not imported from kvrag.engines.device, so that `--help`
 # does not import torch.
@@ -86,10 +86,4 @@ class IngestProgress(StepProgress):
 
     def __init__(self, total: int, description: str = "ingesting documents") -> None:
         super().__init__(description, total, "chunks")
-        self.chunks = 0
-        self.start = time.perf_counter()
-
-    def on_batch(self, chunks: int, docs: int) -> None:
-        self.chunks += chunks
-        rate = self.chunks / max(time.perf_counter() - self.start, 1e-9)
-        self.update(self.done + docs, f"{self.chunks:,} ({rate:,.0f}/s)")
+        self.on_batch = IngestCounter(self.update)

@@ -36,10 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from kvrag.compression.base import WHOLE, HeadShard
-from kvrag.compression.spec import RECALL_WINDOW, CompressionSpec
+from kvrag.compression.spec import CompressionSpec
 
-#: the most of the question's last queries that score the evicted tokens
-WINDOW = RECALL_WINDOW
 _BLOCK = 8192  # keys per attention block, so no [heads, queries, corpus] tensor is built
 
 

@@ -38,9 +38,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from kvrag.compression import CompressionSpec, kept_positions
 from kvrag.compression.capabilities import check_queries
 from kvrag.compression.kvzip import RepeatTokens
-from kvrag.compression.recall import WINDOW, HostStore, recall_indices
+from kvrag.compression.recall import HostStore, recall_indices
 from kvrag.compression.select import PAD, kept_counts
 from kvrag.compression.sentences import sentence_ends_for
+from kvrag.compression.spec import RECALL_WINDOW
 from kvrag.data.prompt import Prompt
 from kvrag.engines import hf_attention
 from kvrag.engines.base import Cost, Generation
@@ -176,8 +177,8 @@ class HFEngine(TokenizerMethods):
 
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
             name = f"{name}+{Path(adapter).name}"
-        self._setup(model, AutoTokenizer.from_pretrained(model_path), name, capture_queries)
-        self.model_path = model_path
+        self._setup(model, AutoTokenizer.from_pretrained(model_path), name, capture_queries,
+                    model_path)
 
     @classmethod
     def of_model(cls, model, name: str, tokenizer=None,
@@ -189,11 +190,12 @@ class HFEngine(TokenizerMethods):
         engine._setup(model, tokenizer, name, capture_queries)
         return engine
 
-    def _setup(self, model, tokenizer, name: str, capture_queries: int | None) -> None:
+    def _setup(self, model, tokenizer, name: str, capture_queries: int | None,
+               model_path: Path | None = None) -> None:
         self.model = model.eval()
         self.device = model.device
         self.dtype = model.dtype
-        self.model_path = None
+        self.model_path = model_path
         self.model_name = name
         self.tokenizer = tokenizer
         self.stop_ids = (stop_ids(tokenizer, model.generation_config.eos_token_id)
@@ -415,7 +417,7 @@ class HFEngine(TokenizerMethods):
         steps = [tokens] if even else [[t] for t in tokens]
         hooks = hf_attention.AttentionHooks(head_valid=head_valid,
                                             captured={} if capture else None,
-                                            capture_last=WINDOW)
+                                            capture_last=RECALL_WINDOW)
         with hf_attention.attention_hooks(hooks):
             for step in steps:
                 out = self.model(input_ids=torch.tensor([step], device=self.device),

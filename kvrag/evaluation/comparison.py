@@ -60,6 +60,7 @@ from kvrag.rag_stack.errors import (
     EmbeddingModelNotFoundError,
     RagIndexError,
 )
+from kvrag.rag_stack.ingest_rate import IngestCounter
 
 
 class ComparisonError(Exception):
@@ -324,21 +325,13 @@ def _ingest_shared_corpus(systems: list[System], tokenize: Callable[[str], list]
     corpus = options.corpus
     t0 = time.perf_counter()
     with progress("ingesting corpus documents", len(corpus), "chunks") as bar:
-        done = [0, 0]
-        start = time.perf_counter()
-
-        def on_batch(chunks: int, docs: int) -> None:
-            done[0] += chunks
-            done[1] += docs
-            rate = done[0] / max(time.perf_counter() - start, 1e-9)
-            bar.update(done[1], f"{done[0]:,} ({rate:,.0f}/s)")
-
+        counter = IngestCounter(bar.update)
         try:
-            options.rag_pipeline().ensure(corpus, tokenize, on_batch)
+            options.rag_pipeline().ensure(corpus, tokenize, counter)
         except RagIndexError as e:
             raise ComparisonError(str(e)) from e
-    if done[1]:
-        console.print(f"Ingested the shared corpus ({len(corpus):,} documents, {done[0]:,} "
+    if counter.docs:
+        console.print(f"Ingested the shared corpus ({len(corpus):,} documents, {counter.chunks:,} "
                       f"chunks) in {time.perf_counter() - t0:.1f} s, once for every question.")
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from urllib.parse import urlparse
 import chromadb
 from chromadb.api import ClientAPI
 
+from kvrag.loopback import free_port
 from kvrag.rag_stack.errors import ChromaUnavailableError, RagIndexError
 
 
@@ -41,12 +41,6 @@ def open_client(index_dir: str | Path | None = None, url: str | None = None) -> 
         raise RagIndexError(f"the Chroma index at {path} cannot be read ({type(e).__name__}: "
                             f"{e}); move it away or delete it and run again: ingest "
                             "rebuilds it") from None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

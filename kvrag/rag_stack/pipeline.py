@@ -56,6 +56,8 @@ class RagPipeline:
         self.embedding = embedding_model_id(config.embed_model)
         self._ready: dict[str, Collection] = {}  # collection name -> ingested collection
         self._rankers: dict[tuple[str, str], Ranker] = {}
+        # (corpus, tokenize) -> collection name: the tokenizer is probed once, not per question
+        self._names: dict[tuple[str, Callable[[str], list]], str] = {}
 
     @classmethod
     def from_config(cls, config: RagConfig) -> RagPipeline:
@@ -63,8 +65,11 @@ class RagPipeline:
                    load_embedding(config.embed_model, config.embed_batch), config)
 
     def _name(self, corpus: str, tokenize: Callable[[str], list]) -> str:
-        return collection_name(corpus, self.config.chunk_tokens, self.embedding,
-                               tokenizer_fingerprint(tokenize))
+        key = (corpus, tokenize)
+        if key not in self._names:
+            self._names[key] = collection_name(corpus, self.config.chunk_tokens, self.embedding,
+                                               tokenizer_fingerprint(tokenize))
+        return self._names[key]
 
     def ingest(self, corpus: str, docs: Iterable[Doc], tokenize: Callable[[str], list],
                on_batch: OnBatch = lambda chunks, docs: None,

@@ -74,26 +74,36 @@ class BM25Ranker:
         from llama_index.retrievers.bm25 import BM25Retriever
 
         self.collection = collection
+        self.count = collection.count()
+        self._index = None
+        if self.count == 0:
+            return
         path = folder / collection.name
-        stamp = {"revision": revision(collection), "count": collection.count()}
+        stamp = {"revision": revision(collection), "count": self.count}
         stamp_file = path / "kvrag.json"
-        if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
-            self.retriever = BM25Retriever.from_persist_dir(str(path), show_progress=False)
-            return
-        if stamp["count"] == 0:
-            self.retriever = None
-            return
-        self.retriever = BM25Retriever.from_defaults(nodes=_stored_nodes(collection))
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-        self.retriever.persist(str(path))
-        stamp_file.write_text(json.dumps(stamp))
+        if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp):
+            built = BM25Retriever.from_defaults(nodes=_stored_nodes(collection))
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+            built.persist(str(path))
+            stamp_file.write_text(json.dumps(stamp))
+        # read back from disk either way: the loaded index carries its chunks
+        self._index = BM25Retriever.from_persist_dir(str(path), show_progress=False)
+
+    def retriever(self, k: int):
+        """A retriever of the best ``k`` chunks over the shared index: one per call, so
+        questions answered at once never change each other's ``k``."""
+        from llama_index.retrievers.bm25 import BM25Retriever
+
+        index = self._index
+        return BM25Retriever(existing_bm25=index.bm25, similarity_top_k=min(k, self.count),
+                             stemmer=index.stemmer, skip_stemming=index.skip_stemming,
+                             token_pattern=index.token_pattern)
 
     def top(self, question: str, k: int) -> list[Chunk]:
-        if self.retriever is None:
+        if self._index is None or k == 0:
             return []
-        self.retriever.similarity_top_k = min(k, int(self.retriever.bm25.scores["num_docs"]))
-        return _chunks(self.retriever.retrieve(question))
+        return _chunks(self.retriever(k).retrieve(question))
 
 
 class HybridRanker:
@@ -107,9 +117,8 @@ class HybridRanker:
         k = min(k, self.dense.count)
         if k == 0:
             return []
-        self.bm25.retriever.similarity_top_k = k
         fusion = QueryFusionRetriever(
-            [self.dense.retriever(k), self.bm25.retriever], similarity_top_k=k,
+            [self.dense.retriever(k), self.bm25.retriever(k)], similarity_top_k=k,
             num_queries=1, mode=FUSION_MODES.RECIPROCAL_RANK, use_async=False,
             llm=MockLLM())  # never called: num_queries=1 generates no queries
         return _chunks(fusion.retrieve(question))

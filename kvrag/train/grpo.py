@@ -85,7 +85,7 @@ def train_grpo(
     """Train a LoRA adapter with GRPO into ``out``; ``on_step(step, mean reward)``."""
     require("train", "GRPO training")
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from transformers.trainer_utils import get_last_checkpoint
     from trl import GRPOConfig
@@ -141,10 +141,7 @@ def train_grpo(
     if cfg.init_adapter:
         model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
     else:
-        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                                 lora_dropout=cfg.lora.dropout,
-                                 target_modules=list(cfg.lora.target_modules),
-                                 task_type="CAUSAL_LM")
+        peft_config = cfg.lora.peft_config()
     trainer = CompletionOnlyGRPOTrainer(
         model=model, reward_funcs=reward_for_trl(cfg.reward, examples, judge, count_tokens),
         args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config,

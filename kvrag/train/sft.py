@@ -41,6 +41,13 @@ class LoraSettings:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
                                        "gate_proj", "up_proj", "down_proj")
 
+    def peft_config(self):
+        """These settings as PEFT's ``LoraConfig`` for a causal LM."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.target_modules), task_type="CAUSAL_LM")
+
 
 @dataclass
 class SFTConfig:
@@ -156,7 +163,7 @@ def train_sft(
     ``cfg.eval_every`` steps, the best-scoring adapter is kept in ``out/best`` and is the
     one written to ``out``; ``cfg.patience`` validations without a better score stop the
     run early."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kvrag.engines import hf_attention
@@ -178,9 +185,7 @@ def train_sft(
         model = PeftModel.from_pretrained(base, checkpoint, is_trainable=True)
     else:
         torch.manual_seed(cfg.seed)
-        model = get_peft_model(base, LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-            target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
+        model = get_peft_model(base, cfg.lora.peft_config())
     model.train()
     if cfg.eval_every and validate is None:
         raise ValueError("eval_every is set but there are no validation examples")

@@ -253,6 +253,7 @@ def test_compare_rates_every_output_with_the_judge_api_key(server, tiny_model_di
 
 
 @pytest.mark.slow
+@pytest.mark.trl
 def test_grpo_judge_reward_takes_the_key_from_the_environment(server, tiny_model_dir,
                                                               tmp_path):
     data = tmp_path / "judge.jsonl"

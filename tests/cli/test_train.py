@@ -91,6 +91,7 @@ def test_grpo_judge_needs_a_reachable_judge_url(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.trl
 def test_grpo_writes_a_peft_adapter(tmp_path, tiny_model_dir):
     data = _dataset(tmp_path / "gold.jsonl", gold=True)
     out = tmp_path / "adapter"
@@ -117,7 +118,7 @@ def test_groups_select_task_families_and_an_unknown_one_is_named(tmp_path, tiny_
     assert "multiple_choice" in result.output
 
 
-@pytest.mark.parametrize("command", ["sft", "grpo"])
+@pytest.mark.parametrize("command", ["sft", pytest.param("grpo", marks=pytest.mark.trl)])
 def test_cuda_without_a_cuda_device_is_refused(command, tmp_path, monkeypatch):
     import torch
 

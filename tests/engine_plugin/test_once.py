@@ -281,11 +281,11 @@ def _assert_same_recall(hf, prompt, spec, start, served_positions) -> None:
     chunks either way. ``test_recalling_everything_answers_as_the_full_cache`` and the
     answers over the served set check the machinery without ties."""
     from kvrag.compression.recall import (
-        WINDOW,
         chunk_scores,
         recall_scores,
         recalled_positions,
     )
+    from kvrag.compression.spec import RECALL_WINDOW
     from kvrag.engines.hf import copy_cache
 
     ours = recalled_positions(start.recall.host, start.recall.indices)
@@ -295,7 +295,8 @@ def _assert_same_recall(hf, prompt, spec, start, served_positions) -> None:
         cache, _, captured = hf._extend(copy_cache(corpus.cache), enc.input_ids[enc.context_end:],
                                         enc.context_end, None, True)
     k = corpus.cache.layers[0].keys.shape[2]
-    scores = [recall_scores(captured[layer][:, -WINDOW:], cache.layers[layer].keys[0, :, :k],
+    scores = [recall_scores(captured[layer][:, -RECALL_WINDOW:],
+                            cache.layers[layer].keys[0, :, :k],
                             corpus.host.keys[layer].transpose(0, 1),
                             cache.layers[layer].keys[0, :, k:])
               for layer in range(hf.n_layers)]

@@ -13,7 +13,7 @@ from kvrag.train.formats import count_words
 from kvrag.train.grpo import GRPOSettings, reward_for_trl, train_grpo
 from kvrag.train.sft import LoraSettings
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.trl]
 
 
 def test_trl_reward_scores_each_completion_against_its_own_case(small_instances):
