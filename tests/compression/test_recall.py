@@ -92,6 +92,24 @@ def test_a_question_recalls_the_chunk_its_queries_look_at() -> None:
     assert store.positions[0][idx].tolist() == [24, 25, 26, 27]
 
 
+def test_by_default_a_found_chunk_brings_the_16_tokens_after_it() -> None:
+    """The defaults (8-token chunks, 2 followers): the question's queries find the key's
+    chunk, and the value that follows it comes back with it."""
+    torch.manual_seed(2)
+    d, heads = 16, 2
+    spec = parse_spec("once:snapkv[heads=shared]:0.5+recall@24")
+    assert (spec.recall.chunk, spec.recall.after) == (8, 2)
+    keys = torch.randn(heads, 64, d) * 0.1
+    target = torch.randn(d)
+    keys[:, 24:32] = target * 3  # the key: one chunk from span start 8
+    kept = [torch.tensor([*range(8), *range(56, 64)]).expand(heads, -1)]
+    store = HostStore.of([keys], [keys.clone()], kept, 64)
+    queries = target.expand(heads, 2, d).clone()
+    (idx,) = recall_indices(spec, [queries], [keys[:, kept[0][0]]], [torch.randn(heads, 3, d)],
+                            store, (8, 64))
+    assert store.positions[0][idx].tolist() == list(range(24, 48))
+
+
 @pytest.mark.parametrize("share", [0.25, 1.0])
 def test_share_budgets_count_document_tokens(share) -> None:
     spec = parse_spec(f"once:snapkv[heads=shared]:0.5+recall:{share}")

@@ -94,8 +94,9 @@ def test_recall_after_names_itself_and_is_bounded() -> None:
     assert spec.recall.after == 0 and parse_spec(spec.name) == spec
     assert "after=0" in spec.name
     default = parse_spec("once:snapkv[heads=shared]:0.9+recall@128")
-    assert default.recall.after == 1 and default == parse_spec(
-        "once:snapkv[heads=shared]:0.9+recall[after=1]@128")
+    assert (default.recall.chunk, default.recall.after) == (8, 2) and default == parse_spec(
+        "once:snapkv[heads=shared]:0.9+recall[chunk=8;after=2]@128")
+    assert default.name == "once:snapkv[heads=shared]:0.9+recall@128"
     with pytest.raises(SpecError, match="after is 0 to 4 chunks"):
         parse_spec("once:snapkv[heads=shared]:0.9+recall[after=5]@128")
 
@@ -105,8 +106,9 @@ def test_recall_specs_name_their_budget_and_read_back() -> None:
     assert spec.recall is not None and spec.recall.tokens == 256 and spec.recall.reprefill
     assert spec.name == "once:snapkv[chunk=16;heads=shared]:0.75+recall@256"
     assert parse_spec(spec.name) == spec
-    share = parse_spec("once:knorm[heads=shared]@64+recall[reprefill=0;chunk=8]:0.25")
-    assert share.recall.share == 0.25 and share.recall.chunk == 8
+    share = parse_spec("once:knorm[heads=shared]@64+recall[reprefill=0;chunk=16]:0.25")
+    assert share.recall.share == 0.25 and share.recall.chunk == 16
+    assert "chunk=16" in share.name
     assert not share.recall.reprefill and parse_spec(share.name) == share
     assert share.recall.budget(n_doc=1000, n_evicted=936) == 250
     assert spec.recall.budget(n_doc=1000, n_evicted=100) == 100  # no more than was evicted
