@@ -15,6 +15,7 @@ from kvrag.cli.common import (
     console,
     fail,
 )
+from kvrag.compression.spec import RECALL_AFTER, RECALL_CHUNK
 from kvrag.data.loaders import LOADERS
 from kvrag.evaluation.comparison import CompareSettings, ComparisonError, run_compare
 from kvrag.evaluation.systems import SYSTEM_HELP
@@ -27,7 +28,13 @@ SYSTEMS_HELP = (f"Comma-separated systems; known: {', '.join(SYSTEM_HELP.values(
                 "OPTIONS: [key=value;...], the method's settings (snapkv[window=32;kernel=7]) "
                 "and chunk=C (keep whole chunks of C tokens) or chunk=sentence, and "
                 "heads=shared (one kept set for all KV heads of a layer) or heads=ranked (a "
-                "layer's budget spread over its KV heads by score rank).")
+                "layer's budget spread over its KV heads by score rank). "
+                "once:METHOD[heads=shared;...]:RATIO+recall@TOKENS keeps what the corpus "
+                "evicted in host memory and lets each question bring back up to TOKENS per "
+                "layer (or +recall:SHARE of the document tokens), e.g. "
+                "once:snapkv[chunk=16;heads=shared]:0.875+recall@192; +recall[OPTIONS]: "
+                f"chunk=C (default {RECALL_CHUNK}), after=A (the A chunks after each found "
+                f"one, default {RECALL_AFTER}), reprefill=0|1, window=W.")
 
 
 def compare(

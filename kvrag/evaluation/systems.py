@@ -122,7 +122,7 @@ for _method in METHODS:
     _options = "" if METHODS[_method].dynamic else "[OPTIONS]"
     register_system(_method, f"{_method}{_options}:RATIO|@TOKENS")(_compressed)
 # the corpus compressed once, question-agnostic, for all its questions (spec.py)
-register_system("once", "once:METHOD:RATIO|@TOKENS")(_compressed)
+register_system("once", "once:METHOD:RATIO|@TOKENS[+recall@TOKENS|:SHARE]")(_compressed)
 
 
 @dataclass(frozen=True)
