@@ -90,6 +90,10 @@ def compare(
     max_prompt_tokens: Annotated[int | None, typer.Option(min=1, help=(
         "Refuse (or, with --fit-context, trim) prompts longer than this, chat template "
         "included (default: the model's context length less --max-new-tokens)."))] = None,
+    questions_at_once: Annotated[int | None, typer.Option(min=1, help=(
+        "KV per corpus in the summary: what this many of a corpus's questions hold while "
+        "answered together (the shared prefix once, their own parts added); default: all "
+        "of a corpus's questions. The answers are the same either way."))] = None,
     concurrency: Annotated[int | None, typer.Option(min=1, help=(
         "sglang engines: requests kept in flight, each answer stored as it lands (default: "
         "16 on CUDA and by URL, 1 on a CPU, where batching measured no faster; the hf "
@@ -143,7 +147,8 @@ def compare(
         context_length=context_length, max_total_tokens=max_total_tokens,
         mem_fraction_static=mem_fraction_static, tp_size=tp_size,
         sglang_args=sglang_arg or [], judge_url=judge_url, judge_model=judge_model,
-        judge_api_key=judge_api_key, context_tokens=context_tokens, fit_context=fit_context)
+        judge_api_key=judge_api_key, context_tokens=context_tokens, fit_context=fit_context,
+        questions_at_once=questions_at_once)
     try:
         run_compare(settings, console, StepProgress)
     except ComparisonError as e:

@@ -110,6 +110,7 @@ class CompareSettings:
     judge_api_key: str | None
     context_tokens: str | None  # a sweep's lengths, comma-separated
     fit_context: bool
+    questions_at_once: int | None = None  # KV per corpus: this many questions held together
 
 
 def run_compare(s: CompareSettings, console: Console, progress: ProgressBar) -> None:
@@ -205,7 +206,7 @@ def run_compare(s: CompareSettings, console: Console, progress: ProgressBar) -> 
             config |= {"context_tokens": n, "max_prompt_tokens": n, "fit_context": True}
         plans.append(_Plan(s.out if n is None else s.out / f"len-{n}", config, fitted,
                            system_list, model_path, s.adapter, placement, sglang, concurrency,
-                           s.seed, s.api_key, judge))
+                           s.seed, s.api_key, judge, s.questions_at_once))
     shared = _SharedEngine(console)
     try:
         for plan in plans:
@@ -287,6 +288,7 @@ class _Plan:
     seed: int
     api_key: str | None
     judge: Judge | None
+    questions_at_once: int | None
 
 
 class _SharedEngine:
@@ -385,7 +387,7 @@ def _run(plan: _Plan, shared: _SharedEngine, console: Console, progress: Progres
                         [i.id for i in instances],
                         {"model": label, "engine": engine, "dataset": dataset,
                          "max_new_tokens": max_new_tokens, **plan.placement.to_json()},
-                        seed=plan.seed)
+                        seed=plan.seed, at_once=plan.questions_at_once)
     write_reports(summary, out)
     print_tables(console, summary)
     console.print(f"Every column (SubEM, EM, F1, doc recall, KV per corpus...) is in "

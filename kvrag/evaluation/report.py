@@ -40,7 +40,8 @@ def _metric_values(records: Sequence[dict], metric: str) -> list[float]:
     return [r["scores"][metric] for r in records if r["scores"].get(metric) is not None]
 
 
-def _system_summary(records: list[dict], full: dict[str, dict] | None, seed: int) -> dict:
+def _system_summary(records: list[dict], full: dict[str, dict] | None, seed: int,
+                    at_once: int | None = None) -> dict:
     out: dict = {"n": len(records)}
     ci: dict[str, list[float]] = {}
     for metric in METRICS:
@@ -66,7 +67,7 @@ def _system_summary(records: list[dict], full: dict[str, dict] | None, seed: int
     out["peak_bytes_max"] = max(peaks) if peaks else None
     out["served_uncompressed"] = sum(bool(r["cost"].get("served_uncompressed"))
                                      for r in records)
-    out["kv_tokens_per_corpus"] = kv_tokens_per_corpus(records)
+    out["kv_tokens_per_corpus"] = kv_tokens_per_corpus(records, at_once)
     out["ci95"] = ci
     if full is not None:
         same = [float(_same_answer(r, full[r["id"]])) for r in records if r["id"] in full]
@@ -120,25 +121,30 @@ def _group_summary(records: list[dict], seed: int) -> dict:
     return out
 
 
-def kv_tokens_per_corpus(records: Sequence[dict]) -> float | None:
-    """KV tokens held, averaged over corpora, if all of a corpus's questions were answered
-    and kept alive at once: the shared part once (``shared_kv_tokens``: the prefix under a
-    prefix cache, the compressed corpus under ``once:``) plus each question's own part."""
+def kv_tokens_per_corpus(records: Sequence[dict], at_once: int | None = None) -> float | None:
+    """KV tokens held, averaged over corpora, while a corpus's questions are answered and
+    kept alive together: the shared part once (``shared_kv_tokens``: the prefix under a
+    prefix cache, the compressed corpus under ``once:``) plus the questions' own parts.
+    ``at_once``: that many of them at a time (their mean own part, times the count; all of
+    a corpus's questions when it has fewer), else all of them."""
     corpora: dict[str, list[dict]] = {}
     for r in records:
         if "corpus" in r:
             corpora.setdefault(r["corpus"], []).append(r)
-    held = [max(r["cost"].get("shared_kv_tokens", 0.0) for r in rs)
-            + sum(r["cost"]["kv_tokens"] - r["cost"].get("shared_kv_tokens", 0.0) for r in rs)
-            for rs in corpora.values()]
+    held = []
+    for rs in corpora.values():
+        own = [r["cost"]["kv_tokens"] - r["cost"].get("shared_kv_tokens", 0.0) for r in rs]
+        together = sum(own) if at_once is None else min(at_once, len(own)) * _mean(own)
+        held.append(max(r["cost"].get("shared_kv_tokens", 0.0) for r in rs) + together)
     return _mean(held)
 
 
 def summarize(
     records: Sequence[dict], system_names: Sequence[str], question_ids: Sequence[str],
-    meta: dict, seed: int = 0,
+    meta: dict, seed: int = 0, at_once: int | None = None,
 ) -> dict:
-    """Summarise the records of ``system_names`` on ``question_ids`` (this run's questions)."""
+    """Summarise the records of ``system_names`` on ``question_ids`` (this run's questions);
+    ``at_once``: how many of a corpus's questions its KV per corpus holds together (all)."""
     wanted = set(question_ids)
     by_system: dict[str, list[dict]] = {name: [] for name in system_names}
     for r in records:
@@ -146,10 +152,15 @@ def summarize(
             by_system[r["system"]].append(r)
     full = {r["id"]: r for r in by_system["full"]} if "full" in by_system else None
     systems = {
-        name: _system_summary(rs, None if name == "full" else full, seed)
+        name: _system_summary(rs, None if name == "full" else full, seed, at_once)
         for name, rs in by_system.items()
     }
-    return {"systems": systems, **meta}
+    return {"systems": systems, **meta, "questions_at_once": at_once}
+
+
+def _together(at_once: int | None) -> str:
+    return ("a corpus's questions" if at_once is None
+            else f"{at_once} of a corpus's questions answered at once")
 
 
 def format_value(x: float | None, pct: bool = True) -> str:
@@ -180,7 +191,8 @@ def render_markdown(summary: dict) -> str:
         "(less than KV tokens only for retrieval attention). SubEM reads the extracted "
         "answer; SubEM out, a gold answer anywhere in the output. Cut: share of answers "
         f"that hit the {summary.get('max_new_tokens', '?')}-token limit. KV per corpus: "
-        "what a corpus's questions hold together, the shareable prefix (a prefix cache's "
+        f"what {_together(summary.get('questions_at_once'))} hold together, the shareable "
+        "prefix (a prefix cache's "
         "full one, or a once: system's compressed one) counted once; prefilled: prompt "
         "tokens each question computed; same as full: share of questions answered as "
         "`full` answered them." + (" Peak MiB: the most memory the process "

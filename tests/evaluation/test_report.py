@@ -92,6 +92,27 @@ def test_kv_per_corpus_counts_the_shared_prefix_once() -> None:
     assert kv_tokens_per_corpus([{"cost": {"kv_tokens": 9}}]) is None
 
 
+def test_kv_per_corpus_with_some_questions_at_once() -> None:
+    def held(kv: float, shared: float) -> dict:
+        return {"corpus": "a", "cost": {"kv_tokens": kv, "shared_kv_tokens": shared}}
+
+    # a 300-token compressed corpus; 8 questions own 40..110 tokens (mean 75)
+    records = [held(300 + own, 300) for own in range(40, 120, 10)]
+    assert kv_tokens_per_corpus(records) == 300 + sum(range(40, 120, 10))
+    assert kv_tokens_per_corpus(records, at_once=4) == 300 + 4 * 75
+    assert kv_tokens_per_corpus(records, at_once=20) == kv_tokens_per_corpus(records)
+    answers = []
+    for i, r in enumerate(records):
+        answer = rec(f"q{i}", "full", 1.0, r["cost"]["kv_tokens"])
+        answers.append(answer | {"corpus": "a", "cost": answer["cost"] | r["cost"]})
+    summary = summarize(answers, ["full"], [f"q{i}" for i in range(8)],
+                        {"model": "m", "engine": "hf", "dataset": "d"}, at_once=4)
+    assert summary["systems"]["full"]["kv_tokens_per_corpus"] == 600
+    assert summary["questions_at_once"] == 4
+    assert "what 4 of a corpus's questions answered at once hold together" in \
+        render_markdown(summary)
+
+
 def test_each_group_is_summarised_under_its_tasks_metric() -> None:
     records = [rec("q1", "full", 1.0, 10, group="qa"), rec("q2", "full", 0.0, 10, group="qa")]
     for qid, rouge, judge in (("s1", 0.5, 0.9), ("s2", 0.3, 0.1)):
